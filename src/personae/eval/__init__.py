@@ -1,0 +1,1 @@
+"""personae.eval."""

@@ -1,0 +1,109 @@
+"""The composed multimodal model: encode_image / encode_text / fuse and the ITC, ITM, MLM heads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from personae.config import ModelCfg
+from personae.models.fusion import FusionOutput, build_fusion
+from personae.models.layers import init_weights
+from personae.models.text import TextEncoder
+from personae.models.vision import VisionEncoder
+
+
+@dataclass
+class EncoderOutput:
+    """Unimodal features and the normalised ITC embeddings of a batch of image-text pairs."""
+
+    regions: torch.Tensor  # (B, 1+N, Dv)
+    words: torch.Tensor  # (B, T, Dt)
+    image_embed: torch.Tensor  # (B, E), unit norm
+    text_embed: torch.Tensor  # (B, E), unit norm
+    logit_scale: torch.Tensor  # () = 1 / temperature
+
+
+class MLMHead(nn.Module):
+    """Dense -> GELU -> LayerNorm -> logits over the vocabulary, tied to the word embeddings."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, words: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        # the embedding matrix is passed in, not registered here, so it is stored once
+        x = self.ln(F.gelu(self.dense(words)))
+        return F.linear(x, word_embeddings, self.bias)  # (..., V)
+
+
+class PersonaeModel(nn.Module):
+    """Image tower, text tower, fusion, and the heads of the three pretraining objectives."""
+
+    def __init__(self, cfg: ModelCfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision, cfg.dropout)
+        self.text = TextEncoder(cfg.text, cfg.dropout)
+        width = cfg.text.width  # fusion runs at the text width
+        self.region_adapter = nn.Identity() if cfg.vision.width == width else nn.Linear(cfg.vision.width, width)
+        self.fusion = build_fusion(cfg.fusion, width, 1 + self.vision.num_patches, cfg.text.max_len, cfg.dropout)
+        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        self.itm_head = nn.Linear(width, 2)
+        self.mlm_head = MLMHead(width, cfg.text.vocab_size)
+        self.apply(init_weights)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1+N, Dv) image regions."""
+        return self.vision(pixel_values)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) -> (B, T, Dt) word features."""
+        return self.text(input_ids, attention_mask)
+
+    def image_embed(self, regions: torch.Tensor) -> torch.Tensor:
+        """Unit-norm ITC embedding of the image cls region, (B, E)."""
+        return F.normalize(self.image_proj(regions[:, 0]), dim=-1)
+
+    def text_embed(self, words: torch.Tensor) -> torch.Tensor:
+        """Unit-norm ITC embedding of the <cls> word, (B, E)."""
+        return F.normalize(self.text_proj(words[:, 0]), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) = 1 / temperature, clamped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def fuse(
+        self, regions: torch.Tensor, words: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> FusionOutput:
+        """Fuse image regions with words of the same batch size."""
+        return self.fusion(self.region_adapter(regions), words, attention_mask)
+
+    def itm_logits(self, fused: FusionOutput) -> torch.Tensor:
+        """(B, 2) match / no-match logits from the fused cls; class 1 means 'matches'."""
+        return self.itm_head(fused.cls)
+
+    def mlm_logits(self, fused_words: torch.Tensor) -> torch.Tensor:
+        """(..., D) fused word features -> (..., V) vocabulary logits."""
+        return self.mlm_head(fused_words, self.text.tok_embed.weight)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """Encode a batch of pairs: features and ITC embeddings (the objectives do the rest)."""
+        regions = self.encode_image(pixel_values)
+        words = self.encode_text(input_ids, attention_mask)
+        return EncoderOutput(
+            regions=regions,
+            words=words,
+            image_embed=self.image_embed(regions),
+            text_embed=self.text_embed(words),
+            logit_scale=self.scale(),
+        )

@@ -1,0 +1,34 @@
+"""Bidirectional Transformer text encoder giving the word features w_j."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from personae.config import TextCfg
+from personae.models.layers import Block, key_padding_to_sdpa
+
+
+class TextEncoder(nn.Module):
+    """Token + learned position embeddings, pre-norm blocks, final LayerNorm."""
+
+    def __init__(self, cfg: TextCfg, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_len, cfg.width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, dropout) for _ in range(cfg.depth))
+        self.ln_f = nn.LayerNorm(cfg.width)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids, (B, T) bool valid mask -> (B, T, D) word features."""
+        T = input_ids.shape[1]
+        if T > self.cfg.max_len:
+            raise ValueError(f"text of {T} tokens is longer than model.text.max_len={self.cfg.max_len}")
+        x = self.drop(self.tok_embed(input_ids) + self.pos_embed[:, :T])  # (B, T, D)
+        mask = key_padding_to_sdpa(attention_mask)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x)

@@ -1,0 +1,200 @@
+"""The training loop: AdamW, warm-up + cosine, accumulation, clipping, bf16, logs, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from personae.config import Config, TrainCfg
+from personae.data.tokenizer import Tokenizer
+from personae.train.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from personae.train.distributed import DistInfo, all_reduce_mean
+
+KEEP_CHECKPOINTS = 2
+
+
+def lr_at(step: int, cfg: TrainCfg) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors and scalars (biases, norms, temperature) do not."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class StepBatchSampler:
+    """Deterministic batches addressed by micro-step: epoch e is a permutation seeded by (seed, e).
+
+    Every process draws the same global batch of batch_size * world_size indices and keeps its
+    own slice, so a resumed run (start > 0) sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.global_batch = batch_size * world_size
+        if size < self.global_batch:
+            raise ValueError(f"the data set has {size} examples, fewer than one global batch ({self.global_batch})")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.stop, self.rank = start, stop, rank
+        self.per_epoch = size // self.global_batch
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, micro_step: int) -> list[int]:
+        """The indices this process uses at a given micro-step."""
+        epoch, position = divmod(micro_step, self.per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            self._perm_epoch = epoch
+        first = position * self.global_batch + self.rank * self.batch_size
+        return self._perm[first : first + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for micro_step in range(self.start, self.stop):
+            yield self.indices(micro_step)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class Trainer:
+    """Runs `task(batch, generator=...) -> {"loss": ..., metrics...}` for cfg.train.steps optimizer steps.
+
+    `task` may be a DDP wrapper; `model` is the bare model whose weights are checkpointed.
+    """
+
+    def __init__(self, task: nn.Module, model: nn.Module, dataset: Sequence[Any], collate: Callable,
+                 config: Config, tokenizer: Tokenizer, run_dir: Path, dist: DistInfo,
+                 stage: str = "pretrain", progress: bool = True) -> None:
+        self.task, self.model, self.dataset, self.collate = task, model, dataset, collate
+        self.config, self.cfg, self.tokenizer = config, config.train, tokenizer
+        self.run_dir, self.dist, self.stage = Path(run_dir), dist, stage
+        self.progress = progress and dist.is_primary
+        self.optimizer = build_optimizer(model, self.cfg)
+        self.state = TrainerState(stage=stage)
+
+    def resume(self) -> int:
+        """Load the newest checkpoint of the run (weights, optimizer, step); return the step."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return 0
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        self.state = load_training_state(checkpoint, self.optimizer)
+        self._rewrite_metrics()
+        return self.state.step
+
+    def fit(self, *, resume: bool = False, stop_at: int | None = None) -> TrainerState:
+        """Train to cfg.steps (or stop early at `stop_at`, as if interrupted); save the final model."""
+        if resume:
+            self.resume()
+        else:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        end = self.cfg.steps if stop_at is None else min(stop_at, self.cfg.steps)
+        accum = self.cfg.grad_accum
+        sampler = StepBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
+                                   self.state.step * accum, end * accum, self.dist.rank, self.dist.world_size)
+        batches = iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers))
+        bar = tqdm(total=end, initial=self.state.step, desc=self.stage, disable=not self.progress, unit="step")
+        window: list[dict[str, float]] = []
+        tick = time.perf_counter()
+        for step in range(self.state.step, end):
+            window.append(self._train_step(step, batches))
+            self.state.step = step + 1
+            if self.state.step % self.cfg.log_every == 0 or self.state.step == end:
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                row = self._log(window, elapsed)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}")
+                window = []
+            bar.update(1)
+            if self.state.step % self.cfg.save_every == 0 and self.state.step < self.cfg.steps:
+                self._save_step_checkpoint()
+        bar.close()
+        if stop_at is None or end == self.cfg.steps:
+            self._save_final()
+        else:
+            self._save_step_checkpoint()
+        return self.state
+
+    def _train_step(self, step: int, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.cfg)
+        sums: dict[str, float] = {}
+        accum = self.cfg.grad_accum
+        for micro in range(accum):
+            batch = {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            seed = (self.cfg.seed * 1_000_003 + step * 1009 + micro * 31 + self.dist.rank) % (2**63)
+            torch.manual_seed(seed)  # dropout is a function of the step: resumed runs repeat it exactly
+            generator = torch.Generator(self.dist.device).manual_seed(seed)
+            sync = nullcontext() if micro == accum - 1 or not hasattr(self.task, "no_sync") else self.task.no_sync()
+            with sync, torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                out = self.task(batch, generator=generator)
+                (out["loss"] / accum).backward()
+            for name, value in out.items():
+                if torch.is_tensor(value) and value.ndim == 0:
+                    sums[name] = sums.get(name, 0.0) + float(all_reduce_mean(value, self.dist)) / accum
+        if self.cfg.clip_grad_norm > 0:
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["lr"] = self.optimizer.param_groups[0]["lr"]
+        return sums
+
+    def _log(self, window: list[dict[str, float]], elapsed: float) -> dict[str, float]:
+        row: dict[str, Any] = {"step": self.state.step, "stage": self.stage}
+        for key in window[0]:
+            row[key] = sum(w[key] for w in window) / len(window)
+        samples = len(window) * self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
+        row["samples_per_s"] = samples / max(elapsed, 1e-9)
+        self.state.history.append(row)
+        if self.dist.is_primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def _rewrite_metrics(self) -> None:
+        """After a resume the log holds exactly the rows up to the checkpoint's step."""
+        if self.dist.is_primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps(row) + "\n" for row in self.state.history)
+            (self.run_dir / "metrics.jsonl").write_text(lines)
+
+    def _save_step_checkpoint(self) -> None:
+        if not self.dist.is_primary:
+            return
+        folder = self.run_dir / "checkpoints"
+        save_checkpoint(folder / f"step_{self.state.step:07d}", self.model, self.config, self.tokenizer,
+                        optimizer=self.optimizer, state=self.state)
+        for old in sorted(folder.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save_final(self) -> None:
+        if self.dist.is_primary:
+            save_checkpoint(self.run_dir, self.model, self.config, self.tokenizer, state=self.state)
