@@ -111,9 +111,7 @@ class Trainer:
 
     def fit(self, *, resume: bool = False, stop_at: int | None = None) -> TrainerState:
         """Train to cfg.steps (or stop early at `stop_at`, as if interrupted); save the final model."""
-        if resume:
-            self.resume()
-        else:
+        if not (resume and self.resume()):  # a fresh start begins a fresh log
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         end = self.cfg.steps if stop_at is None else min(stop_at, self.cfg.steps)
         accum = self.cfg.grad_accum
@@ -158,7 +156,7 @@ class Trainer:
                 (out["loss"] / accum).backward()
             for name, value in out.items():
                 if torch.is_tensor(value) and value.ndim == 0:
-                    sums[name] = sums.get(name, 0.0) + float(all_reduce_mean(value, self.dist)) / accum
+                    sums[name] = sums.get(name, 0.0) + float(all_reduce_mean(value.detach(), self.dist)) / accum
         if self.cfg.clip_grad_norm > 0:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm))
         self.optimizer.step()

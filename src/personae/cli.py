@@ -1,0 +1,109 @@
+"""The `personae` command: parses arguments, then calls library functions. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from personae.config import ConfigError, apply_overrides, list_presets, load_preset
+from personae.errors import PersonaeError
+
+OVERRIDE_HELP = "config overrides like --train.lr=3e-4 --model.fusion.kind=single may follow"
+
+
+def _world_build(args: argparse.Namespace) -> None:
+    from personae.data.world import build_world
+
+    summary = build_world(Path(args.out), seed=args.seed, scenes=args.scenes, image_size=args.image_size,
+                          progress=not args.quiet)
+    print(summary)
+
+
+def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    from personae.train.stages import run_pretrain
+
+    cfg = apply_overrides(load_preset(args.preset), overrides)
+    state = run_pretrain(Path(args.data), Path(args.out), cfg, resume=args.resume, tokenizer_dir=args.tokenizer,
+                         skip_bad=args.skip_bad, progress=not args.quiet)
+    last = state.history[-1] if state.history else {}
+    print(f"pretrained {state.step} steps, final loss {last.get('loss', float('nan')):.4f}; run: {args.out}")
+
+
+def _eval_retrieval(args: argparse.Namespace) -> None:
+    from personae.demo import evaluate_run
+
+    evaluate_run(Path(args.run), Path(args.data), split=args.split, out=args.json, batch_size=args.batch_size,
+                 progress=not args.quiet)
+
+
+def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from personae.demo import run_demo
+
+    run_demo(Path(args.out), scenes=args.scenes, steps=args.steps, fresh=args.fresh, overrides=overrides,
+             progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the docs)."""
+    parser = argparse.ArgumentParser(prog="personae", description="Multimodal role-playing models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="the built-in scene world").add_subparsers(dest="world_command", required=True)
+    build = world.add_parser("build", help="render the scene world into OUT_DIR")
+    build.add_argument("out", metavar="OUT_DIR")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--scenes", type=int, default=10000)
+    build.add_argument("--image-size", type=int, default=64)
+    build.set_defaults(handler=_world_build, takes_overrides=False)
+
+    pre = sub.add_parser("pretrain", help="image-text pretraining (ITC + ITM + MLM)", epilog=OVERRIDE_HELP)
+    pre.add_argument("--preset", default="tiny", help=f"one of {', '.join(list_presets())} or a YAML file")
+    pre.add_argument("--data", required=True, help="folder holding pairs.jsonl")
+    pre.add_argument("--out", required=True, help="run folder to write")
+    pre.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    pre.add_argument("--tokenizer", type=Path, default=None, help="existing tokenizer.json or HF tokenizer folder")
+    pre.add_argument("--skip-bad", action="store_true", help="skip and count malformed manifest rows")
+    pre.set_defaults(handler=_pretrain, takes_overrides=True)
+
+    evaluate = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
+    retrieval = evaluate.add_parser("retrieval", help="R@1/5/10 both ways, ITM and MLM accuracy")
+    retrieval.add_argument("run", metavar="RUN")
+    retrieval.add_argument("--data", required=True)
+    retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
+    retrieval.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/retrieval.json)")
+    retrieval.add_argument("--batch-size", type=int, default=128)
+    retrieval.set_defaults(handler=_eval_retrieval, takes_overrides=False)
+
+    demo = sub.add_parser("demo", help="build the world, pretrain tiny, evaluate", epilog=OVERRIDE_HELP)
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--scenes", type=int, default=10000)
+    demo.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the tiny preset's)")
+    demo.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
+    demo.set_defaults(handler=_demo, takes_overrides=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `personae` command; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if not (x.startswith("--") and "=" in x and "." in x.split("=", 1)[0])]
+    if stray or (extra and not args.takes_overrides):
+        parser.error(f"unrecognised arguments: {' '.join(stray or extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.takes_overrides:
+            args.handler(args, extra)
+        else:
+            args.handler(args)
+    except (PersonaeError, ConfigError) as error:
+        print(f"personae: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

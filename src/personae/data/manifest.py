@@ -1,0 +1,268 @@
+"""JSONL image-text pair manifests: reading with file:line errors, and writing.
+
+One JSON object per line::
+
+    {"image": "images/s000123.png", "caption": "a dog on the beach", "scene_id": "s000123", "split": "train"}
+
+Rules (see docs/data-format.md):
+
+* ``image`` (required): path relative to the manifest's folder, or absolute.
+* ``caption`` (required): a string with at least one non-space character.
+* ``split`` (optional, default ``"train"``): one of :data:`SPLITS`.
+* ``scene_id`` (optional): a string (an int is accepted and turned into one). Rows with the same
+  scene show the same thing and are never used as each other's negatives. Default: the image
+  path as written, so several captions of one image file group together.
+* Any other keys are kept in ``PairRecord.meta``.
+* Blank lines and lines whose first non-space character is ``#`` are ignored; line numbers in
+  errors are physical lines of the file (1-based).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from personae.errors import DataError
+
+__all__ = ["SPLITS", "RESERVED_KEYS", "PairRecord", "PairManifest", "read_pairs", "write_pairs"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+RESERVED_KEYS: tuple[str, ...] = ("image", "caption", "scene_id", "split")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One image-caption row; ``image`` is resolved against the manifest's folder."""
+
+    image: Path
+    caption: str
+    scene_id: str
+    split: str = "train"
+    meta: dict[str, Any] = field(default_factory=dict, hash=False)
+    line: int = 0
+
+
+class PairManifest:
+    """The rows of one manifest file, plus the bad rows skipped with ``skip_bad=True``."""
+
+    def __init__(
+        self,
+        path: str | PathLike[str],
+        records: list[PairRecord],
+        skipped: list[DataError] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.records = records
+        self.skipped: list[DataError] = skipped if skipped is not None else []
+
+    @property
+    def root(self) -> Path:
+        """The folder that relative image paths are resolved against."""
+        return self.path.parent
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[PairRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, index: int) -> PairRecord:
+        return self.records[index]
+
+    def filter(self, split: str) -> PairManifest:
+        """A manifest holding only the rows of ``split`` (the skipped list is shared)."""
+        _check_split_arg(split)
+        return PairManifest(self.path, [r for r in self.records if r.split == split], self.skipped)
+
+    def __repr__(self) -> str:
+        return f"PairManifest({str(self.path)!r}, records={len(self)}, skipped={len(self.skipped)})"
+
+
+def read_pairs(
+    path: str | PathLike[str],
+    *,
+    split: str | None = None,
+    skip_bad: bool = False,
+    check_images: bool = True,
+) -> PairManifest:
+    """Read and validate a JSONL pair manifest.
+
+    Every row is validated, whatever ``split`` selects. A bad row raises :class:`DataError`
+    (``file:line: what is wrong``); with ``skip_bad=True`` it is left out, kept in
+    ``.skipped`` and counted in one logged warning. ``check_images`` checks that each image file
+    exists (it does not decode it).
+    """
+    path = Path(path)
+    if split is not None:
+        _check_split_arg(split)
+    if not path.is_file():
+        raise DataError("manifest file not found" if not path.exists() else "not a file", path)
+    records: list[PairRecord] = []
+    skipped: list[DataError] = []
+    rows = 0
+    for line_no, text in _numbered_lines(path):
+        rows += 1
+        try:
+            record = _parse_row(text, path, line_no, check_images)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(err)
+            continue
+        if split is None or record.split == split:
+            records.append(record)
+    if skipped:
+        logger.warning(
+            "%s: skipped %d bad row(s) of %d; first: %s", path, len(skipped), rows, skipped[0]
+        )
+    return PairManifest(path, records, skipped)
+
+
+def _check_split_arg(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """Yield (1-based line number, text) for non-blank, non-comment lines.
+
+    A line that is not valid UTF-8 is yielded as a DataError so that ``skip_bad`` can skip it.
+    """
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte-order mark written by some editors
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                yield line_no, DataError(f"not valid UTF-8 at byte {exc.start}", path, line_no)
+                continue
+            if text and not text.startswith("#"):
+                yield line_no, text
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _load_object(text: str, path: Path, line: int) -> dict[str, Any]:
+    """Parse one line into a JSON object, or raise a DataError saying why not."""
+    try:
+        row = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, line) from None
+    except ValueError as exc:  # duplicate key
+        raise DataError(f"invalid row: {exc}", path, line) from None
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {_json_type(row)}", path, line)
+    return row
+
+
+def _parse_row(text: str | DataError, path: Path, line: int, check_images: bool) -> PairRecord:
+    """Validate one row and build its record."""
+    if isinstance(text, DataError):
+        raise text
+    row = _load_object(text, path, line)
+    image_text = _required_str(row, "image", path, line)
+    caption = _required_str(row, "caption", path, line)
+    split = row.get("split", "train")
+    if split not in SPLITS:
+        shown = split if isinstance(split, str) else _json_type(split)
+        raise DataError(
+            f"field 'split' must be one of {', '.join(map(repr, SPLITS))}, got {shown!r}",
+            path,
+            line,
+        )
+    scene_id = _scene_id(row, image_text, path, line)
+    image = Path(image_text)
+    if not image.is_absolute():
+        image = path.parent / image
+    if check_images and not image.is_file():
+        raise DataError(f"image file not found: {image_text} (looked for {image})", path, line)
+    meta = {k: v for k, v in row.items() if k not in RESERVED_KEYS}
+    return PairRecord(image, caption, scene_id, split, meta, line)
+
+
+def _required_str(row: dict[str, Any], key: str, path: Path, line: int) -> str:
+    if key not in row:
+        raise DataError(f"missing field {key!r}", path, line)
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"field {key!r} must be a string, got {_json_type(value)}", path, line)
+    if not value.strip():
+        raise DataError(f"field {key!r} is empty", path, line)
+    return value
+
+
+def _scene_id(row: dict[str, Any], image_text: str, path: Path, line: int) -> str:
+    if "scene_id" not in row:
+        return Path(image_text).as_posix()
+    value = row["scene_id"]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        shown = "an empty string" if isinstance(value, str) else _json_type(value)
+        raise DataError(f"field 'scene_id' must be a non-empty string, got {shown}", path, line)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "a number"
+    return names.get(type(value), type(value).__name__)
+
+
+def write_pairs(path: str | PathLike[str], records: Iterable[PairRecord]) -> Path:
+    """Write records as a JSONL manifest (atomically); returns the path written.
+
+    Image paths under the manifest's folder are written relative to it (POSIX separators),
+    others as absolute paths. ``meta`` keys are written after the reserved ones.
+    """
+    path = Path(path)
+    root = Path(os.path.abspath(path.parent))
+    lines = [json.dumps(_row(record, root), ensure_ascii=False) for record in records]
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.writelines(line + "\n" for line in lines)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _row(record: PairRecord, root: Path) -> dict[str, Any]:
+    clash = sorted(set(record.meta) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"record meta uses reserved key(s) {clash} (line {record.line})")
+    if record.split not in SPLITS:
+        raise ValueError(f"record split must be one of {SPLITS}, got {record.split!r}")
+    image = Path(os.path.abspath(record.image))  # lexical: drops '..' and '.'
+    try:
+        image_text = image.relative_to(root).as_posix()
+    except ValueError:
+        image_text = str(image)
+    row: dict[str, Any] = {"image": image_text, "caption": record.caption}
+    row["scene_id"] = record.scene_id
+    row["split"] = record.split
+    row.update(record.meta)
+    return row

@@ -1,0 +1,32 @@
+"""Shared fixtures: a small scene world built once per test session, and a micro model config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from personae.config import Config, apply_overrides, load_preset
+
+MICRO = [
+    "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=64", "model.vision.depth=1",
+    "model.vision.heads=2", "model.text.width=64", "model.text.depth=1", "model.text.heads=2",
+    "model.text.max_len=40", "model.fusion.depth=1", "model.fusion.heads=2", "model.embed_dim=32",
+    "train.batch_size=16", "train.warmup_steps=3", "train.log_every=1", "train.lr=2e-3",
+    "pretrain.tokenizer_vocab=400",
+]
+
+
+def micro_config(*overrides: str) -> Config:
+    """The tiny preset shrunk further so that a training step takes milliseconds."""
+    return apply_overrides(load_preset("tiny"), MICRO + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 300-scene world at 32 px, built once."""
+    from personae.data.world import build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=0, scenes=300, image_size=32, progress=False)
+    return out
