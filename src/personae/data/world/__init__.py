@@ -1,0 +1,29 @@
+"""The built-in "scene world": emoji objects on procedural backgrounds, with true captions.
+
+Public API::
+
+    build_world(out_dir, *, seed=0, scenes=10000, image_size=64, splits=(0.9, 0.05, 0.05),
+                progress=True) -> WorldSummary
+    load_scenes(path, split=None) -> list[Scene]
+    Scene, Placed, sample_scene(scene_id, rng), SceneRenderer(image_size), render_scene(scene)
+    caption_scene(scene, rng) -> str, caption_templates(), parse_mentions(text)
+    OBJECTS (name -> WorldObject, loaded lazily), SETTINGS (name -> Setting)
+"""
+
+from personae.data.world.build import (SPLITS, WorldSummary, assign_splits, build_world,
+                                       load_scenes)
+from personae.data.world.captions import (CAPTION_TEMPLATES, POSITION_PHRASES, RELATION_PHRASES,
+                                          caption_scene, caption_templates, parse_mentions,
+                                          position_phrases_for, true_relations)
+from personae.data.world.catalog import OBJECTS, WorldObject, categories, number_word
+from personae.data.world.scene import (CELL_NAMES, COLUMN_NAMES, ROW_NAMES, Placed, Scene,
+                                       SceneRenderer, relation_holds, render_scene, sample_scene)
+from personae.data.world.settings import SETTINGS, Setting
+
+__all__ = [
+    "CAPTION_TEMPLATES", "CELL_NAMES", "COLUMN_NAMES", "OBJECTS", "POSITION_PHRASES",
+    "RELATION_PHRASES", "ROW_NAMES", "SETTINGS", "SPLITS", "Placed", "Scene", "SceneRenderer",
+    "Setting", "WorldObject", "WorldSummary", "assign_splits", "build_world", "caption_scene",
+    "caption_templates", "categories", "load_scenes", "number_word", "parse_mentions",
+    "position_phrases_for", "relation_holds", "render_scene", "sample_scene", "true_relations",
+]
