@@ -1,0 +1,1 @@
+"""personae.data."""
