@@ -53,8 +53,10 @@ class FusionCfg:
 
 @dataclass
 class DecoderCfg:
-    """Causal decoder for role-play replies (used from the role-play stage on)."""
+    """Causal decoder for role-play replies; built only when `enabled` (the role-play stage turns it on)."""
 
+    enabled: bool = False
+    conditioning: str = "prefix"  # image regions projected and placed before the prompt (LLaVA-style)
     width: int = 128
     depth: int = 2
     heads: int = 4

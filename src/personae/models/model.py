@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import ModelCfg
+from personae.models.decoder import Decoder, KVCache
 from personae.models.fusion import FusionOutput, build_fusion
 from personae.models.layers import init_weights
 from personae.models.text import TextEncoder
@@ -57,6 +58,11 @@ class PersonaeModel(nn.Module):
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         self.itm_head = nn.Linear(width, 2)
         self.mlm_head = MLMHead(width, cfg.text.vocab_size)
+        self.decoder = None
+        if cfg.decoder.enabled:
+            if cfg.decoder.conditioning != "prefix":
+                raise ValueError(f"unknown model.decoder.conditioning '{cfg.decoder.conditioning}'; choose: prefix")
+            self.decoder = Decoder(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
@@ -107,3 +113,48 @@ class PersonaeModel(nn.Module):
             text_embed=self.text_embed(words),
             logit_scale=self.scale(),
         )
+
+    # ---- role-play decoder -------------------------------------------------------------------
+
+    def _require_decoder(self) -> Decoder:
+        if self.decoder is None:
+            raise ValueError("this model has no decoder (model.decoder.enabled is false): fine-tune it first")
+        return self.decoder
+
+    def init_decoder_from_text(self) -> None:
+        """Seed the decoder with the pretrained text tower: word embeddings and, where shapes agree, blocks."""
+        decoder = self._require_decoder()
+        with torch.no_grad():
+            if decoder.tok_embed.weight.shape == self.text.tok_embed.weight.shape:
+                decoder.tok_embed.weight.copy_(self.text.tok_embed.weight)
+            for target, source in zip(decoder.blocks, self.text.blocks):
+                if all(a.shape == b.shape for a, b in zip(target.parameters(), source.parameters())):
+                    target.load_state_dict(source.state_dict())
+
+    def image_prefix_length(self) -> int:
+        """How many decoder positions the image takes (its regions, cls included)."""
+        return 1 + self.vision.num_patches
+
+    def lm_logits(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, V) logits of the tokens only."""
+        decoder = self._require_decoder()
+        regions = self.encode_image(pixel_values) if pixel_values is not None else None
+        hidden = decoder(decoder.embed(input_ids, regions))  # (B, R+T, D); right padding needs no mask
+        return decoder.logits(hidden[:, hidden.shape[1] - input_ids.shape[1]:])  # (B, T, V)
+
+    def prefill(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, lengths: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+        """Run right-padded prompts through the decoder into `cache`; (B, V) logits after each real prompt."""
+        decoder = self._require_decoder()
+        regions = self.encode_image(pixel_values) if pixel_values is not None else None
+        hidden = decoder(decoder.embed(input_ids, regions), cache=cache)  # (B, R+T, D)
+        prefix = hidden.shape[1] - input_ids.shape[1]
+        last = prefix + lengths - 1  # (B,) position of each prompt's last real token
+        return decoder.logits(hidden[torch.arange(len(lengths)), last])
+
+    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+        """One new token per row: (B,) ids at (B,) positions; attention_mask (B, S) marks real cache slots."""
+        decoder = self._require_decoder()
+        hidden = decoder(decoder.tok_embed(token_ids[:, None]), positions[:, None], attention_mask, cache)
+        return decoder.logits(hidden[:, 0])  # (B, V)

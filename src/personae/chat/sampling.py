@@ -1,0 +1,181 @@
+"""Generation with a KV cache: greedy / temperature / top-k / top-p, repetition penalty, stop strings, streaming.
+
+Every row of a batch samples with its own seeded generator (Gumbel-max on per-row noise), so a
+prompt gives the same reply alone or batched with others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from personae.data.tokenizer import Tokenizer
+from personae.models.model import PersonaeModel
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self})")
+
+
+@dataclass
+class Generation:
+    """One finished reply: text (stop string excluded), token ids, and why it ended."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: logits of already generated tokens are divided (if > 0) or multiplied by penalty."""
+    if penalty == 1.0 or not seen.any():
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set with mass >= top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids; each row draws from its own generator."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    noise = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generators])
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+    return (logits + gumbel).argmax(-1)  # Gumbel-max: a sample from softmax(logits)
+
+
+class _Row:
+    """Book-keeping of one sequence while it decodes."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, seed: int) -> None:
+        self.tokenizer, self.params = tokenizer, params
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ids: list[int] = []
+        self.text, self.emitted, self.finish = "", 0, ""
+
+    def push(self, token: int) -> None:
+        if token == self.tokenizer.eos_id:
+            self.finish = "stop"
+            return
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        cut = min((self.text.find(s) for s in self.params.stop if s and s in self.text), default=-1)
+        if cut >= 0:
+            self.text, self.finish = self.text[:cut], "stop"
+        elif len(self.ids) >= self.params.max_new_tokens:
+            self.finish = "length"
+
+    def new_text(self) -> str:
+        """Text not yet emitted, holding back what may be half a character or the start of a stop string."""
+        safe = len(self.text)
+        if not self.finish:
+            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+                safe -= 1
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, safe - self.emitted), 0, -1):
+                    if self.text[safe - k : safe] == stop[:k]:
+                        safe -= k
+                        break
+        piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        return piece
+
+
+@torch.no_grad()
+def stream_batch(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                 pixel_values: torch.Tensor | None, params: SamplingParams) -> Iterator[list[str]]:
+    """Decode a batch; yield, after every step, the new text piece of each row ('' when none).
+
+    The final yield carries any held-back text; `Generation`s are available via `generate`.
+    """
+    yield from _decode(model, tokenizer, prompts, pixel_values, params, rows_out=None)
+
+
+def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+            pixel_values: torch.Tensor | None, params: SamplingParams, rows_out: list | None) -> Iterator[list[str]]:
+    device = next(model.parameters()).device
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    if B == 0 or int(lengths.min()) == 0:
+        raise ValueError("every prompt needs at least one token")
+    ids = torch.full((B, int(lengths.max())), tokenizer.pad_id, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)] = torch.tensor(list(prompt), device=device)
+    prefix = model.image_prefix_length() if pixel_values is not None else 0
+    room = model.cfg.decoder.max_len - prefix - ids.shape[1]
+    if room < 1:
+        raise ValueError(f"prompt of {ids.shape[1]} tokens leaves no room in model.decoder.max_len")
+    steps = min(params.max_new_tokens, room)
+    base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    rows = [_Row(tokenizer, params, base_seed + i) for i in range(B)]
+    if rows_out is not None:
+        rows_out.extend(rows)
+    cache = model.decoder.new_cache(B, prefix + ids.shape[1] + steps, device=device,
+                                    dtype=next(model.parameters()).dtype)
+    logits = model.prefill(pixel_values, ids, lengths, cache)  # (B, V)
+    real = torch.ones(B, prefix + ids.shape[1] + steps, dtype=torch.bool, device=device)
+    real[:, prefix : prefix + ids.shape[1]] = torch.arange(ids.shape[1], device=device) < lengths[:, None]
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    active = torch.arange(B, device=device)
+    for step in range(steps):
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        tokens = choose_tokens(logits, params, [rows[i].generator for i in active.tolist()])
+        for i, token in zip(active.tolist(), tokens.tolist()):
+            rows[i].push(token)
+        if step == steps - 1:
+            for i in active.tolist():
+                rows[i].finish = rows[i].finish or "length"
+        yield [row.new_text() if i in set(active.tolist()) else "" for i, row in enumerate(rows)]
+        keep = torch.tensor([not rows[i].finish for i in active.tolist()], device=device)
+        if not keep.any():
+            return
+        seen[torch.arange(len(active), device=device), tokens] = True
+        if not keep.all():
+            active, tokens, seen, cache = active[keep], tokens[keep], seen[keep], cache.select(keep)
+        positions = prefix + lengths[active] + step
+        logits = model.decode_step(tokens, positions, real[active, : cache.length + 1], cache)
+
+
+def generate(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+             pixel_values: torch.Tensor | None, params: SamplingParams) -> list[Generation]:
+    """Decode a batch of prompts (token ids) with optional images (B, 3, S, S) to finished replies."""
+    rows: list[_Row] = []
+    for _ in _decode(model, tokenizer, prompts, pixel_values, params, rows_out=rows):
+        pass
+    return [Generation(text=row.text, token_ids=row.ids, finish_reason=row.finish or "length") for row in rows]

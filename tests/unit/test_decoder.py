@@ -1,0 +1,66 @@
+"""The decoder: cached and uncached logits agree, padding is invisible, encoder weights can seed it."""
+
+import pytest
+import torch
+
+from personae.config import load_preset
+from personae.models import PersonaeModel
+
+
+@pytest.fixture(scope="module")
+def model() -> PersonaeModel:
+    cfg = load_preset("tiny").model
+    cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = 120, True, 128
+    torch.manual_seed(0)
+    return PersonaeModel(cfg).eval()
+
+
+def test_cached_decoding_matches_full_forward(model):
+    torch.manual_seed(1)
+    pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(0, 120, (2, 12))
+    full = model.lm_logits(pixels, ids)  # (B, 12, V)
+    prompt = 5
+    cache = model.decoder.new_cache(2, device=torch.device("cpu"))
+    logits = [model.prefill(pixels, ids[:, :prompt], torch.full((2,), prompt), cache)]
+    R = model.image_prefix_length()
+    for t in range(prompt, 12):
+        mask = torch.ones(2, R + t + 1, dtype=torch.bool)
+        logits.append(model.decode_step(ids[:, t], torch.full((2,), R + t), mask, cache))
+    cached = torch.stack(logits, dim=1)  # (B, 8, V): predictions after tokens 4..11
+    torch.testing.assert_close(cached, full[:, prompt - 1 :], rtol=1e-5, atol=1e-5)
+
+
+def test_right_padded_prompts_decode_like_unpadded_ones(model):
+    torch.manual_seed(2)
+    pixels = torch.randn(2, 3, 64, 64)
+    short, long = torch.randint(0, 120, (4,)), torch.randint(0, 120, (7,))
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0, :4], padded[1] = short, long
+    lengths = torch.tensor([4, 7])
+    R = model.image_prefix_length()
+    cache = model.decoder.new_cache(2, device=torch.device("cpu"))
+    first = model.prefill(pixels, padded, lengths, cache)
+    nxt = torch.tensor([5, 6])
+    mask = torch.ones(2, R + 8, dtype=torch.bool)
+    mask[0, R + 4 : R + 7] = False  # the padding slots of row 0
+    second = model.decode_step(nxt, R + lengths, mask, cache)
+    alone = model.lm_logits(pixels[:1], torch.cat([short, nxt[:1]])[None])
+    torch.testing.assert_close(first[0], alone[0, 3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second[0], alone[0, 4], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_seeded_from_text_tower(model):
+    model.init_decoder_from_text()
+    assert torch.equal(model.decoder.tok_embed.weight, model.text.tok_embed.weight)
+    assert torch.equal(model.decoder.blocks[0].attn.qkv.weight, model.text.blocks[0].attn.qkv.weight)
+
+
+def test_model_without_decoder_says_so():
+    cfg = load_preset("tiny").model
+    with pytest.raises(ValueError, match="no decoder"):
+        PersonaeModel(cfg).lm_logits(None, torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_too_long_sequence_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="exceeds model.decoder.max_len=128"):
+        model.lm_logits(torch.randn(1, 3, 64, 64), torch.zeros(1, 100, dtype=torch.long))

@@ -1,0 +1,110 @@
+"""Sampling: cached = uncached, seeded reproducibility, batch invariance, top-k/top-p support, stop strings."""
+
+import pytest
+import torch
+
+from personae.chat.sampling import (
+    SamplingParams, _Row, apply_repetition_penalty, filter_top_k_top_p, generate, stream_batch,
+)
+from personae.config import load_preset
+from personae.data.tokenizer import train_tokenizer
+from personae.models import PersonaeModel
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = train_tokenizer(["ahoy there matey, I spy two dogs on the beach. fair winds!"] * 30, vocab_size=300)
+    cfg = load_preset("tiny").model
+    cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = tokenizer.vocab_size, True, 160
+    torch.manual_seed(0)
+    return PersonaeModel(cfg).eval(), tokenizer
+
+
+def _greedy_uncached(model, pixels, prompt, steps, eos):
+    ids = list(prompt)
+    for _ in range(steps):
+        token = int(model.lm_logits(pixels, torch.tensor([ids]))[0, -1].argmax())
+        if token == eos:
+            break
+        ids.append(token)
+    return ids[len(prompt):]
+
+
+def test_cached_greedy_equals_uncached(setup):
+    model, tok = setup
+    pixels = torch.randn(1, 3, 64, 64)
+    prompt = tok.encode("ahoy there", max_length=20)
+    out = generate(model, tok, [prompt], pixels, SamplingParams(max_new_tokens=20))[0]
+    assert out.token_ids == _greedy_uncached(model, pixels, prompt, 20, tok.eos_id)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(setup):
+    model, tok = setup
+    pixels = torch.randn(3, 3, 64, 64)
+    prompts = [tok.encode(t, max_length=20) for t in ("ahoy", "I spy two dogs", "fair winds")]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
+    batched = generate(model, tok, prompts, pixels, params)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in generate(model, tok, prompts, pixels, params)]
+    alone = generate(model, tok, prompts[1:2], pixels[1:2], SamplingParams(max_new_tokens=12, temperature=1.0, seed=8))
+    assert alone[0].token_ids == batched[1].token_ids  # row i uses seed + i
+    other = generate(model, tok, prompts, pixels, SamplingParams(max_new_tokens=12, temperature=1.0, seed=99))
+    assert [g.token_ids for g in other] != [g.token_ids for g in batched]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert torch.isfinite(filter_top_k_top_p(logits, top_k=2)).tolist() == [[True, True, False, False, False]]
+    probs = logits.softmax(-1)[0]  # 0.64, 0.23, 0.09, ...
+    kept = torch.isfinite(filter_top_k_top_p(logits, top_p=0.8))[0]
+    assert kept.tolist() == [True, True, False, False, False] and probs[:1].sum() < 0.8 <= probs[:2].sum()
+    assert torch.isfinite(filter_top_k_top_p(logits, top_p=0.5))[0].tolist() == [True, False, False, False, False]
+
+
+def test_sampled_tokens_stay_in_the_top_k(setup):
+    model, tok = setup
+    params = SamplingParams(max_new_tokens=1, temperature=5.0, top_k=3)
+    pixels = torch.randn(1, 3, 64, 64)
+    prompt = tok.encode("ahoy", max_length=10)
+    from personae.models.decoder import KVCache  # noqa: F401  (the cache type used inside generate)
+
+    cache = model.decoder.new_cache(1, device=torch.device("cpu"))
+    top3 = set(model.prefill(pixels, torch.tensor([prompt]), torch.tensor([len(prompt)]), cache)[0].topk(3).indices.tolist())
+    for seed in range(10):
+        params.seed = seed
+        assert generate(model, tok, [prompt], pixels, params)[0].token_ids[0] in top3 | {tok.eos_id}
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_stop_strings_cut_and_hold_back(setup):
+    _, tok = setup
+    row = _Row(tok, SamplingParams(stop=["fair winds"]), seed=0)
+    pieces = []
+    for token in tok.encode("I spy dogs. fair winds! more", add_cls=False):
+        row.push(token)
+        pieces.append(row.new_text())
+        if row.finish:
+            break
+    assert row.finish == "stop" and row.text == "I spy dogs. "
+    assert "".join(pieces) == "I spy dogs. " and not any("fair" in p for p in pieces)
+
+
+def test_streaming_pieces_join_to_the_full_text(setup):
+    model, tok = setup
+    pixels = torch.randn(2, 3, 64, 64)
+    prompts = [tok.encode("ahoy", max_length=10), tok.encode("two dogs on the", max_length=10)]
+    params = SamplingParams(max_new_tokens=15, temperature=0.8, seed=3)
+    streamed = ["", ""]
+    for pieces in stream_batch(model, tok, prompts, pixels, params):
+        streamed = [a + b for a, b in zip(streamed, pieces)]
+    assert streamed == [g.text for g in generate(model, tok, prompts, pixels, params)]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2)])
+def test_bad_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
