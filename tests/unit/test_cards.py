@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from personae.chat.cards import (
+from personae.data.cards import (
     PROMPT_FIELDS,
     SPEC_V2,
     SPEC_V3,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from personae.chat.cards import CharacterCard
-from personae.chat.prompt import IGNORE_INDEX, PromptBuilder, PromptTooLong, Turn
+from personae.data.cards import CharacterCard
+from personae.data.prompt import IGNORE_INDEX, PromptBuilder, PromptTooLong, Turn
 from personae.data.tokenizer import train_tokenizer
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from personae.chat.sampling import (
+from personae.models.sampling import (
     SamplingParams, _Row, apply_repetition_penalty, filter_top_k_top_p, generate, stream_batch,
 )
 from personae.config import load_preset

@@ -1,23 +1,5 @@
-"""personae.chat: character cards, prompt assembly, sampling and chat sessions."""
+"""personae.chat: talking to a character — the interactive terminal session.
 
-from personae.chat.cards import (
-    PROMPT_FIELDS,
-    CardError,
-    CharacterCard,
-    default_avatar,
-    load_card,
-    parse_mes_example,
-    save_card_json,
-    save_card_png,
-)
-
-__all__ = [
-    "PROMPT_FIELDS",
-    "CardError",
-    "CharacterCard",
-    "default_avatar",
-    "load_card",
-    "parse_mes_example",
-    "save_card_json",
-    "save_card_png",
-]
+Cards and prompt assembly live in `personae.data` (training reads them too) and generation in
+`personae.models.sampling` (evaluation generates too); the dependency rule lets chat use both.
+"""

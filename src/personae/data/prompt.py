@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from personae.chat.cards import CharacterCard
+from personae.data.cards import CharacterCard
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 
