@@ -73,7 +73,7 @@ def test_items_and_batch(tmp_path: Path, tok: Tokenizer, cache_images: bool) -> 
 
 def test_cache_decodes_each_file_once(tmp_path: Path, tok: Tokenizer) -> None:
     dataset = PairDataset(read_pairs(_manifest(tmp_path)), tok, image_size=8, max_text_len=16)
-    assert dataset._image_cache is not None and dataset._image_cache.shape == (3, 3, 8, 8)
+    assert dataset._cache is not None and dataset._cache.pixels.shape == (3, 3, 8, 8)
     torch.testing.assert_close(dataset[0]["image"], dataset[3]["image"])
     pickle.loads(pickle.dumps(dataset))  # DataLoader workers under spawn need this
 

@@ -278,7 +278,8 @@ def test_inapplicable_template_is_refused() -> None:
 def test_build_writes_the_documented_files(worlds: dict[str, Path]) -> None:
     root = worlds["a"]
     written = sorted(p.name for p in root.iterdir())
-    assert written == ["images", "pairs.jsonl", "scenes.jsonl", "world.json"]
+    assert written == ["characters", "characters.jsonl", "dialogues.jsonl", "images", "pairs.jsonl",
+                       "scenes.jsonl", "world.json"]
     pairs, scenes = read_jsonl(root / "pairs.jsonl"), read_jsonl(root / "scenes.jsonl")
     assert len(pairs) == len(scenes) == N_SCENES
     assert [p["scene_id"] for p in pairs] == [s["scene_id"] for s in scenes]

@@ -29,6 +29,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from personae.data.jsonl import json_type, load_json_object, numbered_lines, required_str
 from personae.errors import DataError
 
 __all__ = ["SPLITS", "RESERVED_KEYS", "PairRecord", "PairManifest", "read_pairs", "write_pairs"]
@@ -109,7 +110,7 @@ def read_pairs(
     records: list[PairRecord] = []
     skipped: list[DataError] = []
     rows = 0
-    for line_no, text in _numbered_lines(path):
+    for line_no, text in numbered_lines(path):
         rows += 1
         try:
             record = _parse_row(text, path, line_no, check_images)
@@ -132,56 +133,16 @@ def _check_split_arg(split: str) -> None:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
-    """Yield (1-based line number, text) for non-blank, non-comment lines.
-
-    A line that is not valid UTF-8 is yielded as a DataError so that ``skip_bad`` can skip it.
-    """
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # UTF-8 byte-order mark written by some editors
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                yield line_no, DataError(f"not valid UTF-8 at byte {exc.start}", path, line_no)
-                continue
-            if text and not text.startswith("#"):
-                yield line_no, text
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _load_object(text: str, path: Path, line: int) -> dict[str, Any]:
-    """Parse one line into a JSON object, or raise a DataError saying why not."""
-    try:
-        row = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", path, line) from None
-    except ValueError as exc:  # duplicate key
-        raise DataError(f"invalid row: {exc}", path, line) from None
-    if not isinstance(row, dict):
-        raise DataError(f"expected a JSON object, got {_json_type(row)}", path, line)
-    return row
-
-
 def _parse_row(text: str | DataError, path: Path, line: int, check_images: bool) -> PairRecord:
     """Validate one row and build its record."""
     if isinstance(text, DataError):
         raise text
-    row = _load_object(text, path, line)
-    image_text = _required_str(row, "image", path, line)
-    caption = _required_str(row, "caption", path, line)
+    row = load_json_object(text, path, line)
+    image_text = required_str(row, "image", path, line)
+    caption = required_str(row, "caption", path, line)
     split = row.get("split", "train")
     if split not in SPLITS:
-        shown = split if isinstance(split, str) else _json_type(split)
+        shown = split if isinstance(split, str) else json_type(split)
         raise DataError(
             f"field 'split' must be one of {', '.join(map(repr, SPLITS))}, got {shown!r}",
             path,
@@ -197,17 +158,6 @@ def _parse_row(text: str | DataError, path: Path, line: int, check_images: bool)
     return PairRecord(image, caption, scene_id, split, meta, line)
 
 
-def _required_str(row: dict[str, Any], key: str, path: Path, line: int) -> str:
-    if key not in row:
-        raise DataError(f"missing field {key!r}", path, line)
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"field {key!r} must be a string, got {_json_type(value)}", path, line)
-    if not value.strip():
-        raise DataError(f"field {key!r} is empty", path, line)
-    return value
-
-
 def _scene_id(row: dict[str, Any], image_text: str, path: Path, line: int) -> str:
     if "scene_id" not in row:
         return Path(image_text).as_posix()
@@ -215,18 +165,9 @@ def _scene_id(row: dict[str, Any], image_text: str, path: Path, line: int) -> st
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str) or not value.strip():
-        shown = "an empty string" if isinstance(value, str) else _json_type(value)
+        shown = "an empty string" if isinstance(value, str) else json_type(value)
         raise DataError(f"field 'scene_id' must be a non-empty string, got {shown}", path, line)
     return value
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return "a number"
-    return names.get(type(value), type(value).__name__)
 
 
 def write_pairs(path: str | PathLike[str], records: Iterable[PairRecord]) -> Path:

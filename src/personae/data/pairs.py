@@ -11,17 +11,14 @@ them instead of copying pages as reference counts change.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from personae.data.image_cache import ImageCache
 from personae.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_MEAN,
@@ -34,9 +31,6 @@ from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.errors import DataError
 
 __all__ = ["PairDataset", "collate_pairs", "scene_group"]
-
-_PROGRESS_THRESHOLD = 1000
-
 
 def scene_group(scene_id: str) -> int:
     """A stable non-negative int64 id for a scene (same in every process, unlike ``hash``)."""
@@ -81,32 +75,16 @@ class PairDataset(Dataset):
         self._tokens = np.fromiter((t for seq in ids for t in seq), dtype=np.int64,
                                    count=int(self._token_offsets[-1]))
         self._groups = np.array([scene_group(r.scene_id) for r in manifest.records], dtype=np.int64)
-        self._image_slots: np.ndarray | None = None
-        self._image_cache: torch.Tensor | None = None
+        self._cache: ImageCache | None = None
         if cache_images:
             self._build_cache(num_threads)
 
     def _build_cache(self, num_threads: int | None) -> None:
-        """Decode each distinct image file once, in a thread pool (Pillow releases the GIL)."""
-        slot_of: dict[Path, int] = {}
-        first_row: list[int] = []
-        for row, record in enumerate(self.manifest.records):
-            if record.image not in slot_of:
-                slot_of[record.image] = len(first_row)
-                first_row.append(row)
-        size = self.image_size
-        cache = torch.empty((len(first_row), 3, size, size), dtype=torch.uint8)  # (U, 3, S, S)
-        workers = num_threads or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            decoded = pool.map(self._load_row, first_row)
-            progress = tqdm(decoded, total=len(first_row), desc="decoding images", unit="img",
-                            disable=len(first_row) <= _PROGRESS_THRESHOLD)
-            for slot, image in enumerate(progress):
-                cache[slot] = torch.from_numpy(image).permute(2, 0, 1)  # (3, S, S)
-        self._image_cache = cache
-        self._image_slots = np.array(
-            [slot_of[r.image] for r in self.manifest.records], dtype=np.int64
-        )
+        """Decode each distinct image file once (see :class:`ImageCache`)."""
+        records = self.manifest.records
+        self._cache = ImageCache([r.image for r in records], self.image_size,
+                                 sources=[(self.manifest.path, r.line) for r in records],
+                                 max_pixels=self.max_pixels, num_threads=num_threads)
 
     def _load_row(self, row: int) -> np.ndarray:
         record = self.manifest.records[row]
@@ -123,8 +101,8 @@ class PairDataset(Dataset):
 
     def image(self, index: int) -> torch.Tensor:
         """uint8 pixels ``(3, S, S)`` of row ``index``."""
-        if self._image_cache is not None and self._image_slots is not None:
-            return self._image_cache[int(self._image_slots[index])]
+        if self._cache is not None:
+            return self._cache[index]
         return torch.from_numpy(self._load_row(index)).permute(2, 0, 1).contiguous()
 
     def input_ids(self, index: int) -> torch.Tensor:

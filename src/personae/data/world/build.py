@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from personae.data.world.captions import caption_scene, caption_templates
 from personae.data.world.catalog import OBJECTS, categories
+from personae.data.world.characters import CHARACTERS_FILE, write_characters
+from personae.data.world.dialogues import DIALOGUES_FILE, write_dialogues
 from personae.data.world.scene import (BACKGROUND_VARIANTS, MIN_IMAGE_SIZE, Scene, SceneRenderer,
                                        sample_scene)
 from personae.data.world.settings import SETTINGS
@@ -38,6 +40,8 @@ class WorldSummary:
     image_size: int
     split_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    characters: int = 0  # 0 when built with characters=False
+    dialogues: int = 0
 
 
 def _check_arguments(scenes: int, image_size: int, splits: Sequence[float]) -> None:
@@ -78,13 +82,16 @@ def _write_lines(path: Path, records: Iterable[dict]) -> None:
 
 
 def _world_record(seed: int, scenes: int, image_size: int, fractions: Sequence[float],
-                  split_counts: dict[str, int]) -> dict:
+                  split_counts: dict[str, int], talk: dict[str, int] | None = None) -> dict:
     """The contents of world.json (nothing time- or machine-dependent, so it is reproducible)."""
+    files = {"images": f"{IMAGES_DIR}/", "scenes": SCENES_FILE, "pairs": PAIRS_FILE}
+    if talk is not None:
+        files |= {"characters": CHARACTERS_FILE, "dialogues": DIALOGUES_FILE}
     return {
         "name": "personae scene world", "version": WORLD_VERSION, "seed": seed,
         "scenes": scenes, "image_size": image_size, "grid": [3, 3],
         "split_fractions": list(fractions), "splits": split_counts,
-        "files": {"images": f"{IMAGES_DIR}/", "scenes": SCENES_FILE, "pairs": PAIRS_FILE},
+        "files": files, **({"dialogues": talk} if talk is not None else {}),
         "objects": list(OBJECTS), "categories": categories(), "settings": list(SETTINGS),
         "caption_templates": caption_templates(),
         "glyphs": "Noto Color Emoji (SIL OFL 1.1 / Apache-2.0), see assets/LICENSE-emoji.txt",
@@ -92,15 +99,19 @@ def _world_record(seed: int, scenes: int, image_size: int, fractions: Sequence[f
 
 
 def build_world(out_dir: Path | str, *, seed: int = 0, scenes: int = 10000, image_size: int = 64,
-                splits: Sequence[float] = (0.9, 0.05, 0.05), progress: bool = True) -> WorldSummary:
-    """Generate ``scenes`` scenes deterministically from ``seed`` and write them to ``out_dir``."""
+                splits: Sequence[float] = (0.9, 0.05, 0.05), progress: bool = True,
+                characters: bool = True) -> WorldSummary:
+    """Generate ``scenes`` scenes deterministically from ``seed`` and write them to ``out_dir``.
+
+    With ``characters`` it also writes the character cards and the role-play dialogues.
+    """
     _check_arguments(scenes, image_size, splits)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     renderer = SceneRenderer(image_size, seed=seed)
     split_of = assign_splits(scenes, splits, seed)
-    scene_records, pair_records = [], []
+    scene_records, pair_records, built = [], [], []
     for index in tqdm(range(scenes), disable=not progress, desc="scene world", unit="scene"):
         # one generator per scene: scene i is the same whatever the number of scenes
         rng = np.random.default_rng([seed, index])
@@ -111,15 +122,21 @@ def build_world(out_dir: Path | str, *, seed: int = 0, scenes: int = 10000, imag
         Image.fromarray(renderer.render(scene, variant)).save(
             out_dir / scene.image, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         scene_records.append(scene.to_dict())
+        built.append(scene)
         pair_records.append({"image": scene.image, "caption": caption,
                              "scene_id": scene.scene_id, "split": scene.split})
     _write_lines(out_dir / SCENES_FILE, scene_records)
     _write_lines(out_dir / PAIRS_FILE, pair_records)
     split_counts = {name: split_of.count(name) for name in SPLITS}
-    world = _world_record(seed, scenes, image_size, list(splits), split_counts)
+    talk = None
+    if characters:
+        cards = write_characters(out_dir)
+        talk = {"characters": len(cards), **write_dialogues(out_dir, built, seed=seed)}
+    world = _world_record(seed, scenes, image_size, list(splits), split_counts, talk)
     (out_dir / WORLD_FILE).write_text(json.dumps(world, indent=2) + "\n", encoding="utf-8")
     return WorldSummary(out_dir, seed, scenes, image_size, split_counts,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, talk["characters"] if talk else 0,
+                        talk["dialogues"] if talk else 0)
 
 
 def load_scenes(path: Path | str, split: str | None = None) -> list[Scene]:

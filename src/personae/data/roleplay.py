@@ -1,0 +1,69 @@
+"""Role-play training examples: conversations assembled into prompts with reply-only labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from personae.data.cards import CharacterCard
+from personae.data.dialogues import DialogueRecord
+from personae.data.image_cache import ImageCache
+from personae.data.images import normalize_pixels
+from personae.data.prompt import IGNORE_INDEX, PromptBuilder, Turn
+from personae.data.tokenizer import Tokenizer, pad_ids
+from personae.errors import DataError
+
+
+class RolePlayDataset(Dataset):
+    """One item per conversation: the whole exchange as one sequence, every reply carrying the loss.
+
+    `max_tokens` is the text budget (the decoder's positions minus the image prefix); long
+    conversations lose their oldest turns, never the character definition.
+    """
+
+    def __init__(self, records: Sequence[DialogueRecord], cards: dict[str, CharacterCard], tokenizer: Tokenizer,
+                 *, image_size: int, max_tokens: int, include_examples: bool = True, progress: bool = True) -> None:
+        if not records:
+            raise DataError("no conversations to train on (check the split and character filters)")
+        with_image = {r.image is not None for r in records}
+        if len(with_image) > 1:
+            first = next(r for r in records if r.image is None)
+            raise DataError("some conversations have an image and some do not; use one kind per data set "
+                            f"(conversation {first.id!r} has none)", line=first.line)
+        self.records, self.tokenizer = list(records), tokenizer
+        builder = PromptBuilder(tokenizer)
+        self.examples: list[tuple[list[int], list[int]]] = []
+        for record in tqdm(self.records, desc="assembling prompts", disable=not progress or len(records) < 2000):
+            turns = [Turn(t.user, t.reply) for t in record.turns]
+            prompt = builder.build(cards[record.character], turns, max_tokens=max_tokens,
+                                   include_examples=include_examples)
+            self.examples.append((prompt.ids, prompt.labels))
+        self.images = None
+        if records[0].image is not None:
+            self.images = ImageCache([r.image for r in self.records], image_size,
+                                     sources=[(r.image, r.line) for r in self.records])
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ids, labels = self.examples[index]
+        item: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "index": index}
+        if self.images is not None:
+            item["image"] = self.images[index]
+        return item
+
+
+def collate_roleplay(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ids (pad_id) and labels (IGNORE_INDEX); stack and normalise images when present."""
+    input_ids, attention_mask = pad_ids([item["input_ids"] for item in items], pad_id)
+    labels, _ = pad_ids([item["labels"] for item in items], IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "index": torch.tensor([item["index"] for item in items])}
+    if "image" in items[0]:
+        batch["pixel_values"] = normalize_pixels(torch.stack([item["image"] for item in items]))
+    return batch
