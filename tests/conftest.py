@@ -13,13 +13,25 @@ MICRO = [
     "model.vision.heads=2", "model.text.width=64", "model.text.depth=1", "model.text.heads=2",
     "model.text.max_len=40", "model.fusion.depth=1", "model.fusion.heads=2", "model.embed_dim=32",
     "train.batch_size=16", "train.warmup_steps=3", "train.log_every=1", "train.lr=2e-3",
-    "pretrain.tokenizer_vocab=400",
+    "pretrain.tokenizer_vocab=1500", "model.decoder.width=64", "model.decoder.depth=1", "model.decoder.heads=2",
+    "model.decoder.max_len=640", "model.decoder.image_pool=1", "finetune.train.batch_size=8",
+    "finetune.train.warmup_steps=3", "finetune.train.log_every=1", "finetune.train.lr=3e-3",
 ]
 
 
 def micro_config(*overrides: str) -> Config:
     """The tiny preset shrunk further so that a training step takes milliseconds."""
     return apply_overrides(load_preset("tiny"), MICRO + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro model pretrained for a few steps on the small world (enough to fine-tune from)."""
+    from personae.train.stages import run_pretrain
+
+    run = tmp_path_factory.mktemp("pretrained")
+    run_pretrain(small_world, run, micro_config("train.steps=3"), progress=False)
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,34 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"pretrained {state.step} steps, final loss {last.get('loss', float('nan')):.4f}; run: {args.out}")
 
 
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    from personae.train.finetune import run_finetune
+
+    state = run_finetune(Path(args.run), Path(args.data), Path(args.out), overrides=overrides, resume=args.resume,
+                         progress=not args.quiet)
+    last = state.history[-1] if state.history else {}
+    print(f"fine-tuned {state.step} steps, final loss {last.get('loss', float('nan')):.4f}; run: {args.out}")
+
+
 def _eval_retrieval(args: argparse.Namespace) -> None:
-    from personae.demo import evaluate_run
+    from personae.commands import evaluate_run
 
     evaluate_run(Path(args.run), Path(args.data), split=args.split, out=args.json, batch_size=args.batch_size,
                  progress=not args.quiet)
+
+
+def _eval_roleplay(args: argparse.Namespace) -> None:
+    from personae.commands import evaluate_roleplay_run
+
+    evaluate_roleplay_run(Path(args.run), Path(args.data), split=args.split, out=args.json, limit=args.limit,
+                          batch_size=args.batch_size, progress=not args.quiet)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from personae.commands import chat
+
+    chat(Path(args.run), args.character, image=args.image, temperature=args.temperature, top_p=args.top_p,
+         max_tokens=args.max_tokens, seed=args.seed, user=args.user)
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -68,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--skip-bad", action="store_true", help="skip and count malformed manifest rows")
     pre.set_defaults(handler=_pretrain, takes_overrides=True)
 
+    fine = sub.add_parser("finetune", help="role-play fine-tuning of a pretrained run", epilog=OVERRIDE_HELP)
+    fine.add_argument("run", metavar="RUN", help="pretrained (or fine-tuned) run to start from")
+    fine.add_argument("--data", required=True, help="folder holding dialogues.jsonl and characters/")
+    fine.add_argument("--out", required=True, help="run folder to write")
+    fine.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    fine.set_defaults(handler=_finetune, takes_overrides=True)
+
+    talk = sub.add_parser("chat", help="chat with a character in the terminal")
+    talk.add_argument("run", metavar="RUN")
+    talk.add_argument("--character", required=True, help="a character the run knows (id or name) or a card file")
+    talk.add_argument("--image", type=Path, default=None, help="image to talk about (default: the card's avatar)")
+    talk.add_argument("--temperature", type=float, default=0.0)
+    talk.add_argument("--top-p", type=float, default=1.0)
+    talk.add_argument("--max-tokens", type=int, default=64)
+    talk.add_argument("--seed", type=int, default=None)
+    talk.add_argument("--user", default="User", help="your name in the conversation")
+    talk.set_defaults(handler=_chat, takes_overrides=False)
+
     evaluate = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     retrieval = evaluate.add_parser("retrieval", help="R@1/5/10 both ways, ITM and MLM accuracy")
     retrieval.add_argument("run", metavar="RUN")
@@ -76,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/retrieval.json)")
     retrieval.add_argument("--batch-size", type=int, default=128)
     retrieval.set_defaults(handler=_eval_retrieval, takes_overrides=False)
+    roleplay = evaluate.add_parser("roleplay", help="exact role-play metrics, seen vs held-out characters")
+    roleplay.add_argument("run", metavar="RUN")
+    roleplay.add_argument("--data", required=True, help="a scene world folder")
+    roleplay.add_argument("--split", default="test", choices=["train", "val", "test"])
+    roleplay.add_argument("--limit", type=int, default=None, help="conversations per character split")
+    roleplay.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/roleplay.json)")
+    roleplay.add_argument("--batch-size", type=int, default=32)
+    roleplay.set_defaults(handler=_eval_roleplay, takes_overrides=False)
 
     demo = sub.add_parser("demo", help="build the world, pretrain tiny, evaluate", epilog=OVERRIDE_HELP)
     demo.add_argument("--out", default="runs/demo")

@@ -57,6 +57,7 @@ class DecoderCfg:
 
     enabled: bool = False
     conditioning: str = "prefix"  # image regions projected and placed before the prompt (LLaVA-style)
+    image_pool: int = 1  # average-pool the patch grid by this factor before the prefix (fewer positions)
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -111,12 +112,23 @@ class PretrainCfg:
 
 
 @dataclass
+class FinetuneCfg:
+    """Role-play fine-tuning: its own optimisation settings and what the prompts hold."""
+
+    train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=800, batch_size=32, lr=1e-3, warmup_steps=50))
+    include_examples: bool = True  # the card's example messages go into every prompt
+    freeze_vision: bool = False
+    max_new_tokens: int = 64  # room kept free in the decoder for a reply when prompts are cut
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved next to its checkpoints as config.json."""
 
     model: ModelCfg = field(default_factory=ModelCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     preset: str = "custom"
 
 

@@ -7,23 +7,9 @@ import shutil
 import time
 from pathlib import Path
 
+from personae.commands import evaluate_run
 from personae.config import apply_overrides, load_preset
-from personae.data.manifest import read_pairs
-from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
-from personae.train.checkpoint import load_model
-from personae.train.distributed import pick_device
 from personae.train.stages import run_pretrain
-
-
-def evaluate_run(run: Path, data: Path, *, split: str = "test", out: Path | None = None, batch_size: int = 128,
-                 progress: bool = True) -> dict[str, float]:
-    """`personae eval retrieval`: load RUN, score the split, print the table, save JSON."""
-    model, _, tokenizer = load_model(run, pick_device())
-    manifest = read_pairs(Path(data) / "pairs.jsonl").filter(split)
-    result = evaluate_retrieval(model, tokenizer, manifest, batch_size=batch_size, progress=progress)
-    path = save_result(result, out or Path(run) / "eval" / "retrieval.json")
-    print(f"retrieval on the {split} split of {data}:\n{format_table(result)}\nsaved: {path}")
-    return result
 
 
 def _stage(name: str, done: bool, timings: dict[str, float]) -> bool:

@@ -49,6 +49,19 @@ def test_right_padded_prompts_decode_like_unpadded_ones(model):
     torch.testing.assert_close(second[0], alone[0, 4], rtol=1e-5, atol=1e-5)
 
 
+def test_pooled_image_prefix_matches_cache_too():
+    cfg = load_preset("tiny").model
+    cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.image_pool = 50, True, 2
+    model = PersonaeModel(cfg).eval()
+    assert model.image_prefix_length() == 1 + 4 * 4
+    pixels, ids = torch.randn(1, 3, 64, 64), torch.randint(0, 50, (1, 6))
+    cache = model.decoder.new_cache(1, device=torch.device("cpu"))
+    first = model.prefill(pixels, ids, torch.tensor([6]), cache)
+    torch.testing.assert_close(first, model.lm_logits(pixels, ids)[:, -1], rtol=1e-5, atol=1e-5)
+    regions = model.encode_image(pixels)
+    torch.testing.assert_close(model.image_prefix(pixels)[0, 1], regions[0, [1, 2, 9, 10]].mean(0))
+
+
 def test_decoder_seeded_from_text_tower(model):
     model.init_decoder_from_text()
     assert torch.equal(model.decoder.tok_embed.weight, model.text.tok_embed.weight)

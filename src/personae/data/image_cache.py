@@ -22,7 +22,8 @@ class ImageCache:
     """
 
     def __init__(self, paths: Sequence[Path], size: int, *, sources: Sequence[tuple[Path, int]] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int | None = None) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, num_threads: int | None = None,
+                 progress: bool = True) -> None:
         slot_of: dict[Path, int] = {}
         first_row: list[int] = []
         for row, path in enumerate(paths):
@@ -40,7 +41,7 @@ class ImageCache:
         workers = num_threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow releases the GIL while decoding
             progress = tqdm(pool.map(decode, first_row), total=len(first_row), desc="decoding images",
-                            unit="img", disable=len(first_row) <= _PROGRESS_THRESHOLD)
+                            unit="img", disable=not progress or len(first_row) <= _PROGRESS_THRESHOLD)
             for slot, image in enumerate(progress):
                 self.pixels[slot] = torch.from_numpy(image).permute(2, 0, 1)
 

@@ -45,7 +45,7 @@ class RolePlayDataset(Dataset):
         self.images = None
         if records[0].image is not None:
             self.images = ImageCache([r.image for r in self.records], image_size,
-                                     sources=[(r.image, r.line) for r in self.records])
+                                     progress=progress)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -132,22 +132,49 @@ class PersonaeModel(nn.Module):
                     target.load_state_dict(source.state_dict())
 
     def image_prefix_length(self) -> int:
-        """How many decoder positions the image takes (its regions, cls included)."""
-        return 1 + self.vision.num_patches
+        """How many decoder positions the image takes (cls + the pooled patch grid)."""
+        grid = self.cfg.vision.image_size // self.cfg.vision.patch_size // self.cfg.decoder.image_pool
+        return 1 + grid * grid
+
+    def text_budget(self, reserve: int = 0, with_image: bool = True) -> int:
+        """Decoder positions left for prompt text after the image prefix and `reserve` reply tokens."""
+        return self.cfg.decoder.max_len - (self.image_prefix_length() if with_image else 0) - reserve
+
+    def image_prefix(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        """Regions the decoder sees: the cls region and the patch grid average-pooled by image_pool."""
+        if pixel_values is None:
+            return None
+        regions = self.encode_image(pixel_values)  # (B, 1+N, Dv)
+        pool = self.cfg.decoder.image_pool
+        if pool == 1:
+            return regions
+        B, _, D = regions.shape
+        side = self.cfg.vision.image_size // self.cfg.vision.patch_size
+        if side % pool:
+            raise ValueError(f"model.decoder.image_pool={pool} does not divide the {side}x{side} patch grid")
+        grid = regions[:, 1:].transpose(1, 2).reshape(B, D, side, side)  # (B, D, g, g)
+        pooled = F.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)  # (B, (g/p)^2, D)
+        return torch.cat([regions[:, :1], pooled], dim=1)
+
+    def lm_hidden(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, D) states of the tokens."""
+        decoder = self._require_decoder()
+        hidden = decoder(decoder.embed(input_ids, self.image_prefix(pixel_values)))  # (B, R+T, D); right padding needs no mask
+        return hidden[:, hidden.shape[1] - input_ids.shape[1]:]
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) decoder states -> (..., V) next-token logits."""
+        return self._require_decoder().logits(hidden)
 
     def lm_logits(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, V) logits of the tokens only."""
-        decoder = self._require_decoder()
-        regions = self.encode_image(pixel_values) if pixel_values is not None else None
-        hidden = decoder(decoder.embed(input_ids, regions))  # (B, R+T, D); right padding needs no mask
-        return decoder.logits(hidden[:, hidden.shape[1] - input_ids.shape[1]:])  # (B, T, V)
+        """(B, T, V) next-token logits after each token (image prefix first when given)."""
+        return self.lm_head(self.lm_hidden(pixel_values, input_ids))
 
     def prefill(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, lengths: torch.Tensor,
                 cache: KVCache) -> torch.Tensor:
         """Run right-padded prompts through the decoder into `cache`; (B, V) logits after each real prompt."""
         decoder = self._require_decoder()
-        regions = self.encode_image(pixel_values) if pixel_values is not None else None
-        hidden = decoder(decoder.embed(input_ids, regions), cache=cache)  # (B, R+T, D)
+        hidden = decoder(decoder.embed(input_ids, self.image_prefix(pixel_values)), cache=cache)  # (B, R+T, D)
         prefix = hidden.shape[1] - input_ids.shape[1]
         last = prefix + lengths - 1  # (B,) position of each prompt's last real token
         return decoder.logits(hidden[torch.arange(len(lengths)), last])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from personae.config import Config, PretrainCfg
+from personae.data.dialogues import load_character_cards, read_dialogues
 from personae.data.manifest import read_pairs
 from personae.data.pairs import PairDataset, collate_pairs
 from personae.data.tokenizer import Tokenizer, train_tokenizer
@@ -57,15 +58,30 @@ class PretrainTask(nn.Module):
         return {"loss": loss, **metrics}
 
 
-def prepare_tokenizer(captions: list[str], cfg: Config, tokenizer_dir: Path | None) -> Tokenizer:
-    """Use an existing tokenizer folder/file, or train a byte-level BPE on the training captions."""
+def training_texts(data_dir: Path, captions: list[str]) -> list[str]:
+    """The text a tokenizer may learn from: train captions and, when the folder has role-play data,
+    the train conversations and the cards of the train characters (never held-out ones)."""
+    texts = list(captions)
+    dialogues_path = Path(data_dir) / "dialogues.jsonl"
+    if dialogues_path.exists():
+        records = read_dialogues(dialogues_path, split="train", character_split="train", check_images=False)
+        texts += [text for r in records for t in r.turns for text in (t.user, t.reply)]
+        cards = load_character_cards(Path(data_dir) / "characters")
+        for name in sorted({r.character for r in records} & set(cards)):
+            texts += [value for value in cards[name].prompt_fields().values() if value]
+    return texts
+
+
+def prepare_tokenizer(texts: list[str], cfg: Config, tokenizer_dir: Path | None) -> Tokenizer:
+    """Use an existing tokenizer folder/file, or train a byte-level BPE on the training text."""
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
         return Tokenizer.from_file(path) if path.is_file() else Tokenizer.from_pretrained_dir(path)
-    return train_tokenizer(captions, vocab_size=cfg.pretrain.tokenizer_vocab)
+    return train_tokenizer(texts, vocab_size=cfg.pretrain.tokenizer_vocab)
 
 
-def _wrap(task: nn.Module, dist: DistInfo) -> nn.Module:
+def wrap_ddp(task: nn.Module, dist: DistInfo) -> nn.Module:
+    """DistributedDataParallel around the task when there are several processes, else the task."""
     if not dist.distributed:
         return task
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -81,13 +97,13 @@ def run_pretrain(data_dir: Path, out_dir: Path, cfg: Config, *, resume: bool = F
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:  # the resumed run keeps the vocabulary it started with
         tokenizer_dir = checkpoint / "tokenizer.json"
-    tokenizer = prepare_tokenizer([r.caption for r in manifest], cfg, tokenizer_dir)
+    tokenizer = prepare_tokenizer(training_texts(data_dir, [r.caption for r in manifest]), cfg, tokenizer_dir)
     cfg.model.text.vocab_size = tokenizer.vocab_size
     torch.manual_seed(cfg.train.seed)
     model = PersonaeModel(cfg.model).to(dist.device)
     dataset = PairDataset(manifest, tokenizer, image_size=cfg.model.vision.image_size,
                           max_text_len=cfg.model.text.max_len)
-    task = _wrap(PretrainTask(model, tokenizer, cfg.pretrain, dist), dist)
+    task = wrap_ddp(PretrainTask(model, tokenizer, cfg.pretrain, dist), dist)
     if cfg.train.compile:
         task = torch.compile(task)
     trainer = Trainer(task, model, dataset, partial(collate_pairs, pad_id=tokenizer.pad_id), cfg,

@@ -84,14 +84,15 @@ class StepBatchSampler:
 class Trainer:
     """Runs `task(batch, generator=...) -> {"loss": ..., metrics...}` for cfg.train.steps optimizer steps.
 
-    `task` may be a DDP wrapper; `model` is the bare model whose weights are checkpointed.
+    `task` may be a DDP wrapper; `model` is the bare model whose weights are checkpointed;
+    `train_cfg` (default config.train) holds the stage's optimisation settings.
     """
 
     def __init__(self, task: nn.Module, model: nn.Module, dataset: Sequence[Any], collate: Callable,
                  config: Config, tokenizer: Tokenizer, run_dir: Path, dist: DistInfo,
-                 stage: str = "pretrain", progress: bool = True) -> None:
+                 stage: str = "pretrain", progress: bool = True, train_cfg: TrainCfg | None = None) -> None:
         self.task, self.model, self.dataset, self.collate = task, model, dataset, collate
-        self.config, self.cfg, self.tokenizer = config, config.train, tokenizer
+        self.config, self.cfg, self.tokenizer = config, train_cfg or config.train, tokenizer
         self.run_dir, self.dist, self.stage = Path(run_dir), dist, stage
         self.progress = progress and dist.is_primary
         self.optimizer = build_optimizer(model, self.cfg)

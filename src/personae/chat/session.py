@@ -1,0 +1,138 @@
+"""A chat with one character about one image: history, streaming replies, and the terminal loop."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+
+from personae.data.cards import CharacterCard, default_avatar, load_card
+from personae.data.images import load_image, normalize_pixels
+from personae.data.prompt import PromptBuilder, Turn
+from personae.data.tokenizer import Tokenizer
+from personae.errors import PersonaeError
+from personae.models.model import PersonaeModel
+from personae.models.sampling import SamplingParams, stream_batch
+
+HELP = """commands:
+  /image PATH   look at another image          /card    show the character card
+  /reset        start the conversation over    /quit    leave (also Ctrl-D)
+  /help         this list"""
+
+
+class CharacterNotFound(PersonaeError, LookupError):
+    """No card of that name or path; the message lists the characters the run knows."""
+
+
+def find_character(run: Path, name_or_card: str) -> CharacterCard:
+    """A card file path, or a character the run knows by id (file stem) or by name (any case)."""
+    path = Path(name_or_card)
+    if path.suffix.lower() in (".json", ".png") and path.exists():
+        return load_card(path)
+    folder = Path(run) / "characters"
+    known = {p.stem: p for p in sorted(folder.glob("*.json")) + sorted(folder.glob("*.png"))} if folder.is_dir() else {}
+    if name_or_card in known:
+        return load_card(known[name_or_card])
+    wanted = name_or_card.strip().lower()
+    for card_path in known.values():
+        card = load_card(card_path)
+        if card.name.lower() == wanted:
+            return card
+    shown = ", ".join(sorted(known)[:12]) + (" ..." if len(known) > 12 else "") if known else "none"
+    raise CharacterNotFound(f"no character '{name_or_card}' in {folder} and no such card file; known: {shown}")
+
+
+class ChatSession:
+    """Keeps the card, the image and the history; `respond` streams the reply and records it."""
+
+    def __init__(self, model: PersonaeModel, tokenizer: Tokenizer, card: CharacterCard, *,
+                 params: SamplingParams | None = None, user: str = "User", include_examples: bool = False) -> None:
+        self.model, self.tokenizer, self.card = model.eval(), tokenizer, card
+        self.params = params or SamplingParams(max_new_tokens=64, temperature=0.0)
+        self.user, self.include_examples = user, include_examples
+        self.builder = PromptBuilder(tokenizer)
+        self.history: list[Turn] = []
+        self.set_image_array(card.avatar if card.avatar is not None else np.asarray(default_avatar(card.name)))
+
+    def set_image(self, path: str | Path) -> None:
+        """Look at an image file from now on (the history is kept)."""
+        self.set_image_array(load_image(path, size=self.model.cfg.vision.image_size))
+
+    def set_image_array(self, rgb: np.ndarray) -> None:
+        """Look at an (H, W, 3) uint8 image from now on."""
+        from PIL import Image
+
+        size = self.model.cfg.vision.image_size
+        image = np.array(Image.fromarray(np.asarray(rgb, dtype=np.uint8)).convert("RGB").resize((size, size)))
+        device = next(self.model.parameters()).device
+        self.pixels = normalize_pixels(torch.from_numpy(image).permute(2, 0, 1)[None]).to(device)  # (1, 3, S, S)
+
+    def reset(self) -> None:
+        """Forget the conversation (card and image stay)."""
+        self.history = []
+
+    @torch.no_grad()
+    def respond(self, message: str) -> Iterator[str]:
+        """Stream the character's reply to `message` in pieces; the full reply joins the history."""
+        turns = self.history + [Turn(message)]
+        budget = self.model.text_budget(self.params.max_new_tokens, with_image=True)
+        prompt = self.builder.build(self.card, turns, max_tokens=budget, user=self.user,
+                                    include_examples=self.include_examples)
+        reply = ""
+        for pieces in stream_batch(self.model, self.tokenizer, [prompt.ids], self.pixels, self.params):
+            reply += pieces[0]
+            if pieces[0]:
+                yield pieces[0]
+        self.history.append(Turn(message, reply.strip()))
+
+
+def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """The interactive loop of `personae chat`: read a line, run a command or stream a reply."""
+    name = session.card.name
+    greeting = session.card.greetings(session.user)
+    out.write(f"Chatting with {name}. /help lists the commands.\n")
+    if greeting:
+        out.write(f"{name}: {greeting[0]}\n")
+    while True:
+        try:
+            line = read(f"{session.user}> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(session, line, out):
+                return
+            continue
+        out.write(f"{name}: ")
+        for piece in session.respond(line):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+
+
+def _command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Run a /command; True means quit."""
+    command, _, argument = line.partition(" ")
+    if command in ("/quit", "/exit"):
+        return True
+    if command == "/image":
+        try:
+            session.set_image(argument.strip())
+            out.write(f"(now looking at {argument.strip()})\n")
+        except PersonaeError as error:
+            out.write(f"(cannot use that image: {error})\n")
+    elif command == "/card":
+        fields = session.card.prompt_fields(session.user)
+        out.write(f"{session.card.name}\n" + "\n".join(f"  {k}: {v}" for k, v in fields.items() if v) + "\n")
+    elif command == "/reset":
+        session.reset()
+        out.write("(conversation reset)\n")
+    else:
+        out.write(HELP + "\n")
+    return False

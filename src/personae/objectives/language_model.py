@@ -1,0 +1,32 @@
+"""Causal language modelling on the reply tokens only (role-play fine-tuning)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from personae.objectives.masked_lm import IGNORE_INDEX
+
+
+class LanguageModelling(nn.Module):
+    """Next-token cross-entropy where labels are set; the head runs on those positions alone.
+
+    hidden[:, t] predicts labels[:, t + 1]: the state after token t scores the next token.
+    """
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor,
+                head: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """hidden (B, T, D), labels (B, T) with IGNORE_INDEX where no loss, head (M, D) -> (M, V)."""
+        targets = labels[:, 1:]  # (B, T-1)
+        selected = targets != IGNORE_INDEX
+        if not selected.any():
+            zero = hidden.sum() * 0.0
+            return {"loss_lm": zero, "lm_acc": zero.detach()}
+        logits = head(hidden[:, :-1][selected])  # (M, V)
+        wanted = targets[selected]
+        loss = F.cross_entropy(logits, wanted)
+        return {"loss_lm": loss, "lm_acc": (logits.argmax(-1) == wanted).float().mean().detach(),
+                "lm_tokens": selected.sum().float().detach()}

@@ -1,0 +1,83 @@
+"""Role-play fine-tuning stage: the decoder learns to answer in character about the image."""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from personae.config import Config, FinetuneCfg, apply_overrides
+from personae.data.dialogues import load_character_cards, read_dialogues, require_cards
+from personae.data.roleplay import RolePlayDataset, collate_roleplay
+from personae.errors import PersonaeError
+from personae.models.model import PersonaeModel
+from personae.objectives import LanguageModelling
+from personae.train.checkpoint import CheckpointError, load_model
+from personae.train.distributed import init_distributed
+from personae.train.stages import wrap_ddp
+from personae.train.trainer import Trainer, TrainerState
+
+
+class RolePlayTask(nn.Module):
+    """Reply-only causal LM loss of the decoder over [image prefix; prompt; replies]."""
+
+    def __init__(self, model: PersonaeModel, cfg: FinetuneCfg) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.lm = LanguageModelling()
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        hidden = self.model.lm_hidden(batch.get("pixel_values"), batch["input_ids"])  # (B, T, D)
+        metrics = self.lm(hidden, batch["labels"], self.model.lm_head)
+        return {"loss": metrics["loss_lm"], **metrics}
+
+
+def model_with_decoder(run: Path, overrides: list[str] | None = None) -> tuple[PersonaeModel, Config, object]:
+    """Load a run and give it a decoder: a pretrained run's decoder is seeded from its text tower."""
+    pretrained, cfg, tokenizer = load_model(run)
+    cfg = apply_overrides(cfg, overrides or [])
+    if pretrained.decoder is not None:
+        return pretrained, cfg, tokenizer
+    cfg.model.decoder.enabled = True
+    torch.manual_seed(cfg.finetune.train.seed)
+    model = PersonaeModel(cfg.model)
+    missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("decoder.") for key in missing):
+        raise CheckpointError(f"{run}: pretrained weights do not fit the role-play model ({missing[:3]}, {unexpected[:3]})")
+    model.init_decoder_from_text()
+    return model, cfg, tokenizer
+
+
+def run_finetune(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
+                 resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
+    """Fine-tune RUN on the train conversations of the train characters in DATA_DIR; write OUT_DIR."""
+    dist = init_distributed()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if Path(run).resolve() == out_dir.resolve():
+        raise PersonaeError("the fine-tuned run needs its own --out folder (it would overwrite its start)")
+    model, cfg, tokenizer = model_with_decoder(run, overrides)
+    model = model.to(dist.device)
+    if cfg.finetune.freeze_vision:
+        model.vision.requires_grad_(False)
+    records = read_dialogues(data_dir / "dialogues.jsonl", split="train", character_split="train")
+    cards = load_character_cards(data_dir / "characters")
+    require_cards(records, cards, data_dir / "dialogues.jsonl")
+    dataset = RolePlayDataset(records, cards, tokenizer, image_size=cfg.model.vision.image_size,
+                              max_tokens=model.text_budget(0, records[0].image is not None),
+                              include_examples=cfg.finetune.include_examples, progress=progress)
+    _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
+    task = wrap_ddp(RolePlayTask(model, cfg.finetune), dist)
+    trainer = Trainer(task, model, dataset, partial(collate_roleplay, pad_id=tokenizer.pad_id), cfg, tokenizer,
+                      out_dir, dist, stage="finetune", progress=progress, train_cfg=cfg.finetune.train)
+    return trainer.fit(resume=resume, stop_at=stop_at)
+
+
+def _copy_cards(source: Path, target: Path, names: set[str]) -> None:
+    """The run keeps the cards of the characters it was trained on, so chat finds them by name."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.stem in names and path.suffix in (".json", ".png"):
+            shutil.copy2(path, target / path.name)

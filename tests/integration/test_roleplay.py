@@ -1,0 +1,61 @@
+"""Role-play end to end on a small world: fine-tuning lowers the loss, evaluation and chat run on the result."""
+
+import io
+import json
+
+import pytest
+
+from personae.chat.session import CharacterNotFound, ChatSession, find_character, run_terminal_chat
+from personae.cli import main
+from personae.train.checkpoint import load_model
+from personae.train.finetune import run_finetune
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained_run, small_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetuned")
+    state = run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=25"], progress=False)
+    return out, state
+
+
+def test_finetuning_lowers_the_reply_loss(finetuned):
+    out, state = finetuned
+    losses = [row["loss"] for row in state.history]
+    assert len(losses) == 25 and sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+    model, cfg, _ = load_model(out)
+    assert model.decoder is not None and cfg.model.decoder.enabled
+    assert (out / "characters" / "captain-saltbeard.json").exists() or any((out / "characters").glob("*.json"))
+
+
+def test_eval_roleplay_scores_seen_and_heldout(finetuned, small_world, capsys):
+    out, _ = finetuned
+    assert main(["-q", "eval", "roleplay", str(out), "--data", str(small_world), "--limit", "3"]) == 0
+    result = json.loads((out / "eval" / "roleplay.json").read_text())
+    assert set(result["metrics"]) == {"train", "heldout"}
+    for split in ("train", "heldout"):
+        overall = result["metrics"][split]["overall"]
+        assert 0.0 <= overall["persona_consistency"] <= 1.0 and overall["n"] >= 3
+        assert result["fluency_perplexity"][split] > 1.0
+    assert result["samples"][0]["reply"] is not None
+    assert "held-out characters" in capsys.readouterr().out
+
+
+def test_terminal_chat_streams_and_handles_commands(finetuned, small_world):
+    out, _ = finetuned
+    model, _, tokenizer = load_model(out)
+    card = find_character(out, next((out / "characters").glob("*.json")).stem)
+    session = ChatSession(model, tokenizer, card)
+    image = next((small_world / "images").glob("*.png"))
+    lines = iter(["How many dogs do you see?", f"/image {image}", "/card", "Who are you?", "/reset", "/quit"])
+    buffer = io.StringIO()
+    run_terminal_chat(session, read=lambda prompt: next(lines), out=buffer)
+    text = buffer.getvalue()
+    assert f"Chatting with {card.name}" in text and f"(now looking at {image})" in text
+    assert "(conversation reset)" in text and session.history == []
+    assert text.count(f"{card.name}: ") >= 2
+
+
+def test_unknown_character_lists_the_known_ones(finetuned):
+    out, _ = finetuned
+    with pytest.raises(CharacterNotFound, match="known: "):
+        find_character(out, "Nobody Atall")
