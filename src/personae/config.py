@@ -46,6 +46,7 @@ class FusionCfg:
     """How image regions and words are fused: 'cross' (bidirectional) or 'single' (X = [V; W])."""
 
     kind: str = "cross"
+    region_pool: int = 1  # average-pool the patch grid by this factor before fusion (cheaper ITM/MLM)
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0

@@ -76,4 +76,4 @@ def test_model_without_decoder_says_so():
 
 def test_too_long_sequence_is_a_clear_error(model):
     with pytest.raises(ValueError, match="exceeds model.decoder.max_len=128"):
-        model.lm_logits(torch.randn(1, 3, 64, 64), torch.zeros(1, 100, dtype=torch.long))
+        model.lm_logits(torch.randn(1, 3, 64, 64), torch.zeros(1, 120, dtype=torch.long))

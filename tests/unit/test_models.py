@@ -64,3 +64,16 @@ def test_wrong_image_size_is_a_clear_error():
     cfg = load_preset("tiny").model
     with pytest.raises(ValueError, match="expects 64x64"):
         PersonaeModel(cfg).encode_image(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("fusion", ["cross", "single"])
+def test_pooled_regions_in_fusion(fusion):
+    cfg = load_preset("tiny").model
+    cfg.text.vocab_size, cfg.fusion.kind, cfg.fusion.region_pool = 100, fusion, 2
+    model = PersonaeModel(cfg).eval()
+    out = model(torch.randn(2, 3, 64, 64), torch.randint(0, 100, (2, 5)))
+    fused = model.fuse(out.regions, out.words)
+    assert fused.regions.shape[1] == 1 + 4 * 4  # cls + the 8x8 grid pooled to 4x4
+    cfg.fusion.region_pool = 3
+    with pytest.raises(ValueError, match="cannot pool a 8x8 patch grid by 3"):
+        PersonaeModel(cfg).fuse(out.regions, out.words)

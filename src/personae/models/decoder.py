@@ -41,8 +41,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        """x (B, T, D); mask (B, 1, T, S) bool (True = may attend) or None for plain causal."""
+                layer: int = 0, is_causal: bool = True) -> torch.Tensor:
+        """x (B, T, D); mask (B, 1, T, S) bool (True = may attend), or None with is_causal saying
+        whether plain causal attention (from position 0) or full attention (one new token) applies."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
         if cache is not None:
@@ -51,7 +52,7 @@ class CausalSelfAttention(nn.Module):
             cache.values[layer, :, :, start : start + T] = v
             k, v = cache.keys[layer, :, :, : start + T], cache.values[layer, :, :, : start + T]  # (B, H, S, d)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,  # None means plain causal from position 0
+            q, k, v, attn_mask=mask, is_causal=mask is None and is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
@@ -68,8 +69,9 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(dim, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
+                is_causal: bool = True) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, is_causal))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -122,28 +124,30 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=embeddings.device).expand(B, T)
         x = embeddings + self.pos_embed[0, positions]  # (B, T, D)
-        mask = self._mask(B, T, start, attention_mask, embeddings.device)
+        mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer)
+            x = block(x, mask, cache, layer, is_causal)
         if cache is not None:
             cache.length = start + T
         return self.ln_f(x)
 
     @staticmethod
     def _mask(B: int, T: int, start: int, attention_mask: torch.Tensor | None,
-              device: torch.device) -> torch.Tensor | None:
-        """Causal + padding mask (B, 1, T, start+T), or None when plain causal attention suffices."""
+              device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(causal + padding mask (B, 1, T, start+T), is_causal); no tensor when SDPA's flags suffice."""
         if attention_mask is None and start == 0:
-            return None
+            return None, True  # plain causal from position 0
+        if attention_mask is None and T == 1:
+            return None, False  # one new token sees every cached position
         S = start + T
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, S)
         if attention_mask is None:
-            return causal[None, None]
+            return causal[None, None], False
         keys = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
         # a padded query row would attend to nothing; let it see itself so SDPA gives no NaN
         eye = torch.zeros(T, S, dtype=torch.bool, device=device)
         eye[torch.arange(T), start + torch.arange(T)] = True
-        return (causal[None, None] & keys) | eye[None, None]
+        return (causal[None, None] & keys) | eye[None, None], False
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V) with the head tied to the token embeddings."""

@@ -14,7 +14,7 @@ from personae.models.decoder import Decoder, KVCache
 from personae.models.fusion import FusionOutput, build_fusion
 from personae.models.layers import init_weights
 from personae.models.text import TextEncoder
-from personae.models.vision import VisionEncoder
+from personae.models.vision import VisionEncoder, pool_regions
 
 
 @dataclass
@@ -53,7 +53,8 @@ class PersonaeModel(nn.Module):
         self.text = TextEncoder(cfg.text, cfg.dropout)
         width = cfg.text.width  # fusion runs at the text width
         self.region_adapter = nn.Identity() if cfg.vision.width == width else nn.Linear(cfg.vision.width, width)
-        self.fusion = build_fusion(cfg.fusion, width, 1 + self.vision.num_patches, cfg.text.max_len, cfg.dropout)
+        grid = cfg.vision.image_size // cfg.vision.patch_size // cfg.fusion.region_pool
+        self.fusion = build_fusion(cfg.fusion, width, 1 + grid * grid, cfg.text.max_len, cfg.dropout)
         self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         self.itm_head = nn.Linear(width, 2)
@@ -89,7 +90,8 @@ class PersonaeModel(nn.Module):
     def fuse(
         self, regions: torch.Tensor, words: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> FusionOutput:
-        """Fuse image regions with words of the same batch size."""
+        """Fuse image regions (pooled by fusion.region_pool) with words of the same batch size."""
+        regions = pool_regions(regions, self.cfg.fusion.region_pool)
         return self.fusion(self.region_adapter(regions), words, attention_mask)
 
     def itm_logits(self, fused: FusionOutput) -> torch.Tensor:
@@ -144,17 +146,7 @@ class PersonaeModel(nn.Module):
         """Regions the decoder sees: the cls region and the patch grid average-pooled by image_pool."""
         if pixel_values is None:
             return None
-        regions = self.encode_image(pixel_values)  # (B, 1+N, Dv)
-        pool = self.cfg.decoder.image_pool
-        if pool == 1:
-            return regions
-        B, _, D = regions.shape
-        side = self.cfg.vision.image_size // self.cfg.vision.patch_size
-        if side % pool:
-            raise ValueError(f"model.decoder.image_pool={pool} does not divide the {side}x{side} patch grid")
-        grid = regions[:, 1:].transpose(1, 2).reshape(B, D, side, side)  # (B, D, g, g)
-        pooled = F.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)  # (B, (g/p)^2, D)
-        return torch.cat([regions[:, :1], pooled], dim=1)
+        return pool_regions(self.encode_image(pixel_values), self.cfg.decoder.image_pool)
 
     def lm_hidden(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, D) states of the tokens."""
@@ -179,9 +171,10 @@ class PersonaeModel(nn.Module):
         last = prefix + lengths - 1  # (B,) position of each prompt's last real token
         return decoder.logits(hidden[torch.arange(len(lengths)), last])
 
-    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor,
+    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None,
                     cache: KVCache) -> torch.Tensor:
-        """One new token per row: (B,) ids at (B,) positions; attention_mask (B, S) marks real cache slots."""
+        """One new token per row: (B,) ids at (B,) positions; attention_mask (B, S) marks real cache slots
+        (None: every slot is real)."""
         decoder = self._require_decoder()
         hidden = decoder(decoder.tok_embed(token_ids[:, None]), positions[:, None], attention_mask, cache)
         return decoder.logits(hidden[:, 0])  # (B, V)

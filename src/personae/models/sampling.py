@@ -84,22 +84,34 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: list
 class _Row:
     """Book-keeping of one sequence while it decodes."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, seed: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, seed: int, eager_text: bool = True) -> None:
         self.tokenizer, self.params = tokenizer, params
         self.generator = torch.Generator().manual_seed(seed)
         self.ids: list[int] = []
-        self.text, self.emitted, self.finish = "", 0, ""
+        self.emitted, self.finish = 0, ""
+        self._text: str | None = ""
+        # text is decoded every step only when stop strings or streaming need it
+        self.eager = eager_text or any(self.params.stop)
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.tokenizer.decode(self.ids)
+        return self._text
 
     def push(self, token: int) -> None:
         if token == self.tokenizer.eos_id:
             self.finish = "stop"
             return
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((self.text.find(s) for s in self.params.stop if s and s in self.text), default=-1)
-        if cut >= 0:
-            self.text, self.finish = self.text[:cut], "stop"
-        elif len(self.ids) >= self.params.max_new_tokens:
+        self._text = None
+        if self.eager:
+            text = self.text
+            cut = min((text.find(s) for s in self.params.stop if s and s in text), default=-1)
+            if cut >= 0:
+                self._text, self.finish = text[:cut], "stop"
+                return
+        if len(self.ids) >= self.params.max_new_tokens:
             self.finish = "length"
 
     def new_text(self) -> str:
@@ -124,11 +136,12 @@ def stream_batch(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[S
 
     The final yield carries any held-back text; `Generation`s are available via `generate`.
     """
-    yield from _decode(model, tokenizer, prompts, pixel_values, params, rows_out=None)
+    yield from _decode(model, tokenizer, prompts, pixel_values, params, rows_out=None, stream=True)
 
 
 def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
-            pixel_values: torch.Tensor | None, params: SamplingParams, rows_out: list | None) -> Iterator[list[str]]:
+            pixel_values: torch.Tensor | None, params: SamplingParams, rows_out: list | None,
+            stream: bool) -> Iterator[list[str]]:
     device = next(model.parameters()).device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -143,7 +156,7 @@ def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequen
         raise ValueError(f"prompt of {ids.shape[1]} tokens leaves no room in model.decoder.max_len")
     steps = min(params.max_new_tokens, room)
     base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    rows = [_Row(tokenizer, params, base_seed + i) for i in range(B)]
+    rows = [_Row(tokenizer, params, base_seed + i, eager_text=stream) for i in range(B)]
     if rows_out is not None:
         rows_out.extend(rows)
     cache = model.decoder.new_cache(B, prefix + ids.shape[1] + steps, device=device,
@@ -151,6 +164,7 @@ def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequen
     logits = model.prefill(pixel_values, ids, lengths, cache)  # (B, V)
     real = torch.ones(B, prefix + ids.shape[1] + steps, dtype=torch.bool, device=device)
     real[:, prefix : prefix + ids.shape[1]] = torch.arange(ids.shape[1], device=device) < lengths[:, None]
+    padded_rows = int((lengths != ids.shape[1]).sum())
     seen = torch.zeros_like(logits, dtype=torch.bool)
     active = torch.arange(B, device=device)
     for step in range(steps):
@@ -161,7 +175,9 @@ def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequen
         if step == steps - 1:
             for i in active.tolist():
                 rows[i].finish = rows[i].finish or "length"
-        yield [row.new_text() if i in set(active.tolist()) else "" for i, row in enumerate(rows)]
+        if stream:
+            live = set(active.tolist())
+            yield [row.new_text() if i in live else "" for i, row in enumerate(rows)]
         keep = torch.tensor([not rows[i].finish for i in active.tolist()], device=device)
         if not keep.any():
             return
@@ -169,13 +185,14 @@ def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequen
         if not keep.all():
             active, tokens, seen, cache = active[keep], tokens[keep], seen[keep], cache.select(keep)
         positions = prefix + lengths[active] + step
-        logits = model.decode_step(tokens, positions, real[active, : cache.length + 1], cache)
+        mask = None if padded_rows == 0 else real[active, : cache.length + 1]  # no padding: no mask needed
+        logits = model.decode_step(tokens, positions, mask, cache)
 
 
 def generate(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
              pixel_values: torch.Tensor | None, params: SamplingParams) -> list[Generation]:
     """Decode a batch of prompts (token ids) with optional images (B, 3, S, S) to finished replies."""
     rows: list[_Row] = []
-    for _ in _decode(model, tokenizer, prompts, pixel_values, params, rows_out=rows):
+    for _ in _decode(model, tokenizer, prompts, pixel_values, params, rows_out=rows, stream=False):
         pass
     return [Generation(text=row.text, token_ids=row.ids, finish_reason=row.finish or "length") for row in rows]

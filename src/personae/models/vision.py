@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from personae.config import VisionCfg
@@ -40,3 +41,16 @@ class VisionEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
+
+
+def pool_regions(regions: torch.Tensor, pool: int) -> torch.Tensor:
+    """(B, 1+g*g, D) cls + patch grid -> (B, 1+(g/pool)^2, D): the grid average-pooled, cls kept."""
+    if pool == 1:
+        return regions
+    B, n, D = regions.shape
+    side = int(round((n - 1) ** 0.5))
+    if side * side != n - 1 or side % pool:
+        raise ValueError(f"cannot pool a {side}x{side} patch grid by {pool}")
+    grid = regions[:, 1:].transpose(1, 2).reshape(B, D, side, side)  # (B, D, g, g)
+    pooled = F.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)  # (B, (g/p)^2, D)
+    return torch.cat([regions[:, :1], pooled], dim=1)

@@ -1,0 +1,377 @@
+"""The FastAPI app: OpenAI-compatible chat completions, models, character management, and the web page.
+
+``create_app(run_dir, settings)`` loads a fine-tuned run, starts the batching scheduler and returns
+the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/api.md has examples):
+
+    GET  /                                  the chat page (static/)
+    GET  /health                            liveness, no key needed
+    POST /v1/chat/completions               OpenAI chat completions, streamed (SSE) or not
+    GET  /v1/models[/{id}]                  the characters as models
+    GET  /v1/characters[/{id}]              list / show characters
+    POST /v1/characters                     upload a card (raw JSON or PNG body)
+    DELETE /v1/characters/{id}              remove an uploaded character
+    GET  /v1/characters/{id}/avatar         the card's image as PNG
+    POST /v1/characters/{id}/adapt          start an adaptation job (501 in this build)
+    GET  /v1/characters/{id}/adapt[/{job}]  poll it
+    GET  /stats                             scheduler counters and the limits
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from personae import __version__
+from personae.data.cards import CardError
+from personae.data.tokenizer import Tokenizer
+from personae.models.model import PersonaeModel
+from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask
+from personae.serve.characters import (CharacterEntry, CharacterExists, CharacterNotFound, CharacterReadOnly,
+                                       CharacterRegistry)
+from personae.serve.completions import CompletionService, completion_body, completion_id, stream_chunks
+from personae.serve.errors import ApiError, error_body, install_error_handlers
+from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
+from personae.serve.schemas import AdaptRequest, ChatCompletionRequest
+from personae.serve.settings import ServeSettings
+
+STATIC = Path(__file__).parent / "static"
+_PROTECTED = ("/v1/", "/stats")
+
+
+@dataclass
+class RunBundle:
+    """A loaded run: the model, its tokenizer, and whether its prompts include card examples."""
+
+    model: PersonaeModel
+    tokenizer: Tokenizer
+    include_examples: bool
+
+
+def load_run(run_dir: Path, device: str | None = None) -> RunBundle:
+    """Load a fine-tuned run for serving (it must have a decoder)."""
+    # checkpoint reading lives in train/ for now; serve needs only this read-only function of it
+    from personae.train.checkpoint import load_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, config, tokenizer = load_model(Path(run_dir), device)
+    model._require_decoder()  # a pretrained-only run cannot chat: say so at start, not per request
+    return RunBundle(model.eval(), tokenizer, config.finetune.include_examples)
+
+
+class ServerContext:
+    """Everything the routes share: settings, model, registry, scheduler, completions, adaptation jobs."""
+
+    def __init__(self, run_dir: Path, settings: ServeSettings, bundle: RunBundle) -> None:
+        self.run_dir, self.settings, self.bundle = Path(run_dir), settings, bundle
+        self.registry = CharacterRegistry(self.run_dir, image_size=bundle.model.cfg.vision.image_size)
+        include = bundle.include_examples if settings.include_examples is None else settings.include_examples
+        self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include)
+        self.scheduler = Scheduler(bundle.model, bundle.tokenizer, max_batch=settings.max_batch,
+                                   max_queue=settings.max_queue, batching=settings.batching,
+                                   retry_after=settings.retry_after_s)
+        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=lambda task: self.registry.refresh())
+        self.started = time.time()
+
+    def submit(self, job: Any) -> RequestHandle:
+        """Queue a job for this event loop; a full queue is a 503 with Retry-After."""
+        try:
+            return self.scheduler.submit(job, asyncio.get_running_loop())
+        except QueueFull as error:
+            raise ApiError(503, str(error), code="queue_full",
+                           headers={"Retry-After": str(error.retry_after)}) from None
+        except SchedulerStopped as error:
+            raise ApiError(503, str(error), code="shutting_down") from None
+
+
+class LimitsMiddleware:
+    """API key (Bearer) on /v1/* and /stats, then the body size limit, before any route runs.
+
+    The body is read here (at most max_body_bytes) and replayed to the app; later receives go
+    to the server, so the app still hears when the client disconnects.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"].startswith(_PROTECTED) and scope["method"] != "OPTIONS":
+            problem = self._auth_problem(headers.get("authorization"))
+            if problem:
+                await ApiError(401, problem, code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        body = await self._read_body(headers.get("content-length"), receive)
+        if body is None:
+            too_big = ApiError(413, f"the request body is over the limit of {self.max_body_bytes} bytes "
+                                    "(max_body_bytes)", code="body_too_large")
+            await too_big.response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _auth_problem(self, header: str | None) -> str | None:
+        if not header:
+            return "this server needs an API key: send 'Authorization: Bearer <key>'"
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            return "the API key is wrong (expected 'Authorization: Bearer <key>')"
+        return None
+
+    async def _read_body(self, declared: str | None, receive: Receive) -> bytes | None:
+        """The whole body, or None when it is (or says it is) over the limit."""
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
+               bundle: RunBundle | None = None) -> FastAPI:
+    """The app for a fine-tuned run; `bundle` reuses an already loaded model (tests, benchmarks)."""
+    settings = settings or ServeSettings()
+    context = ServerContext(Path(run_dir), settings, bundle or load_run(Path(run_dir), settings.device))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        context.scheduler.start()
+        yield
+        context.scheduler.stop()
+        context.adapt_jobs.stop()
+
+    app = FastAPI(title="personae", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible role-play server; see docs/api.md")
+    app.state.context = context
+    context.scheduler.start()  # also without the lifespan (e.g. a TestClient used outside `with`)
+    install_error_handlers(app)
+    _chat_routes(app, context)
+    _character_routes(app, context)
+    _adapt_routes(app, context)
+    _misc_routes(app, context)
+    app.add_middleware(LimitsMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    return app
+
+
+async def _collect(handle: RequestHandle, request: Request) -> list:
+    """Wait for every choice; if the client disconnects meanwhile, cancel the request."""
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        handle.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while True:
+            event = await handle.next_event()
+            if isinstance(event, Done):
+                return event.generations
+            if isinstance(event, Failed):
+                if isinstance(event.error, asyncio.CancelledError):
+                    raise ApiError(499, "the request was cancelled (client disconnected)", code="cancelled")
+                raise ApiError(500, f"generation failed: {event.error}", code="generation_failed")
+    finally:
+        watcher.cancel()
+        handle.cancel()
+
+
+def _chat_routes(app: FastAPI, context: ServerContext) -> None:
+    @app.post("/v1/chat/completions", tags=["openai"])
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        prepared = await run_in_threadpool(context.completions.prepare, body)
+        handle = context.submit(prepared.job)
+        headers = {"X-Personae-Dropped-Turns": str(prepared.dropped_turns)}
+        if prepared.stream:
+            headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(stream_chunks(handle, prepared), media_type="text/event-stream",
+                                     headers=headers)
+        generations = await _collect(handle, request)
+        return JSONResponse(completion_body(prepared, generations, completion_id(), int(time.time())),
+                            headers=headers)
+
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_info(e) for e in context.registry.list()]}
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return _model_info(_entry(context, model_id, "model"))
+
+
+def _model_info(entry: CharacterEntry) -> dict[str, Any]:
+    return {"id": entry.model, "object": "model", "created": entry.created, "owned_by": "personae",
+            "name": entry.card.name, "source": entry.source, "adapted": entry.adapted}
+
+
+def _character_info(entry: CharacterEntry) -> dict[str, Any]:
+    greetings = entry.card.greetings()
+    return {"id": entry.id, "object": "character", "model": entry.model, "name": entry.card.name,
+            "source": entry.source, "adapted": entry.adapted, "description": entry.card.description,
+            "greeting": greetings[0] if greetings else "", "avatar_url": f"/v1/characters/{entry.id}/avatar",
+            "tags": list(entry.card.tags)}
+
+
+def _entry(context: ServerContext, name: str, param: str = "id") -> CharacterEntry:
+    try:
+        return context.registry.get(name)
+    except CharacterNotFound as error:
+        raise ApiError(404, str(error), param=param, code="character_not_found") from None
+
+
+def _character_routes(app: FastAPI, context: ServerContext) -> None:
+    @app.get("/v1/characters", tags=["characters"])
+    async def list_characters() -> dict[str, Any]:
+        return {"object": "list", "data": [_character_info(e) for e in context.registry.list()]}
+
+    @app.get("/v1/characters/{character_id}", tags=["characters"])
+    async def get_character(character_id: str) -> dict[str, Any]:
+        return _character_info(_entry(context, character_id))
+
+    @app.post("/v1/characters", status_code=201, tags=["characters"])
+    async def upload_character(request: Request) -> JSONResponse:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind.startswith("multipart/"):
+            raise ApiError(415, "send the card file itself as the body (Content-Type: application/json or "
+                                "image/png), not a multipart form", code="unsupported_media_type")
+        raw = await request.body()
+        if not raw:
+            raise ApiError(400, "the body is empty: send a card as JSON or as a PNG with a chara/ccv3 chunk",
+                           code="missing_body")
+        try:
+            entry = await run_in_threadpool(context.registry.add, raw)
+        except CardError as error:
+            raise ApiError(400, f"not a valid character card: {error}", code="invalid_card") from None
+        except CharacterExists as error:
+            raise ApiError(409, str(error), code="character_exists") from None
+        return JSONResponse(_character_info(entry), status_code=201)
+
+    @app.delete("/v1/characters/{character_id}", tags=["characters"])
+    async def delete_character(character_id: str) -> dict[str, Any]:
+        try:
+            entry = context.registry.remove(character_id)
+        except CharacterNotFound as error:
+            raise ApiError(404, str(error), param="id", code="character_not_found") from None
+        except CharacterReadOnly as error:
+            raise ApiError(403, str(error), param="id", code="character_read_only") from None
+        return {"id": entry.id, "object": "character", "deleted": True}
+
+    @app.get("/v1/characters/{character_id}/avatar", tags=["characters"])
+    async def avatar(character_id: str) -> Response:
+        entry = _entry(context, character_id)
+        png = await run_in_threadpool(context.registry.avatar_png, entry)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
+
+def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
+    @app.post("/v1/characters/{character_id}/adapt", status_code=202, tags=["characters"])
+    async def adapt(character_id: str, body: AdaptRequest | None = None) -> JSONResponse:
+        entry = _entry(context, character_id)
+        body = body or AdaptRequest()
+        examples = [e.model_dump() for e in body.examples]
+        if not examples:  # the card's example dialogues, one (user, reply) pair per exchange
+            examples = [{"user": u, "reply": r, "image": None}
+                        for dialogue in entry.card.example_dialogues() for u, r in _pairs(dialogue)]
+        if not examples:
+            raise ApiError(400, f"'{entry.id}' has no example dialogues; send 'examples' to adapt from",
+                           param="examples", code="missing_examples")
+        task = AdaptTask(context.run_dir, entry.id, entry.card, examples, entry.adapter,
+                         {"steps": body.steps} if body.steps else {})
+        try:
+            job = context.adapt_jobs.submit(task)
+        except AdaptationUnavailable as error:
+            raise ApiError(501, str(error), code="adaptation_unavailable") from None
+        return JSONResponse(job.info() | {"status_url": f"/v1/characters/{entry.id}/adapt/{job.id}"},
+                            status_code=202)
+
+    @app.get("/v1/characters/{character_id}/adapt", tags=["characters"])
+    async def latest_job(character_id: str) -> dict[str, Any]:
+        entry = _entry(context, character_id)
+        job = context.adapt_jobs.latest(entry.id)
+        if job is None:
+            raise ApiError(404, f"'{entry.id}' has no adaptation job", code="job_not_found")
+        return job.info()
+
+    @app.get("/v1/characters/{character_id}/adapt/{job_id}", tags=["characters"])
+    async def get_job(character_id: str, job_id: str) -> dict[str, Any]:
+        job = context.adapt_jobs.get(job_id)
+        if job is None or job.character != _entry(context, character_id).id:
+            raise ApiError(404, f"no adaptation job '{job_id}' for '{character_id}'", param="job_id",
+                           code="job_not_found")
+        return job.info()
+
+
+def _pairs(dialogue: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(user, reply) pairs of an example dialogue; a reply without a user line gets an empty one."""
+    pairs, user = [], ""
+    for who, text in dialogue:
+        if who == "user":
+            user = text
+        else:
+            pairs.append((user, text))
+            user = ""
+    return pairs
+
+
+def _misc_routes(app: FastAPI, context: ServerContext) -> None:
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health", tags=["server"])
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "characters": len(context.registry.list())}
+
+    @app.get("/stats", tags=["server"])
+    async def stats() -> dict[str, Any]:
+        s = context.scheduler.stats
+        return {"scheduler": {"requests": s.requests, "rejected": s.rejected, "cancelled": s.cancelled,
+                              "failed": s.failed, "steps": s.steps, "tokens": s.tokens,
+                              "mean_batch": s.row_steps / s.steps if s.steps else 0.0,
+                              "max_batch_seen": s.max_batch_seen, "joins_mid_batch": s.joins_mid_batch,
+                              "running": len(context.scheduler.rows), "queued": context.scheduler.queued,
+                              "compactions": context.scheduler.batch.compactions},
+                "limits": context.settings.public(), "uptime_s": time.time() - context.started}
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,0 +1,202 @@
+"""The characters a server knows: trained (RUN/characters), uploaded (RUN/uploads), and their adapters.
+
+* Trained cards come with the fine-tuned run and are read-only here.
+* Uploaded cards (JSON or PNG, validated by :func:`personae.data.cards.load_card`) are written to
+  ``RUN/uploads/<id>.json|png`` so that they survive a restart; DELETE removes the file.
+* A character is *adapted* when ``RUN/adapters/<id>.safetensors`` exists (written by the
+  meta-learning stage or by an adaptation job). :func:`load_adapter` is the hook that will turn
+  that file into weights for generation; in this build it returns None (the base model answers).
+
+A character's id is its card file's stem (trained) or a slug of its name (uploaded).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from personae.data.cards import CharacterCard, default_avatar, load_card, save_card_json, save_card_png
+from personae.data.images import normalize_pixels
+from personae.errors import PersonaeError
+
+Source = Literal["trained", "uploaded"]
+MODEL_PREFIX = "personae/"
+_CARD_SUFFIXES = (".json", ".png")
+
+
+class CharacterNotFound(PersonaeError, LookupError):
+    """No character with that id, model name or card name; the message lists some known ids."""
+
+
+class CharacterExists(PersonaeError):
+    """An upload whose id is already taken."""
+
+
+class CharacterReadOnly(PersonaeError):
+    """A trained character cannot be deleted through the API (it belongs to the run)."""
+
+
+@dataclass
+class CharacterEntry:
+    """A known character: id, card, where its card file lives and where it came from."""
+
+    id: str
+    card: CharacterCard
+    path: Path
+    source: Source
+    adapter: Path
+
+    @property
+    def model(self) -> str:
+        """The name clients put in `model`."""
+        return MODEL_PREFIX + self.id
+
+    @property
+    def adapted(self) -> bool:
+        return self.adapter.is_file()
+
+    @property
+    def created(self) -> int:
+        return int(self.path.stat().st_mtime) if self.path.exists() else 0
+
+
+def slugify(name: str) -> str:
+    """A file- and URL-safe id from a character name ("Chef Baptiste!" -> "chef-baptiste")."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:48].strip("-")
+    return slug or "character"
+
+
+def load_adapter(run_dir: Path, character_id: str) -> Any | None:
+    """Adapter weights of a character for generation: the hook for the meta-learning adapters.
+
+    Returns None in this build (no adapter is applied; the base model plays every character).
+    When adapters land, return what the model needs (e.g. a LoRA state dict) and apply it in the
+    scheduler per row.
+    """
+    return None
+
+
+class CharacterRegistry:
+    """Lists, finds, adds and removes characters of one run; thread-safe; caches avatars as pixels."""
+
+    def __init__(self, run_dir: Path, *, image_size: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.trained_dir = self.run_dir / "characters"
+        self.upload_dir = self.run_dir / "uploads"
+        self.adapter_dir = self.run_dir / "adapters"
+        self.image_size = image_size
+        self._lock = threading.RLock()
+        self._entries: dict[str, CharacterEntry] = {}
+        self._pixels: dict[str, torch.Tensor] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read both card folders (an unreadable trained card is an error; so is an uploaded one)."""
+        entries: dict[str, CharacterEntry] = {}
+        for folder, source in ((self.trained_dir, "trained"), (self.upload_dir, "uploaded")):
+            if not folder.is_dir():
+                continue
+            for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in _CARD_SUFFIXES):
+                if path.stem in entries:
+                    continue  # a trained id wins over an upload of the same id
+                entries[path.stem] = CharacterEntry(path.stem, load_card(path), path, source,  # type: ignore[arg-type]
+                                                    self.adapter_dir / f"{path.stem}.safetensors")
+        with self._lock:
+            self._entries = entries
+            self._pixels = {k: v for k, v in self._pixels.items() if k in entries}
+
+    def list(self) -> list[CharacterEntry]:
+        """Every character, trained first, then uploaded, each by id."""
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: (e.source != "trained", e.id))
+
+    def find(self, name: str) -> CharacterEntry | None:
+        """By id, `personae/<id>`, or card name (any case); None when unknown."""
+        wanted = name.strip()
+        if wanted.startswith(MODEL_PREFIX):
+            wanted = wanted[len(MODEL_PREFIX):]
+        with self._lock:
+            if wanted in self._entries:
+                return self._entries[wanted]
+            lowered = wanted.lower()
+            return next((e for e in self.list() if e.card.name.lower() == lowered or e.id == lowered), None)
+
+    def get(self, name: str) -> CharacterEntry:
+        """Like find, but an unknown name raises CharacterNotFound listing known ids."""
+        entry = self.find(name)
+        if entry is None:
+            known = [e.id for e in self.list()]
+            shown = ", ".join(known[:12]) + (" ..." if len(known) > 12 else "") if known else "none"
+            raise CharacterNotFound(f"no character '{name}'; known: {shown}")
+        return entry
+
+    def add(self, raw: bytes) -> CharacterEntry:
+        """Validate and store an uploaded card (JSON or PNG bytes); raises CardError or CharacterExists."""
+        card = load_card(raw, name="uploaded card")
+        entry_id = slugify(card.name)
+        with self._lock:
+            if entry_id in self._entries:
+                where = self._entries[entry_id].source
+                raise CharacterExists(f"a {where} character with id '{entry_id}' already exists; "
+                                      f"delete it first or rename the card")
+            self.upload_dir.mkdir(parents=True, exist_ok=True)
+            if card.avatar is not None:
+                path = self.upload_dir / f"{entry_id}.png"
+                save_card_png(card, path)
+            else:
+                path = self.upload_dir / f"{entry_id}.json"
+                save_card_json(card, path)
+            entry = CharacterEntry(entry_id, card, path, "uploaded", self.adapter_dir / f"{entry_id}.safetensors")
+            self._entries[entry_id] = entry
+            return entry
+
+    def remove(self, name: str) -> CharacterEntry:
+        """Delete an uploaded character's card file; trained ones raise CharacterReadOnly."""
+        with self._lock:
+            entry = self.get(name)
+            if entry.source != "uploaded":
+                raise CharacterReadOnly(f"'{entry.id}' is a trained character of the run and cannot be deleted; "
+                                        f"only uploaded characters can")
+            entry.path.unlink(missing_ok=True)
+            del self._entries[entry.id]
+            self._pixels.pop(entry.id, None)
+            return entry
+
+    def avatar(self, entry: CharacterEntry, size: int = 256) -> Image.Image:
+        """The card's own image, else a generated one."""
+        if entry.card.avatar is not None:
+            return Image.fromarray(np.asarray(entry.card.avatar, dtype=np.uint8)).convert("RGB")
+        return default_avatar(entry.card.name, size)
+
+    def avatar_png(self, entry: CharacterEntry) -> bytes:
+        """The avatar as PNG bytes, at most 256 px on a side."""
+        image = self.avatar(entry)
+        image.thumbnail((256, 256))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def pixels(self, entry: CharacterEntry) -> torch.Tensor:
+        """The avatar as the model's (3, S, S) input: what the character looks at without an image."""
+        with self._lock:
+            if entry.id not in self._pixels:
+                self._pixels[entry.id] = image_pixels(self.avatar(entry), self.image_size)
+            return self._pixels[entry.id]
+
+
+def image_pixels(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
+    """An RGB image to the model's normalised (3, size, size) input (a plain resize, as the chat does)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    array = np.array(image.convert("RGB").resize((size, size)))
+    return normalize_pixels(torch.from_numpy(array).permute(2, 0, 1))  # (3, S, S)

@@ -1,0 +1,203 @@
+"""Request and response shapes of the HTTP API (OpenAI's chat completions, plus personae's characters).
+
+Requests ignore fields they do not know (OpenAI clients and front-ends such as SillyTavern send
+many), but fields they do know are validated strictly. Streamed chunks are built as plain dicts
+in :mod:`personae.serve.completions` (pydantic per token would cost more than the model).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**62  # a seed and seed + n - 1 must fit torch.Generator.manual_seed
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Lenient):
+    """An image as a data: URL (remote http(s) URLs and file paths are refused)."""
+
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(_Lenient):
+    """An image part of a message's content."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    """One message: system/developer, user or assistant; content is a string or a list of parts."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=64)
+
+
+class StreamOptions(_Lenient):
+    """OpenAI's stream options: include_usage adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    """POST /v1/chat/completions; `character`, `top_k`, `repetition_penalty`, `ignore_eos`, `user_name` are ours."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # accepted for compatibility, not used
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # accepted for compatibility, not used
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, not used
+    # personae extensions
+    character: str | None = Field(None, description="a character id or name; wins over `model`")
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    ignore_eos: bool = False
+    user_name: str | None = Field(None, max_length=64, description="who {{user}} is in the card")
+
+
+class Usage(BaseModel):
+    """Token counts; prompt_tokens includes the positions the image takes."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    """The reply of one choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    """One of the n replies."""
+
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    """The non-streamed answer of /v1/chat/completions."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelInfo(BaseModel):
+    """One entry of /v1/models: a character the run can play."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "personae"
+    name: str
+    source: Literal["trained", "uploaded"]
+    adapted: bool
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+class CharacterInfo(BaseModel):
+    """One character: id, name, where it comes from, whether it has an adapter, and its card fields."""
+
+    id: str
+    model: str
+    name: str
+    source: Literal["trained", "uploaded"]
+    adapted: bool
+    description: str
+    greeting: str
+    avatar_url: str
+    tags: list[str]
+
+
+class CharacterList(BaseModel):
+    """GET /v1/characters."""
+
+    object: Literal["list"] = "list"
+    data: list[CharacterInfo]
+
+
+class AdaptExample(_Lenient):
+    """One example exchange for adaptation: the user's line, the character's reply, an optional image."""
+
+    user: str = Field(max_length=4000)
+    reply: str = Field(min_length=1, max_length=4000)
+    image: str | None = Field(None, description="a data: URL")
+
+
+class AdaptRequest(_Lenient):
+    """POST /v1/characters/{id}/adapt: examples (default: the card's example dialogues) and options."""
+
+    examples: list[AdaptExample] = Field(default_factory=list, max_length=256)
+    steps: int | None = Field(None, ge=1, le=10000)
+
+
+class AdaptJobInfo(BaseModel):
+    """An adaptation job as polled: status queued|running|succeeded|failed and progress in [0, 1]."""
+
+    id: str
+    object: Literal["adaptation.job"] = "adaptation.job"
+    character: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float
+    message: str
+    error: str | None = None
+    created: int
+    finished: int | None = None
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error body."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """{"error": {...}} as OpenAI returns it."""
+
+    error: ErrorDetail

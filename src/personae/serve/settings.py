@@ -1,0 +1,75 @@
+"""Server settings: the API key, every request limit, and the batching knobs, with their defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from personae.errors import PersonaeError
+
+MiB = 1024 * 1024
+
+
+class SettingsError(PersonaeError, ValueError):
+    """A server setting that does not exist or has a bad value; the message names it."""
+
+
+@dataclass
+class ServeSettings:
+    """What `personae serve` accepts and how it batches; see docs/api.md for each limit's error."""
+
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 8 * MiB  # whole request body (413 above it)
+    max_image_bytes: int = 4 * MiB  # one decoded image (400 image_too_large)
+    max_image_pixels: int = 2048 * 2048  # width x height, checked before decoding (400 image_too_large)
+    max_images: int = 4  # image parts in one request (the model looks at the latest)
+    max_messages: int = 64  # messages in one request
+    max_prompt_tokens: int | None = None  # None: what the model's context leaves after max_tokens
+    max_tokens_limit: int = 256  # largest max_tokens a request may ask for
+    default_max_tokens: int = 64  # max_tokens when a request gives none
+    max_n: int = 4  # choices per request
+    max_stop: int = 4  # stop strings per request
+    max_batch: int = 32  # rows decoded together in one forward pass
+    max_queue: int = 64  # requests waiting for a place in the batch (503 + Retry-After above it)
+    batching: bool = True  # False: one request at a time (the benchmark's baseline)
+    retry_after_s: int = 1  # the Retry-After header of a 503
+    device: str | None = None  # None: cuda when available, else cpu
+    include_examples: bool | None = None  # card example dialogues in prompts; None: as the run was trained
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+    adapt_fn: Callable[..., Any] | None = None  # the adaptation hook; None: adaptation unavailable (501)
+
+    def __post_init__(self) -> None:
+        positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_messages", "max_tokens_limit",
+                    "default_max_tokens", "max_n", "max_batch"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SettingsError(f"serve setting {name} must be a positive integer, got {value!r}")
+        for name in ("max_images", "max_stop", "max_queue", "retry_after_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"serve setting {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise SettingsError(f"serve setting max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise SettingsError(f"default_max_tokens={self.default_max_tokens} exceeds "
+                                f"max_tokens_limit={self.max_tokens_limit}")
+        if self.max_n > self.max_batch:
+            raise SettingsError(f"max_n={self.max_n} exceeds max_batch={self.max_batch}: a request must fit a batch")
+        if self.api_key is not None and not self.api_key.strip():
+            raise SettingsError("api_key is empty; give a key or None for an open server")
+
+    @classmethod
+    def from_kwargs(cls, **values: Any) -> ServeSettings:
+        """Settings from keyword arguments; an unknown name is an error that lists the valid ones."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise SettingsError(f"unknown serve setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The limits as a client may see them (no key, no hook)."""
+        hidden = {"api_key", "adapt_fn", "cors_origins", "device"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
