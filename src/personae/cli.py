@@ -64,8 +64,8 @@ def _chat(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
     from personae.demo import run_demo
 
-    run_demo(Path(args.out), scenes=args.scenes, steps=args.steps, fresh=args.fresh, overrides=overrides,
-             progress=not args.quiet)
+    run_demo(Path(args.out), scenes=args.scenes, steps=args.steps, finetune_steps=args.finetune_steps,
+             fresh=args.fresh, overrides=overrides, progress=not args.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     roleplay.add_argument("--batch-size", type=int, default=32)
     roleplay.set_defaults(handler=_eval_roleplay, takes_overrides=False)
 
-    demo = sub.add_parser("demo", help="build the world, pretrain tiny, evaluate", epilog=OVERRIDE_HELP)
+    demo = sub.add_parser("demo", help="build the world, pretrain and fine-tune tiny, evaluate", epilog=OVERRIDE_HELP)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--scenes", type=int, default=10000)
     demo.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the tiny preset's)")
+    demo.add_argument("--finetune-steps", type=int, default=None, help="role-play steps (default: the preset's)")
     demo.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
     demo.set_defaults(handler=_demo, takes_overrides=True)
     return parser
