@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from personae.serve.server import serve
     from personae.serve.settings import ServeSettings
 
-__all__ = ["create_app", "serve", "ServeSettings"]
+__all__ = ["ServeSettings", "create_app", "serve"]
 
 
 def __getattr__(name: str) -> Any:

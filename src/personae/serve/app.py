@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -40,10 +41,15 @@ from personae.data.cards import CardError
 from personae.data.tokenizer import Tokenizer
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask
-from personae.serve.characters import (CharacterEntry, CharacterExists, CharacterNotFound, CharacterReadOnly,
-                                       CharacterRegistry)
+from personae.serve.characters import (
+    CharacterEntry,
+    CharacterExists,
+    CharacterNotFound,
+    CharacterReadOnly,
+    CharacterRegistry,
+)
 from personae.serve.completions import CompletionService, completion_body, completion_id, stream_chunks
-from personae.serve.errors import ApiError, error_body, install_error_handlers
+from personae.serve.errors import ApiError, install_error_handlers
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import AdaptRequest, ChatCompletionRequest
 from personae.serve.settings import ServeSettings
@@ -82,7 +88,8 @@ class ServerContext:
         self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include)
         self.scheduler = Scheduler(bundle.model, bundle.tokenizer, max_batch=settings.max_batch,
                                    max_queue=settings.max_queue, batching=settings.batching,
-                                   retry_after=settings.retry_after_s)
+                                   retry_after=settings.retry_after_s,
+                                   prefix_cache_bytes=settings.prefix_cache_mib * 1024 * 1024)
         self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=lambda task: self.registry.refresh())
         self.started = time.time()
 
@@ -280,7 +287,8 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
             raise ApiError(400, "the body is empty: send a card as JSON or as a PNG with a chara/ccv3 chunk",
                            code="missing_body")
         try:
-            entry = await run_in_threadpool(context.registry.add, raw)
+            entry = await run_in_threadpool(
+                functools.partial(context.registry.add, raw, max_pixels=context.settings.max_image_pixels))
         except CardError as error:
             raise ApiError(400, f"not a valid character card: {error}", code="invalid_card") from None
         except CharacterExists as error:
@@ -371,7 +379,9 @@ def _misc_routes(app: FastAPI, context: ServerContext) -> None:
                               "mean_batch": s.row_steps / s.steps if s.steps else 0.0,
                               "max_batch_seen": s.max_batch_seen, "joins_mid_batch": s.joins_mid_batch,
                               "running": len(context.scheduler.rows), "queued": context.scheduler.queued,
-                              "compactions": context.scheduler.batch.compactions},
+                              "compactions": context.scheduler.batch.compactions,
+                              "prefix_cache_hits": context.scheduler.batch.prefixes.hits,
+                              "prefix_cache_misses": context.scheduler.batch.prefixes.misses},
                 "limits": context.settings.public(), "uptime_s": time.time() - context.started}
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -6,8 +6,9 @@ at the shared ``length`` and whatever lies before them is masked out (``real`` i
 Positions are per row, so a row's position embeddings do not depend on where its slots sit.
 
 * **join**: newcomers are prefilled as their own right-padded mini-batch (exactly as
-  :func:`personae.models.sampling.generate` prefills), then both caches are copied into a new one
-  shifted so that they end at the same slot.
+  :func:`personae.models.sampling.generate` prefills; rows whose prompt starts with a cached head
+  prefill only the rest, see :mod:`personae.serve.prefix_cache`), then both caches are copied into
+  a new one shifted so that they end at the same slot.
 * **leave**: finished or cancelled rows are dropped with ``KVCache.select``.
 * **compact**: when the shared slot reaches ``decoder.max_len`` each row's real slots are gathered
   to the right, squeezing out the masked gaps (a row never needs more than ``max_len`` slots).
@@ -25,6 +26,7 @@ import torch
 
 from personae.models.decoder import KVCache
 from personae.models.model import PersonaeModel
+from personae.serve.prefix_cache import PrefixCache, image_digest, prefill_on_prefix
 
 
 @dataclass
@@ -33,13 +35,15 @@ class RowInput:
 
     prompt_ids: Sequence[int]
     pixel_values: torch.Tensor | None  # (3, S, S) normalised, or None for a text-only prompt
+    head_len: int = 0  # leading prompt tokens that are the same for many requests (prefix-cached)
 
 
 class DecodeBatch:
     """KV cache, padding mask, next positions and pending logits of the rows decoding together."""
 
-    def __init__(self, model: PersonaeModel, pad_id: int) -> None:
+    def __init__(self, model: PersonaeModel, pad_id: int, prefix_cache_bytes: int = 0) -> None:
         self.model, self.pad_id = model, pad_id
+        self.prefixes = PrefixCache(model, prefix_cache_bytes)
         self.decoder = model._require_decoder()
         self.max_len = self.decoder.cfg.max_len
         self.device = next(model.parameters()).device
@@ -67,17 +71,31 @@ class DecodeBatch:
     def join(self, rows: Sequence[RowInput], headroom: int) -> list[int]:
         """Prefill `rows` and append them to the batch; returns their indices in the order appended.
 
-        Rows with an image and rows without are prefilled separately (one forward each);
-        `headroom` is the most tokens any row may still generate: the cache is sized to hold it.
+        One forward per group: rows continuing the same cached head, else rows with an image,
+        else rows without. `headroom` is the most tokens any row may still generate: the cache
+        is sized to hold it.
         """
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(self._group_key(row), []).append(i)
         order: list[int] = []
-        for image in (True, False):
-            group = [i for i, r in enumerate(rows) if (r.pixel_values is not None) == image]
-            if group:
-                cache, real, positions, logits = self._prefill([rows[i] for i in group])
-                self._merge(cache, real, positions, logits, headroom)
-                order += group
+        for key, members in groups.items():
+            group = [rows[i] for i in members]
+            if key[0] == "head":
+                entry = self.prefixes.get(key[1], group[0].pixel_values)
+                suffixes = [r.prompt_ids[len(key[1][1]):] for r in group]
+                self._merge(*prefill_on_prefix(self.model, entry, suffixes, self.pad_id), headroom)
+            else:
+                self._merge(*self._prefill(group), headroom)
+            order += members
         return order
+
+    def _group_key(self, row: RowInput) -> tuple:
+        """('head', prefix key) for a row whose head is cached, else ('image' | 'text',)."""
+        head = min(row.head_len, len(row.prompt_ids) - 1)  # at least one token is prefilled after the head
+        if self.prefixes.enabled and head > 0:
+            return ("head", (image_digest(row.pixel_values), tuple(row.prompt_ids[:head])))
+        return ("image",) if row.pixel_values is not None else ("text",)
 
     def _prefill(self, rows: Sequence[RowInput]) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded prefill of rows that all have, or all lack, an image (as `generate` does)."""
@@ -107,13 +125,17 @@ class DecodeBatch:
         old_rows, rows = self.size, self.size + len(positions)
         layers, _, heads, _, head_dim = cache.keys.shape
         shape = (layers, rows, heads, capacity, head_dim)
-        merged = KVCache(torch.zeros(shape, device=self.device, dtype=self.dtype),
-                         torch.zeros(shape, device=self.device, dtype=self.dtype), new_len)
+        # slots at and after new_len are written before they are read; only the gaps left of each row's
+        # real slots are read (masked), and they must be zeros, not garbage
+        merged = KVCache(torch.empty(shape, device=self.device, dtype=self.dtype),
+                         torch.empty(shape, device=self.device, dtype=self.dtype), new_len)
         merged_real = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
         parts = [(self.cache, self.real, slice(0, old_rows), old_len)] if old_rows else []
         parts.append((cache, real, slice(old_rows, rows), cache.length))
         for source, source_real, where, length in parts:
             start = new_len - length  # right-align: every row's last real slot is new_len - 1
+            merged.keys[:, where, :, :start] = 0
+            merged.values[:, where, :, :start] = 0
             merged.keys[:, where, :, start:new_len] = source.keys[:, :, :, :length]
             merged.values[:, where, :, start:new_len] = source.values[:, :, :, :length]
             merged_real[where, start:new_len] = source_real[:, :length]
@@ -145,7 +167,9 @@ class DecodeBatch:
             self._make_room()
         slot = self.cache.length
         self.real[:, slot] = True
-        self.logits = self.model.decode_step(tokens, self.positions, self.real[:, : slot + 1], self.cache)
+        real = self.real[:, : slot + 1]
+        mask = None if bool(real.all()) else real  # no gaps (e.g. one row): SDPA needs no mask
+        self.logits = self.model.decode_step(tokens, self.positions, mask, self.cache)
         self.positions = self.positions + 1
 
     def _make_room(self) -> None:

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from personae.data.cards import CharacterCard, default_avatar, load_card, save_card_json, save_card_png
+from personae.data.cards import (
+    MAX_AVATAR_PIXELS,
+    CharacterCard,
+    default_avatar,
+    load_card,
+    save_card_json,
+    save_card_png,
+)
 from personae.data.images import normalize_pixels
 from personae.errors import PersonaeError
 
@@ -123,8 +130,7 @@ class CharacterRegistry:
     def find(self, name: str) -> CharacterEntry | None:
         """By id, `personae/<id>`, or card name (any case); None when unknown."""
         wanted = name.strip()
-        if wanted.startswith(MODEL_PREFIX):
-            wanted = wanted[len(MODEL_PREFIX):]
+        wanted = wanted.removeprefix(MODEL_PREFIX)
         with self._lock:
             if wanted in self._entries:
                 return self._entries[wanted]
@@ -140,9 +146,9 @@ class CharacterRegistry:
             raise CharacterNotFound(f"no character '{name}'; known: {shown}")
         return entry
 
-    def add(self, raw: bytes) -> CharacterEntry:
+    def add(self, raw: bytes, *, max_pixels: int = MAX_AVATAR_PIXELS) -> CharacterEntry:
         """Validate and store an uploaded card (JSON or PNG bytes); raises CardError or CharacterExists."""
-        card = load_card(raw, name="uploaded card")
+        card = load_card(raw, name="uploaded card", max_pixels=max_pixels)
         entry_id = slugify(card.name)
         with self._lock:
             if entry_id in self._entries:

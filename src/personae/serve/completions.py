@@ -20,6 +20,7 @@ import binascii
 import dataclasses
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.model import PersonaeModel
 from personae.models.sampling import Generation, SamplingParams
-from personae.serve.characters import CharacterRegistry, image_pixels
+from personae.serve.characters import CharacterRegistry, image_pixels, load_adapter
 from personae.serve.errors import ApiError, error_body
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
 from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
@@ -80,6 +81,7 @@ class CompletionService:
         self.builder = PromptBuilder(tokenizer)
         self.image_size = model.cfg.vision.image_size
         self._default_pixels: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
         """Validate a request and build its job (blocking: tokenizes and decodes the image)."""
@@ -101,7 +103,9 @@ class CompletionService:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
                                 top_p=request.top_p, repetition_penalty=request.repetition_penalty, stop=stop,
                                 seed=request.seed)
-        job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos)
+        head = prompt.segments["definition"] + prompt.segments["examples"]  # the same for every request to the card
+        job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,
+                            stream=request.stream)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
                                prompt.dropped_turns, request.stream, include_usage)
@@ -129,7 +133,7 @@ class CompletionService:
         asked = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
         if asked is None:
-            return self.settings.default_max_tokens
+            return int(self.settings.default_max_tokens or 64)
         if asked > self.settings.max_tokens_limit:
             raise ApiError(400, f"{param}={asked} is over the limit of {self.settings.max_tokens_limit}",
                            param=param, code="max_tokens_too_large")
@@ -144,6 +148,10 @@ class CompletionService:
         named, param = (request.character, "character") if request.character else (request.model, "model")
         entry = self.registry.find(named) if named else None
         if entry is not None:
+            if entry.adapted and load_adapter(self.registry.run_dir, entry.id) is not None:
+                # the integration point for meta-learned adapters: the scheduler cannot apply one yet
+                raise ApiError(501, f"'{entry.id}' has an adapter, and this build cannot apply adapters",
+                               param=param, code="adapters_unsupported")
             card = entry.card
             if conversation.system:
                 card = dataclasses.replace(card, system_prompt=conversation.system)
@@ -160,10 +168,11 @@ class CompletionService:
         return card, named or f"personae/{name}", self._ad_hoc_pixels(name)
 
     def _ad_hoc_pixels(self, name: str) -> torch.Tensor:
-        if name not in self._default_pixels:
-            self._default_pixels = dict(list(self._default_pixels.items())[-63:])  # a small bounded cache
-            self._default_pixels[name] = image_pixels(default_avatar(name), self.image_size)
-        return self._default_pixels[name]
+        with self._lock:  # prepare() runs on several worker threads
+            if name not in self._default_pixels:
+                self._default_pixels = dict(list(self._default_pixels.items())[-63:])  # a small bounded cache
+                self._default_pixels[name] = image_pixels(default_avatar(name), self.image_size)
+            return self._default_pixels[name]
 
     def _image(self, url: str, param: str) -> torch.Tensor:
         """A data: URL -> (3, S, S) pixels; remote URLs, paths, oversized and broken images are refused."""

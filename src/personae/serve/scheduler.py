@@ -21,10 +21,9 @@ import contextlib
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +57,8 @@ class GenerationJob:
     params: SamplingParams
     n: int = 1
     ignore_eos: bool = False
+    head_len: int = 0  # leading prompt tokens shared by many requests (system + card): prefix-cached
+    stream: bool = True  # send Piece and Finished events as they happen; False: only Done (fewer wake-ups)
 
 
 @dataclass
@@ -102,7 +103,6 @@ class RequestHandle:
         self._sync: queue.Queue[Event] = queue.Queue()
         self._cancelled = threading.Event()
         self.generations: list[Generation | None] = [None] * job.n
-        self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
         """Stop generating for this request (its rows leave the batch before the next step)."""
@@ -156,17 +156,23 @@ class _RowState:
         return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, self.handle.job.ignore_eos)
 
     def push(self, token: int) -> None:
-        """Record a sampled token: end token, stop string and length end the row."""
+        """Record a sampled token: end token, stop string and length end the row.
+
+        The text is decoded only when something reads it every step (a stream or stop strings);
+        otherwise once, when the row ends.
+        """
         if token == self.tokenizer.eos_id:
             self.finish = "stop"
+        else:
+            self.ids.append(token)
+            if len(self.ids) >= self.max_new:
+                self.finish = "length"
+        if not (self.finish or self.params.stop or self.handle.job.stream):
             return
-        self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids)
         cut = min((self.text.find(s) for s in self.params.stop if s and s in self.text), default=-1)
         if cut >= 0:
             self.text, self.finish = self.text[:cut], "stop"
-        elif len(self.ids) >= self.max_new:
-            self.finish = "length"
 
     def new_text(self) -> str:
         """Text not yet sent, holding back half a character or what may begin a stop string."""
@@ -199,20 +205,19 @@ class SchedulerStats:
     row_steps: int = 0  # sum over steps of the batch size: row_steps / steps = mean batch
     max_batch_seen: int = 0
     joins_mid_batch: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Scheduler:
     """Admits waiting requests between steps and decodes all running rows with one forward per step."""
 
     def __init__(self, model: PersonaeModel, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 64,
-                 batching: bool = True, retry_after: int = 1) -> None:
+                 batching: bool = True, retry_after: int = 1, prefix_cache_bytes: int = 0) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.batching, self.retry_after = max_batch, max_queue, batching, retry_after
-        self.batch = DecodeBatch(model, tokenizer.pad_id)
-        self.seen = torch.zeros(0, tokenizer.vocab_size, dtype=torch.bool)  # (B, V) tokens each row produced
+        self.batch = DecodeBatch(model, tokenizer.pad_id, prefix_cache_bytes)
+        self.seen = torch.zeros(0, model.cfg.text.vocab_size, dtype=torch.bool)  # (B, V) tokens each row produced
         self.rows: list[_RowState] = []
         self.stats = SchedulerStats()
         self._waiting: deque[RequestHandle] = deque()
@@ -285,15 +290,25 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
-                admitted = [] if self._held else self._take_admissible()
-            try:
-                if admitted:
-                    self._admit(admitted)
-                if self.rows:
-                    self._step()
-            except Exception as error:  # a failing step must not take the server down with it
-                log.exception("generation step failed; failing the %d running rows", len(self.rows))
-                self._fail_all(admitted, error)
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """Admit the waiting requests that fit, then decode one step; False when there was nothing to do.
+
+        The decoding thread calls this in a loop; tests call it directly on a scheduler that was
+        never started, to interleave arrivals and steps deterministically.
+        """
+        with self._cond:
+            admitted = [] if self._held else self._take_admissible()
+        try:
+            if admitted:
+                self._admit(admitted)
+            if self.rows:
+                self._step()
+        except Exception as error:  # a failing step must not take the server down with it
+            log.exception("generation step failed; failing the %d running rows", len(self.rows))
+            self._fail_all(admitted, error)
+        return bool(admitted or self.rows or self._waiting)
 
     def _take_admissible(self) -> list[RequestHandle]:
         """Pop the waiting requests that fit in the batch now (called with the lock held)."""
@@ -325,7 +340,7 @@ class Scheduler:
                 continue
             base_seed = job.params.seed if job.params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             for index in range(job.n):
-                inputs.append(RowInput(job.prompt_ids, job.pixel_values))
+                inputs.append(RowInput(job.prompt_ids, job.pixel_values, job.head_len))
                 states.append(_RowState(handle, index, self.tokenizer, min(job.params.max_new_tokens, room),
                                         base_seed + index))
         if not inputs:
@@ -351,7 +366,7 @@ class Scheduler:
                 self._send(row)
         self.stats.tokens += int((~gone).sum())
         self.seen[torch.arange(len(self.rows)), tokens] = True
-        keep = torch.tensor([not (r.finish or r.handle.cancelled) for r in self.rows])
+        keep = torch.tensor([not (r.finish or g) for r, g in zip(self.rows, gone.tolist())])  # `gone` once: no race
         self._count_cancelled(gone)
         self.rows = [r for r, k in zip(self.rows, keep.tolist()) if k]
         self.seen = self.seen[keep]
@@ -382,13 +397,15 @@ class Scheduler:
 
     def _send(self, row: _RowState) -> None:
         """Emit the row's new text; when it ends, its Finished event (and Done after the last choice)."""
-        piece = row.new_text()
+        stream = row.handle.job.stream
+        piece = row.new_text() if stream else ""
         if piece:
             row.handle.emit(Piece(row.index, piece))
         if row.finish:
             generation = row.generation()
             row.handle.generations[row.index] = generation
-            row.handle.emit(Finished(row.index, generation))
+            if stream:
+                row.handle.emit(Finished(row.index, generation))
             if all(g is not None for g in row.handle.generations):
                 row.handle.emit(Done([g for g in row.handle.generations if g is not None]))
 

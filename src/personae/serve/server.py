@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -22,6 +23,8 @@ def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 8000, api_ke
           **limits: Any) -> None:
     """Serve RUN until interrupted; `limits` are ServeSettings fields (unknown names are an error)."""
     settings = ServeSettings.from_kwargs(api_key=api_key, **limits)
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     app = create_app(Path(run_dir), settings)
     if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", host)
@@ -41,7 +44,7 @@ class ServerThread:
     """A real uvicorn server on 127.0.0.1 in a background thread: `with ServerThread(app) as url: ...`."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> None:
-        self.host, self.port = host, port or free_port(host)
+        self.app, self.host, self.port = app, host, port or free_port(host)
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="personae-uvicorn", daemon=True)

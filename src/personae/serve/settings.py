@@ -28,32 +28,38 @@ class ServeSettings:
     max_messages: int = 64  # messages in one request
     max_prompt_tokens: int | None = None  # None: what the model's context leaves after max_tokens
     max_tokens_limit: int = 256  # largest max_tokens a request may ask for
-    default_max_tokens: int = 64  # max_tokens when a request gives none
+    default_max_tokens: int | None = None  # max_tokens when a request gives none; None: min(64, max_tokens_limit)
     max_n: int = 4  # choices per request
     max_stop: int = 4  # stop strings per request
     max_batch: int = 32  # rows decoded together in one forward pass
     max_queue: int = 64  # requests waiting for a place in the batch (503 + Retry-After above it)
     batching: bool = True  # False: one request at a time (the benchmark's baseline)
+    prefix_cache_mib: int = 256  # keys/values of prompt heads (system + card + image) kept for reuse; 0: off
     retry_after_s: int = 1  # the Retry-After header of a 503
     device: str | None = None  # None: cuda when available, else cpu
+    torch_threads: int | None = None  # intra-op threads; None: torch's default (1 is often fastest for small models)
     include_examples: bool | None = None  # card example dialogues in prompts; None: as the run was trained
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
     adapt_fn: Callable[..., Any] | None = None  # the adaptation hook; None: adaptation unavailable (501)
 
     def __post_init__(self) -> None:
         positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_messages", "max_tokens_limit",
-                    "default_max_tokens", "max_n", "max_batch"]
+                    "max_n", "max_batch"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SettingsError(f"serve setting {name} must be a positive integer, got {value!r}")
-        for name in ("max_images", "max_stop", "max_queue", "retry_after_s"):
+        for name in ("max_images", "max_stop", "max_queue", "retry_after_s", "prefix_cache_mib"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"serve setting {name} must be >= 0, got {getattr(self, name)!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise SettingsError(f"serve setting torch_threads must be >= 1 or None, got {self.torch_threads}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise SettingsError(f"serve setting max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
-        if self.default_max_tokens > self.max_tokens_limit:
-            raise SettingsError(f"default_max_tokens={self.default_max_tokens} exceeds "
+        if self.default_max_tokens is None:
+            self.default_max_tokens = min(64, self.max_tokens_limit)
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise SettingsError(f"default_max_tokens={self.default_max_tokens} must be between 1 and "
                                 f"max_tokens_limit={self.max_tokens_limit}")
         if self.max_n > self.max_batch:
             raise SettingsError(f"max_n={self.max_n} exceeds max_batch={self.max_batch}: a request must fit a batch")
@@ -71,5 +77,5 @@ class ServeSettings:
 
     def public(self) -> dict[str, Any]:
         """The limits as a client may see them (no key, no hook)."""
-        hidden = {"api_key", "adapt_fn", "cors_origins", "device"}
+        hidden = {"api_key", "adapt_fn", "cors_origins", "device", "torch_threads"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in hidden}
