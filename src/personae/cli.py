@@ -68,6 +68,14 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
              fresh=args.fresh, overrides=overrides, progress=not args.quiet)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from personae.serve import serve
+
+    limits = {"max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
+    serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key,
+          **{k: v for k, v in limits.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the docs)."""
     parser = argparse.ArgumentParser(prog="personae", description="Multimodal role-playing models.")
@@ -108,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--seed", type=int, default=None)
     talk.add_argument("--user", default="User", help="your name in the conversation")
     talk.set_defaults(handler=_chat, takes_overrides=False)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server and web chat page for a run")
+    srv.add_argument("run", metavar="RUN")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    srv.add_argument("--max-batch", type=int, default=None, help="requests decoded together (default 32)")
+    srv.add_argument("--no-batching", action="store_true", help="one request at a time (for comparison)")
+    srv.add_argument("--torch-threads", type=int, default=None)
+    srv.set_defaults(handler=_serve, takes_overrides=False)
 
     evaluate = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     retrieval = evaluate.add_parser("retrieval", help="R@1/5/10 both ways, ITM and MLM accuracy")

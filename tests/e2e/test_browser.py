@@ -19,8 +19,13 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+from playwright import sync_api  # noqa: E402  (a dev dependency: its absence is an error, not a skip)
+
+
+@pytest.fixture(autouse=True)
+def _chromium_installed() -> None:
+    if CHROMIUM is None:  # a missing browser fails loudly: .ci/run installs it
+        pytest.fail("the browser test needs Debian's chromium: apt-get install chromium")
 
 
 @pytest.fixture()

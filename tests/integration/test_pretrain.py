@@ -7,7 +7,8 @@ import torch
 
 from personae.cli import main
 from personae.models import PersonaeModel
-from personae.train.checkpoint import load_model, save_checkpoint
+from personae.models.io import load_model
+from personae.train.checkpoint import save_checkpoint
 from personae.train.stages import run_pretrain
 from tests.conftest import MICRO, micro_config
 

@@ -7,7 +7,7 @@ import pytest
 
 from personae.chat.session import CharacterNotFound, ChatSession, find_character, run_terminal_chat
 from personae.cli import main
-from personae.train.checkpoint import load_model
+from personae.models.io import load_model
 from personae.train.finetune import run_finetune
 
 

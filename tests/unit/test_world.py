@@ -344,3 +344,14 @@ def test_load_scenes_reports_file_and_line(tmp_path: Path) -> None:
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "objects": []}) + "\n")
     with pytest.raises(ValueError, match=r"scenes\.jsonl:2"):
         load_scenes(path)
+
+
+def test_render_script_reproduces_the_committed_asset_pack(tmp_path: Path) -> None:
+    """The committed atlas is exactly what the script makes from the font (.ci/run installs it)."""
+    from personae.data.world import render_assets
+
+    if not render_assets.DEFAULT_FONT.is_file():
+        pytest.fail(f"the emoji font is missing: apt-get install fonts-noto-color-emoji ({render_assets.DEFAULT_FONT})")
+    render_assets.main(["--out", str(tmp_path)])
+    for name in (render_assets.ATLAS_FILE, render_assets.OBJECTS_FILE):
+        assert (tmp_path / name).read_bytes() == (render_assets.ASSETS_DIR / name).read_bytes(), name

@@ -76,7 +76,8 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: list
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    noise = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generators])
+    # per-row CPU generators (reproducible on any device); the noise then moves to the logits
+    noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
     return (logits + gumbel).argmax(-1)  # Gumbel-max: a sample from softmax(logits)
 

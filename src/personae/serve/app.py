@@ -70,7 +70,7 @@ class RunBundle:
 def load_run(run_dir: Path, device: str | None = None) -> RunBundle:
     """Load a fine-tuned run for serving (it must have a decoder)."""
     # checkpoint reading lives in train/ for now; serve needs only this read-only function of it
-    from personae.train.checkpoint import load_model
+    from personae.models.io import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config, tokenizer = load_model(Path(run_dir), device)

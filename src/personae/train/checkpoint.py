@@ -1,4 +1,4 @@
-"""Checkpoints as directories (config.json, model.safetensors, tokenizer.json, trainer state), atomic."""
+"""Training checkpoints: the model files (models/io.py) plus optimizer and trainer state, written atomically."""
 
 from __future__ import annotations
 
@@ -13,20 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from personae.config import Config, load_config, save_config
+from personae.config import Config
 from personae.data.tokenizer import Tokenizer
-from personae.errors import PersonaeError
-from personae.models.model import PersonaeModel
+from personae.models.io import STATE_FILE, require_file, swap_in, write_model_files
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-
-
-class CheckpointError(PersonaeError):
-    """A checkpoint directory is missing a file or does not match the model."""
 
 
 @dataclass
@@ -78,64 +69,25 @@ def save_checkpoint(
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_config(config, staging / CONFIG_FILE)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(staging / MODEL_FILE), metadata={"format": "pt"})
-    tokenizer.save(staging / TOKENIZER_FILE)
+    write_model_files(staging, model, config, tokenizer)
     if optimizer is not None:
         tensors, meta = _optimizer_to_files(optimizer)
         save_file(tensors, str(staging / OPTIMIZER_FILE))
         (staging / "optimizer.json").write_text(json.dumps(meta))
     if state is not None:
         (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-    _swap_in(staging, directory)
+    swap_in(staging, directory)
     return directory
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Move a finished checkpoint into place so that a reader never sees a half-written file.
-
-    A new directory is renamed in one step; into an existing one (a run's root) each file is
-    renamed over the old one, weights first and trainer state last.
-    """
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    order = {MODEL_FILE: 0, STATE_FILE: 2}
-    for path in sorted(staging.iterdir(), key=lambda p: order.get(p.name, 1)):
-        os.replace(path, directory / path.name)
-    staging.rmdir()
-
-
-def _require(directory: Path, name: str) -> Path:
-    path = Path(directory) / name
-    if not path.exists():
-        raise CheckpointError(f"{directory}: not a personae checkpoint, {name} is missing")
-    return path
-
-
-def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[PersonaeModel, Config, Tokenizer]:
-    """Rebuild the model from config.json and load model.safetensors (strict: every key must match)."""
-    config = load_config(_require(directory, CONFIG_FILE))
-    tokenizer = Tokenizer.from_file(_require(directory, TOKENIZER_FILE))
-    model = PersonaeModel(config.model)
-    weights = load_file(str(_require(directory, MODEL_FILE)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory}: weights do not match config.json (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
-        )
-    return model.to(device), config, tokenizer
 
 
 def load_training_state(
     directory: Path, optimizer: torch.optim.Optimizer | None = None
 ) -> TrainerState:
     """Read trainer_state.json and, when given an optimizer, restore its state in place."""
-    state = TrainerState(**json.loads(_require(directory, STATE_FILE).read_text()))
+    state = TrainerState(**json.loads(require_file(directory, STATE_FILE).read_text()))
     if optimizer is not None:
-        tensors = load_file(str(_require(directory, OPTIMIZER_FILE)))
-        meta = json.loads(_require(directory, "optimizer.json").read_text())
+        tensors = load_file(str(require_file(directory, OPTIMIZER_FILE)))
+        meta = json.loads(require_file(directory, "optimizer.json").read_text())
         optimizer.load_state_dict(_optimizer_from_files(tensors, meta))
     return state
 

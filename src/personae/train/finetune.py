@@ -15,7 +15,7 @@ from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.errors import PersonaeError
 from personae.models.model import PersonaeModel
 from personae.objectives import LanguageModelling
-from personae.train.checkpoint import CheckpointError, load_model
+from personae.models.io import CheckpointError, load_model
 from personae.train.distributed import init_distributed
 from personae.train.stages import wrap_ddp
 from personae.train.trainer import Trainer, TrainerState
