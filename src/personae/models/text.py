@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from personae.config import TextCfg
-from personae.models.layers import Block, key_padding_to_sdpa
+from personae.models.layers import Block, Packing
 
 
 class TextEncoder(nn.Module):
@@ -28,7 +28,14 @@ class TextEncoder(nn.Module):
         if T > self.cfg.max_len:
             raise ValueError(f"text of {T} tokens is longer than model.text.max_len={self.cfg.max_len}")
         x = self.drop(self.tok_embed(input_ids) + self.pos_embed[:, :T])  # (B, T, D)
-        mask = key_padding_to_sdpa(attention_mask)
+        if attention_mask is None or bool(attention_mask.all()):
+            for block in self.blocks:
+                x = block(x)
+            return self.ln_f(x)
+        # padded batch: run the position-wise layers on the valid tokens only; padded
+        # positions of the result are zeros (every consumer masks them out)
+        packing = Packing.from_mask(attention_mask)
+        x = packing.pack(x)  # (N, D)
         for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_f(x)
+            x = block(x, packing=packing)
+        return packing.unpack(self.ln_f(x))
