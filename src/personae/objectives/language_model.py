@@ -15,12 +15,22 @@ class LanguageModelling(nn.Module):
     """Next-token cross-entropy where labels are set; the head runs on those positions alone.
 
     hidden[:, t] predicts labels[:, t + 1]: the state after token t scores the next token.
+    With `dense=True` the head runs on every position and ignored labels are skipped inside the
+    cross-entropy: the same mean, with no data-dependent shapes (what torch.func.vmap needs).
     """
+
+    def __init__(self, dense: bool = False) -> None:
+        super().__init__()
+        self.dense = dense
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor,
                 head: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """hidden (B, T, D), labels (B, T) with IGNORE_INDEX where no loss, head (M, D) -> (M, V)."""
         targets = labels[:, 1:]  # (B, T-1)
+        if self.dense:
+            logits = head(hidden[:, :-1])  # (B, T-1, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return {"loss_lm": loss}
         selected = targets != IGNORE_INDEX
         if not selected.any():
             zero = hidden.sum() * 0.0

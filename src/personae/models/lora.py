@@ -1,0 +1,173 @@
+"""Low-rank adapters (LoRA) on the decoder's Linear layers, and adapter files in safetensors.
+
+`add_lora(model)` swaps the decoder's attention and MLP projections (`attn.qkv`, `attn.proj`,
+`mlp.fc`, `mlp.proj`) for :class:`LoRALinear` in place, so parameter names stay predictable::
+
+    decoder.blocks.0.attn.qkv.base.weight   (the frozen-or-not base Linear, renamed under .base)
+    decoder.blocks.0.attn.qkv.lora_A        (rank, in_features)
+    decoder.blocks.0.attn.qkv.lora_B        (out_features, rank), zeros: the adapter starts as a no-op
+
+Checkpoints: a model with LoRA has different `state_dict` keys from one without. A run that
+carries LoRA stores its rank and alpha in its config and rebuilds the model with `add_lora` before
+loading the weights (the adapters' initialisation is meta-learned, so it must survive a reload);
+`merge_lora` folds the adapters back into plain Linear layers for export or serving one character.
+An adapter file (`adapters/<character>.safetensors`) holds only the adapted tensors, keyed by
+parameter name, with string metadata; `apply_adapter` copies them into a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from personae.errors import PersonaeError
+
+LORA_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+LORA_MARKERS = ("lora_A", "lora_B")
+
+
+class AdapterError(PersonaeError):
+    """An adapter file or LoRA request does not fit the model; the message names the key."""
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (x A^T B^T) * alpha / rank, with B = 0 at the start (a no-op adapter)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float = 8.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise AdapterError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if rank < 1:
+            raise AdapterError(f"LoRA rank must be >= 1, got {rank}")
+        self.base, self.rank, self.alpha = base, rank, float(alpha)
+        self.scaling = self.alpha / rank
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
+        return self.base(x) + low_rank * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear computing the same function (W + scaling * B A)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+            if self.base.bias is not None:
+                linear.bias.copy_(self.base.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, targets: Iterable[str], layers: Iterable[str]) -> bool:
+    in_target = any(name == t or name.startswith(t + ".") for t in targets)
+    return in_target and any(name.endswith("." + layer) or name == layer for layer in layers)
+
+
+def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, child)
+
+
+def add_lora(model: nn.Module, targets: Iterable[str] = ("decoder",), rank: int = 4, alpha: float = 8.0,
+             layers: Iterable[str] = LORA_LAYERS) -> list[str]:
+    """Replace the Linear layers named `layers` under the `targets` submodules by LoRALinear; their names."""
+    targets, layers = tuple(targets), tuple(layers)
+    chosen = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and _matches(name, targets, layers)]
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if wrapped:
+        raise AdapterError(f"the model already has LoRA layers (e.g. {wrapped[0]}); add_lora runs once")
+    if not chosen:
+        raise AdapterError(f"no Linear layer named {', '.join(layers)} under {', '.join(targets)}: nothing to adapt")
+    for name in chosen:
+        _set_child(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
+    return chosen
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LoRA parameter (`...lora_A`, `...lora_B`) by its full name."""
+    return {name: p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in LORA_MARKERS}
+
+
+def lora_settings(model: nn.Module) -> dict[str, float] | None:
+    """{"rank", "alpha"} of a model's LoRA layers (None without LoRA); mixed settings are an error."""
+    found = {(m.rank, m.alpha) for m in model.modules() if isinstance(m, LoRALinear)}
+    if not found:
+        return None
+    if len(found) > 1:
+        raise AdapterError(f"the model mixes LoRA settings {sorted(found)}; one rank and alpha per model")
+    rank, alpha = found.pop()
+    return {"rank": rank, "alpha": alpha}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRALinear into a plain Linear in place (state_dict keys become the LoRA-free ones)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            _set_child(model, name, module.merged())
+    return model
+
+
+def save_adapter(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, object] | None = None) -> Path:
+    """Write adapted tensors (by parameter name) to a safetensors file; metadata values become strings."""
+    if not tensors:
+        raise AdapterError(f"{path}: no tensors to save in the adapter")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(data, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read an adapter file: (tensors by parameter name, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        metadata = dict(f.metadata() or {})
+    return tensors, metadata
+
+
+def apply_adapter(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the model's parameters (and buffers) of the same names, in place."""
+    state = dict(model.named_parameters())
+    state.update(dict(model.named_buffers()))
+    unknown = [name for name in tensors if name not in state]
+    if unknown:
+        hint = " (was the model built with add_lora and the adapter's rank?)" if any(
+            name.rsplit(".", 1)[-1] in LORA_MARKERS for name in unknown) else ""
+        raise AdapterError(f"adapter key {unknown[0]!r} is not a parameter of the model{hint}; "
+                           f"{len(unknown)} unknown key(s)")
+    for name, value in tensors.items():
+        if state[name].shape != value.shape:
+            raise AdapterError(f"adapter tensor {name!r} has shape {tuple(value.shape)}, "
+                               f"the model's is {tuple(state[name].shape)}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            state[name].copy_(value)
