@@ -68,6 +68,12 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
              fresh=args.fresh, overrides=overrides, progress=not args.quiet)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from personae.eval.report import report_command
+
+    report_command(Path(args.run_dir), args.out)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from personae.serve import serve
 
@@ -116,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--seed", type=int, default=None)
     talk.add_argument("--user", default="User", help="your name in the conversation")
     talk.set_defaults(handler=_chat, takes_overrides=False)
+
+    rep = sub.add_parser("report", help="write a self-contained report.html for a demo or stage folder")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.add_argument("--out", type=Path, default=None, help="where to write (default RUN_DIR/report.html)")
+    rep.set_defaults(handler=_report, takes_overrides=False)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server and web chat page for a run")
     srv.add_argument("run", metavar="RUN")

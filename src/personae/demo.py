@@ -16,6 +16,7 @@ from typing import Any
 
 from personae.commands import evaluate_roleplay_run, evaluate_run
 from personae.config import apply_overrides, load_preset
+from personae.eval.report import environment_info, write_report
 
 
 @dataclass
@@ -75,9 +76,12 @@ def run_demo(out: Path, *, scenes: int = 10000, steps: int | None = None, finetu
     results = _run_stages(stages, timings)
     timings["total"] = round(time.perf_counter() - start, 1)
     summary = {"seconds": timings, "retrieval": results.get("evaluate retrieval"),
-               "roleplay": _roleplay_summary(results.get("evaluate role-play"))}
+               "roleplay": _roleplay_summary(results.get("evaluate role-play")),
+               "environment": environment_info()}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = write_report(out)
     _print_summary(out, world, fine, summary)
+    print(f"report: {report}")
     return summary
 
 

@@ -140,7 +140,7 @@ def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path
                                   max_tokens=model.text_budget(0, with_image),
                                   include_examples=include_examples, progress=False)
         result["fluency_perplexity"][character_split] = reference_perplexity(model, dataset, tokenizer, batch_size)
-    result["samples"] = rows[:40]
+    result["samples"] = [r for s in CHARACTER_SPLITS for r in [x for x in rows if x["character_split"] == s][:20]]
     return result
 
 
