@@ -82,6 +82,24 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generators: list
     return (logits + gumbel).argmax(-1)  # Gumbel-max: a sample from softmax(logits)
 
 
+def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) -> tuple[str, int]:
+    """(the text after `emitted` that may be sent now, the new emitted offset).
+
+    While a reply is unfinished, a trailing half character (U+FFFD from a split UTF-8 sequence)
+    and a tail that could be the start of a stop string are held back.
+    """
+    safe = len(text)
+    if not finished:
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        for stop in stops:
+            for k in range(min(len(stop) - 1, safe - emitted), 0, -1):
+                if text[safe - k : safe] == stop[:k]:
+                    safe -= k
+                    break
+    return text[emitted:safe], max(emitted, safe)
+
+
 class _Row:
     """Book-keeping of one sequence while it decodes."""
 
@@ -117,16 +135,7 @@ class _Row:
 
     def new_text(self) -> str:
         """Text not yet emitted, holding back what may be half a character or the start of a stop string."""
-        safe = len(self.text)
-        if not self.finish:
-            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-                safe -= 1
-            for stop in self.params.stop:
-                for k in range(min(len(stop) - 1, safe - self.emitted), 0, -1):
-                    if self.text[safe - k : safe] == stop[:k]:
-                        safe -= k
-                        break
-        piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        piece, self.emitted = stream_piece(self.text, self.emitted, bool(self.finish), self.params.stop)
         return piece
 
 

@@ -30,7 +30,9 @@ import torch
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.model import PersonaeModel
-from personae.models.sampling import Generation, SamplingParams, apply_repetition_penalty, choose_tokens
+from personae.models.sampling import (
+    Generation, SamplingParams, apply_repetition_penalty, choose_tokens, stream_piece,
+)
 from personae.serve.batch import DecodeBatch, RowInput
 
 log = logging.getLogger(__name__)
@@ -176,16 +178,7 @@ class _RowState:
 
     def new_text(self) -> str:
         """Text not yet sent, holding back half a character or what may begin a stop string."""
-        safe = len(self.text)
-        if not self.finish:
-            while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-                safe -= 1
-            for stop in self.params.stop:
-                for k in range(min(len(stop) - 1, safe - self.emitted), 0, -1):
-                    if self.text[safe - k : safe] == stop[:k]:
-                        safe -= k
-                        break
-        piece, self.emitted = self.text[self.emitted : safe], max(self.emitted, safe)
+        piece, self.emitted = stream_piece(self.text, self.emitted, bool(self.finish), self.params.stop)
         return piece
 
     def generation(self) -> Generation:
