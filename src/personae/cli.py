@@ -61,6 +61,36 @@ def _chat(args: argparse.Namespace) -> None:
          max_tokens=args.max_tokens, seed=args.seed, user=args.user)
 
 
+def _meta_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from personae.commands import meta_train
+
+    meta_train(Path(args.run), Path(args.data), Path(args.out), algo=args.algo, overrides=overrides,
+               resume=args.resume, progress=not args.quiet)
+
+
+def _adapt(args: argparse.Namespace) -> None:
+    from personae.commands import adapt
+
+    adapt(Path(args.run), args.card, args.examples, k=args.k, steps=args.steps, lr=args.lr, params=args.params,
+          progress=not args.quiet)
+
+
+def _eval_adaptation(args: argparse.Namespace) -> None:
+    from personae.commands import evaluate_adaptation_run
+
+    evaluate_adaptation_run(Path(args.run), Path(args.data), baseline=args.baseline, none=args.none, ks=args.k,
+                            steps=args.steps, generate_ks=args.generate_k, generate_steps=args.generate_steps,
+                            query=args.query, characters=args.characters, lr=args.lr, out=args.out,
+                            progress=not args.quiet)
+
+
+def _shakespeare_build(args: argparse.Namespace) -> None:
+    from personae.commands import shakespeare_build
+
+    shakespeare_build(Path(args.out), min_speeches=args.min_speeches, heldout=args.heldout, examples=args.examples,
+                      seed=args.seed)
+
+
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
     from personae.demo import run_demo
 
@@ -112,6 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     fine.set_defaults(handler=_finetune, takes_overrides=True)
 
+    meta = sub.add_parser("meta-train", help="meta-train a run over the training characters (MAML and friends)",
+                          epilog=OVERRIDE_HELP + " (the meta stage's settings are under --meta.*)")
+    meta.add_argument("run", metavar="RUN", help="fine-tuned (or pretrained) run to start from")
+    meta.add_argument("--data", required=True, help="folder holding dialogues.jsonl and characters/")
+    meta.add_argument("--out", required=True, help="run folder to write")
+    meta.add_argument("--algo", default=None, choices=["maml", "fomaml", "reptile", "anil", "lora-maml"],
+                      help="meta-learning algorithm (default: meta.algo of the config, lora-maml)")
+    meta.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    meta.set_defaults(handler=_meta_train, takes_overrides=True)
+
+    adapt = sub.add_parser("adapt", help="adapt a run to a new character from its card and k example conversations")
+    adapt.add_argument("run", metavar="RUN")
+    adapt.add_argument("--card", required=True, type=Path, help="the character's card (JSON or PNG)")
+    adapt.add_argument("--examples", required=True, type=Path, help="JSONL of example conversations (dialogue rows)")
+    adapt.add_argument("-k", type=int, default=5, help="use the first k conversations (default 5)")
+    adapt.add_argument("--steps", type=int, default=10, help="inner SGD steps (default 10)")
+    adapt.add_argument("--lr", type=float, default=None, help="inner rate (default: the run's meta.inner_lr or "
+                                                                 "its learned Meta-SGD rates)")
+    adapt.add_argument("--params", default=None, choices=["auto", "all", "head", "lora"],
+                       help="what adapts (default auto: the run's meta algorithm's own)")
+    adapt.set_defaults(handler=_adapt, takes_overrides=False)
+
     talk = sub.add_parser("chat", help="chat with a character in the terminal")
     talk.add_argument("run", metavar="RUN")
     talk.add_argument("--character", required=True, help="a character the run knows (id or name) or a card file")
@@ -154,6 +206,34 @@ def build_parser() -> argparse.ArgumentParser:
     roleplay.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/roleplay.json)")
     roleplay.add_argument("--batch-size", type=int, default=32)
     roleplay.set_defaults(handler=_eval_roleplay, takes_overrides=False)
+
+    adaptation = evaluate.add_parser("adaptation", help="query loss and exact metrics on held-out characters "
+                                     "after 0..20 adaptation steps, vs baselines")
+    adaptation.add_argument("run", metavar="RUN", help="the meta-trained run")
+    adaptation.add_argument("--data", required=True, help="a scene world or Shakespeare folder")
+    adaptation.add_argument("--baseline", type=Path, default=None, help="multi-task fine-tuned run, same budget")
+    adaptation.add_argument("--none", type=Path, default=None,
+                            help="run used without adaptation (default: the baseline, else RUN)")
+    adaptation.add_argument("-k", type=int, nargs="+", default=None, help="support sizes (default 1 5 10)")
+    adaptation.add_argument("--steps", type=int, nargs="+", default=None, help="inner steps (default 0 1 2 5 10 20)")
+    adaptation.add_argument("--generate-k", type=int, nargs="*", default=None, help="k with generated replies "
+                            "scored (default 5; none: no generation)")
+    adaptation.add_argument("--generate-steps", type=int, nargs="*", default=None, help="default 0 10")
+    adaptation.add_argument("--query", type=int, default=None, help="query conversations per character (default all)")
+    adaptation.add_argument("--characters", nargs="+", default=None, help="held-out character ids (default all)")
+    adaptation.add_argument("--lr", type=float, default=None, help="inner rate (default: RUN's)")
+    adaptation.add_argument("--out", type=Path, default=None, help="folder for adaptation.json/png (default RUN/eval)")
+    adaptation.set_defaults(handler=_eval_adaptation, takes_overrides=False)
+
+    bard = sub.add_parser("shakespeare", help="the Shakespeare text-only track").add_subparsers(
+        dest="shakespeare_command", required=True)
+    bard_build = bard.add_parser("build", help="write Shakespeare's speakers as characters into OUT_DIR")
+    bard_build.add_argument("out", metavar="OUT_DIR")
+    bard_build.add_argument("--min-speeches", type=int, default=50)
+    bard_build.add_argument("--heldout", type=int, default=8, help="speakers held out for adaptation")
+    bard_build.add_argument("--examples", type=int, default=10, help="adaptation examples per held-out speaker")
+    bard_build.add_argument("--seed", type=int, default=0)
+    bard_build.set_defaults(handler=_shakespeare_build, takes_overrides=False)
 
     demo = sub.add_parser("demo", help="build the world, pretrain and fine-tune tiny, evaluate", epilog=OVERRIDE_HELP)
     demo.add_argument("--out", default="runs/demo")

@@ -42,12 +42,73 @@ def evaluate_roleplay_run(run: Path, data: Path, *, split: str = "test", out: Pa
 def chat(run: Path, character: str, *, image: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
          max_tokens: int = 64, seed: int | None = None, user: str = "User") -> None:
     """`personae chat`: an interactive terminal chat that streams the replies."""
-    from personae.chat.session import ChatSession, find_character, run_terminal_chat
+    from personae.chat.session import ChatSession, load_run_for_character, run_terminal_chat
 
-    model, cfg, tokenizer = load_model(run, pick_device())
+    model, cfg, tokenizer, card = load_run_for_character(run, character, pick_device())
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    session = ChatSession(model, tokenizer, find_character(run, character), params=params, user=user,
+    session = ChatSession(model, tokenizer, card, params=params, user=user,
                           include_examples=cfg.finetune.include_examples)
     if image is not None:
         session.set_image(image)
     run_terminal_chat(session)
+
+
+def meta_train(run: Path, data: Path, out: Path, *, algo: str | None = None, overrides: list[str] | None = None,
+               resume: bool = False, progress: bool = True) -> None:
+    """`personae meta-train`: meta-train RUN over the training characters; print the outcome."""
+    from personae.train.meta import run_meta_train
+
+    overrides = ([f"meta.algo={algo}"] if algo else []) + list(overrides or [])
+    state = run_meta_train(Path(run), Path(data), Path(out), overrides=overrides, resume=resume, progress=progress)
+    last = state.history[-1] if state.history else {}
+    print(f"meta-trained {state.step} steps, final meta-loss {last.get('loss', float('nan')):.4f}; run: {out}")
+
+
+def adapt(run: Path, card: Path, examples: Path, *, k: int = 5, steps: int = 10, lr: float | None = None,
+          params: str | None = None, progress: bool = True) -> Path:
+    """`personae adapt`: adapt RUN to a new character from its card and k examples; print where it went."""
+    from personae.train.adapt import adapt_character
+
+    path = adapt_character(Path(run), Path(card), Path(examples), k=k, steps=steps, lr=lr, params=params,
+                           progress=progress)
+    print(f"adapter written: {path}\nchat with it: personae chat {run} --character {Path(card).stem}")
+    return path
+
+
+def evaluate_adaptation_run(run: Path, data: Path, *, baseline: Path | None = None, none: Path | None = None,
+                            ks: list[int] | None = None, steps: list[int] | None = None,
+                            generate_ks: list[int] | None = None, generate_steps: list[int] | None = None,
+                            query: int | None = None, characters: list[str] | None = None, lr: float | None = None,
+                            out: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """`personae eval adaptation`: curves of RUN (and the baseline) on held-out characters; table, JSON, PNG.
+
+    A scene world gets the exact role-play metrics; other data (the Shakespeare set) the text-only track.
+    """
+    from personae.eval import adaptation as evaluation
+
+    runs = {"meta": Path(run)} | ({"multitask": Path(baseline)} if baseline else {})
+    options: dict[str, Any] = {"none": none, "query": query, "characters": characters, "lr": lr,
+                               "progress": progress, "device": pick_device()}
+    options |= {"ks": ks} if ks else {}
+    options |= {"steps": steps} if steps else {}
+    if (Path(data) / "world.json").exists():
+        options |= {"generate_ks": generate_ks} if generate_ks is not None else {}
+        options |= {"generate_steps": generate_steps} if generate_steps is not None else {}
+        result = evaluation.evaluate_adaptation(runs, Path(data), **options)
+    else:
+        result = evaluation.evaluate_shakespeare(runs, Path(data), **options)
+    json_path, png_path = evaluation.save_adaptation(result, Path(out or Path(run) / "eval"))
+    print(f"adaptation on the held-out characters of {data}:\n{evaluation.format_adaptation_table(result)}\n"
+          f"saved: {json_path}, {png_path}")
+    return result
+
+
+def shakespeare_build(out: Path, *, min_speeches: int = 50, heldout: int = 8, examples: int = 10,
+                      seed: int = 0) -> dict[str, int]:
+    """`personae shakespeare build`: write the Shakespeare role-play set (text only); print the counts."""
+    from personae.data.shakespeare import build_shakespeare
+
+    counts = build_shakespeare(Path(out), min_speeches=min_speeches, heldout=heldout, examples=examples, seed=seed)
+    print(f"Shakespeare set in {out}: {counts['characters']} speakers ({counts['heldout']} held out), "
+          f"{counts['conversations']} exchanges")
+    return counts

@@ -77,6 +77,11 @@ class ModelCfg:
     embed_dim: int = 128  # shared ITC embedding size
     dropout: float = 0.0
     init_temperature: float = 0.07
+    # LoRA adapters on the decoder (0: none). Recorded by `meta-train --algo lora-maml` so that
+    # loading rebuilds the model with its adapters before reading the weights; choose the rank
+    # to add with meta.lora_rank rather than setting this by hand.
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
 
 
 @dataclass
@@ -123,6 +128,32 @@ class FinetuneCfg:
 
 
 @dataclass
+class MetaCfg:
+    """Meta-training over characters: the fields of personae.meta.MetaCfg plus the outer loop's settings.
+
+    `train` is the outer optimisation (its lr is the meta rate beta, its steps the meta-batches);
+    its batch_size is not used: a step's data is `meta_batch` tasks of `support` + `query`
+    conversations each.
+    """
+
+    train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=200, batch_size=4, lr=3e-4, warmup_steps=10,
+                                                             log_every=5, save_every=50))
+    algo: str = "lora-maml"  # a key of personae.meta.META
+    inner_steps: int = 3
+    inner_lr: float = 0.05
+    learn_inner_lr: bool = False  # Meta-SGD: learned per-element inner rates, saved as meta_lrs.safetensors
+    first_order: bool = False
+    adapt: str = "auto"  # all | head | lora; auto: the algorithm's own
+    meta_batch: int = 4
+    support: int = 5
+    query: int = 5
+    vmap: str = "auto"  # auto | on | off (off loops over tasks; on a CPU the loop can be faster)
+    randomness: str = "different"
+    lora_rank: int = 4  # the adapters meta-train adds for lora-maml (recorded in model.lora_rank)
+    lora_alpha: float = 8.0
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved next to its checkpoints as config.json."""
 
@@ -130,6 +161,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
+    meta: MetaCfg = field(default_factory=MetaCfg)
     preset: str = "custom"
 
 
@@ -168,8 +200,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
-            return value.lower() in {"true", "1", "yes"}
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
         raise ConfigError(f"config key '{path}' needs true/false, got {value!r}")
     if hint in (int, float):
         if isinstance(value, bool):
@@ -196,7 +228,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in body:
         raise ConfigError(f"override '{text}' must look like --section.key=value")
     key, raw = body.split("=", 1)
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    value = yaml.safe_load(raw) if raw else ""
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw  # YAML 1.1 reads on/off/yes/no as booleans: keep the word (meta.vmap=off is a string)
+    return key.split("."), value
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

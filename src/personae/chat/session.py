@@ -1,20 +1,27 @@
-"""A chat with one character about one image: history, streaming replies, and the terminal loop."""
+"""A chat with one character about one image: history, streaming replies, and the terminal loop.
+
+A character adapted with `personae adapt` has `RUN/adapters/<id>.safetensors`;
+:func:`load_run_for_character` loads the run with it applied.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 import torch
 
+from personae.config import Config
 from personae.data.cards import CharacterCard, default_avatar, load_card
 from personae.data.images import load_image, normalize_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.models.io import load_model
+from personae.models.lora import LORA_MARKERS, AdapterError, add_lora, apply_adapter, load_adapter, lora_settings
 from personae.models.model import PersonaeModel
 from personae.models.sampling import SamplingParams, stream_batch
 
@@ -28,22 +35,50 @@ class CharacterNotFound(PersonaeError, LookupError):
     """No card of that name or path; the message lists the characters the run knows."""
 
 
-def find_character(run: Path, name_or_card: str) -> CharacterCard:
-    """A card file path, or a character the run knows by id (file stem) or by name (any case)."""
+def locate_character(run: Path, name_or_card: str) -> tuple[str, CharacterCard]:
+    """(id, card) of a card file path, or of a character the run knows by id (file stem) or name (any case)."""
     path = Path(name_or_card)
     if path.suffix.lower() in (".json", ".png") and path.exists():
-        return load_card(path)
+        return path.stem, load_card(path)
     folder = Path(run) / "characters"
     known = {p.stem: p for p in sorted(folder.glob("*.json")) + sorted(folder.glob("*.png"))} if folder.is_dir() else {}
     if name_or_card in known:
-        return load_card(known[name_or_card])
+        return name_or_card, load_card(known[name_or_card])
     wanted = name_or_card.strip().lower()
-    for card_path in known.values():
+    for character_id, card_path in known.items():
         card = load_card(card_path)
         if card.name.lower() == wanted:
-            return card
+            return character_id, card
     shown = ", ".join(sorted(known)[:12]) + (" ..." if len(known) > 12 else "") if known else "none"
     raise CharacterNotFound(f"no character '{name_or_card}' in {folder} and no such card file; known: {shown}")
+
+
+def find_character(run: Path, name_or_card: str) -> CharacterCard:
+    """A card file path, or a character the run knows by id (file stem) or by name (any case)."""
+    return locate_character(run, name_or_card)[1]
+
+
+def attach_adapter(model: PersonaeModel, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Copy an adapter's tensors into the model, first adding the fresh LoRA layers it was made with (if any)."""
+    needs_lora = any(name.rsplit(".", 1)[-1] in LORA_MARKERS for name in tensors)
+    if needs_lora and lora_settings(model) is None:
+        if "lora_rank" not in metadata:
+            raise AdapterError("the adapter holds LoRA tensors but records no lora_rank, and the model has no LoRA")
+        add_lora(model, targets=("decoder",), rank=int(metadata["lora_rank"]),
+                 alpha=float(metadata.get("lora_alpha", 8.0)))
+    apply_adapter(model, tensors)
+
+
+def load_run_for_character(run: Path, name_or_card: str, device: str | torch.device = "cpu"
+                           ) -> tuple[PersonaeModel, Config, Tokenizer, CharacterCard]:
+    """Load RUN for one character: the model with RUN/adapters/<id>.safetensors applied when it exists."""
+    character_id, card = locate_character(run, name_or_card)
+    model, cfg, tokenizer = load_model(run, device)
+    path = Path(run) / "adapters" / f"{character_id}.safetensors"
+    if path.is_file():
+        tensors, metadata = load_adapter(path)
+        attach_adapter(model, {name: value.to(device) for name, value in tensors.items()}, metadata)
+    return model, cfg, tokenizer, card
 
 
 class ChatSession:

@@ -13,6 +13,7 @@ from personae.config import ModelCfg
 from personae.models.decoder import Decoder, KVCache
 from personae.models.fusion import FusionOutput, build_fusion
 from personae.models.layers import init_weights
+from personae.models.lora import add_lora
 from personae.models.text import TextEncoder
 from personae.models.vision import VisionEncoder, pool_regions
 
@@ -66,6 +67,11 @@ class PersonaeModel(nn.Module):
             self.decoder = Decoder(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        if cfg.lora_rank > 0:  # a run that carries LoRA (meta-trained) is rebuilt with it before loading
+            if self.decoder is None:
+                raise ValueError("model.lora_rank > 0 puts LoRA adapters on the decoder, but model.decoder.enabled "
+                                 "is false")
+            add_lora(self, targets=("decoder",), rank=cfg.lora_rank, alpha=cfg.lora_alpha)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1+N, Dv) image regions."""

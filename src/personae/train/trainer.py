@@ -6,17 +6,19 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from personae.config import Config, TrainCfg
 from personae.data.tokenizer import Tokenizer
+from personae.models.io import require_file
 from personae.train.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -81,21 +83,48 @@ class StepBatchSampler:
         return self.stop - self.start
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors moved to `device` inside nested dicts, lists and tuples (other values as they are)."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
 class Trainer:
     """Runs `task(batch, generator=...) -> {"loss": ..., metrics...}` for cfg.train.steps optimizer steps.
 
     `task` may be a DDP wrapper; `model` is the bare model whose weights are checkpointed;
     `train_cfg` (default config.train) holds the stage's optimisation settings.
+
+    Batches come from `dataset` through a DataLoader, or, with `batch_fn`, from `batch_fn(micro_step)`
+    (any nesting of dicts/lists/tuples of tensors; it must be a pure function of the micro-step so
+    that a resumed run sees the same batches; meta-training draws its episodes this way), counted
+    as `batch_items` examples each in the logs. `aux` names extra modules whose parameters the
+    optimizer trains too (without weight decay) and that are saved beside the model as
+    `<name>.safetensors` in every checkpoint and restored on resume (e.g. Meta-SGD's inner rates).
     """
 
-    def __init__(self, task: nn.Module, model: nn.Module, dataset: Sequence[Any], collate: Callable,
+    def __init__(self, task: nn.Module, model: nn.Module, dataset: Sequence[Any] | None, collate: Callable | None,
                  config: Config, tokenizer: Tokenizer, run_dir: Path, dist: DistInfo,
-                 stage: str = "pretrain", progress: bool = True, train_cfg: TrainCfg | None = None) -> None:
+                 stage: str = "pretrain", progress: bool = True, train_cfg: TrainCfg | None = None, *,
+                 batch_fn: Callable[[int], Any] | None = None, batch_items: int | None = None,
+                 aux: Mapping[str, nn.Module] | None = None) -> None:
+        if (dataset is None) == (batch_fn is None):
+            raise ValueError("the Trainer takes its batches from a dataset or from batch_fn: give exactly one")
         self.task, self.model, self.dataset, self.collate = task, model, dataset, collate
         self.config, self.cfg, self.tokenizer = config, train_cfg or config.train, tokenizer
         self.run_dir, self.dist, self.stage = Path(run_dir), dist, stage
+        self.batch_fn, self.aux = batch_fn, dict(aux or {})
+        self.batch_items = batch_items or self.cfg.batch_size
         self.progress = progress and dist.is_primary
         self.optimizer = build_optimizer(model, self.cfg)
+        extra = [p for module in self.aux.values() for p in module.parameters() if p.requires_grad]
+        if extra:
+            self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self.state = TrainerState(stage=stage)
 
     def resume(self) -> int:
@@ -106,6 +135,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         self.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        for name, module in self.aux.items():
+            module.load_state_dict(load_file(str(require_file(checkpoint, f"{name}.safetensors"))))
         self.state = load_training_state(checkpoint, self.optimizer)
         self._rewrite_metrics()
         return self.state.step
@@ -115,11 +146,7 @@ class Trainer:
         if not (resume and self.resume()):  # a fresh start begins a fresh log
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         end = self.cfg.steps if stop_at is None else min(stop_at, self.cfg.steps)
-        accum = self.cfg.grad_accum
-        sampler = StepBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
-                                   self.state.step * accum, end * accum, self.dist.rank, self.dist.world_size)
-        batches = iter(torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers))
+        batches = self._batches(self.state.step * self.cfg.grad_accum, end * self.cfg.grad_accum)
         bar = tqdm(total=end, initial=self.state.step, desc=self.stage, disable=not self.progress, unit="step")
         window: list[dict[str, float]] = []
         tick = time.perf_counter()
@@ -141,13 +168,22 @@ class Trainer:
             self._save_step_checkpoint()
         return self.state
 
-    def _train_step(self, step: int, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+    def _batches(self, start: int, stop: int) -> Iterator[Any]:
+        """The batches of micro-steps start..stop-1: from batch_fn, or the dataset's deterministic sampler."""
+        if self.batch_fn is not None:
+            return (self.batch_fn(micro_step) for micro_step in range(start, stop))
+        sampler = StepBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, start, stop,
+                                   self.dist.rank, self.dist.world_size)
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers))
+
+    def _train_step(self, step: int, batches: Iterator[Any]) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg)
         sums: dict[str, float] = {}
         accum = self.cfg.grad_accum
         for micro in range(accum):
-            batch = {k: v.to(self.dist.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            batch = to_device(next(batches), self.dist.device)
             seed = (self.cfg.seed * 1_000_003 + step * 1009 + micro * 31 + self.dist.rank) % (2**63)
             torch.manual_seed(seed)  # dropout is a function of the step: resumed runs repeat it exactly
             generator = torch.Generator(self.dist.device).manual_seed(seed)
@@ -169,7 +205,7 @@ class Trainer:
         row: dict[str, Any] = {"step": self.state.step, "stage": self.stage}
         for key in window[0]:
             row[key] = sum(w[key] for w in window) / len(window)
-        samples = len(window) * self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
+        samples = len(window) * self.batch_items * self.cfg.grad_accum * self.dist.world_size
         row["samples_per_s"] = samples / max(elapsed, 1e-9)
         self.state.history.append(row)
         if self.dist.is_primary:
@@ -189,11 +225,20 @@ class Trainer:
         if not self.dist.is_primary:
             return
         folder = self.run_dir / "checkpoints"
-        save_checkpoint(folder / f"step_{self.state.step:07d}", self.model, self.config, self.tokenizer,
-                        optimizer=self.optimizer, state=self.state)
+        checkpoint = save_checkpoint(folder / f"step_{self.state.step:07d}", self.model, self.config,
+                                     self.tokenizer, optimizer=self.optimizer, state=self.state)
+        self._save_aux(checkpoint)
         for old in sorted(folder.glob("step_*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _save_final(self) -> None:
         if self.dist.is_primary:
             save_checkpoint(self.run_dir, self.model, self.config, self.tokenizer, state=self.state)
+            self._save_aux(self.run_dir)
+
+    def _save_aux(self, folder: Path) -> None:
+        """Each aux module's state as <name>.safetensors in the folder (written aside, then renamed)."""
+        for name, module in self.aux.items():
+            tmp = folder / f".{name}.safetensors.tmp"
+            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+            tmp.replace(folder / f"{name}.safetensors")

@@ -1,0 +1,133 @@
+"""Meta-training stage: MAML and friends over the training characters, driven by the ordinary Trainer.
+
+A task is one character: its support set is `meta.support` of its train conversations, its query
+set `meta.query` others. Each outer step draws `meta.meta_batch` characters; the episodes are a
+pure function of `(meta.train.seed, micro-step)`, so a resumed run draws exactly what it would
+have drawn. The loss is the role-play reply loss in its dense form (so that `torch.func.vmap` can
+batch the tasks), and the outer optimiser, schedule, logs and checkpoints are the Trainer's with
+`meta.train` as their settings.
+
+LoRA-MAML adds LoRA adapters to the decoder (rank `meta.lora_rank`) when the model has none, and
+records them in `model.lora_rank` / `model.lora_alpha` so that loading the run rebuilds them. With
+Meta-SGD (`meta.learn_inner_lr`) the learned inner rates are saved as `meta_lrs.safetensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from personae.config import Config
+from personae.data.dialogues import DialogueRecord, load_character_cards, read_dialogues, require_cards
+from personae.data.episodes import EpisodeCollator, EpisodeSampler, pad_values
+from personae.data.roleplay import RolePlayDataset
+from personae.errors import PersonaeError
+from personae.meta import MetaLearner, build_meta
+from personae.models.lora import add_lora, lora_settings
+from personae.models.model import PersonaeModel
+from personae.objectives import LanguageModelling
+from personae.train.distributed import init_distributed
+from personae.train.finetune import RolePlayTask, _copy_cards, model_with_decoder
+from personae.train.trainer import Trainer, TrainerState
+
+log = logging.getLogger(__name__)
+META_LRS_FILE = "meta_lrs.safetensors"
+HEAD = ("model.decoder.ln_f",)  # ANIL's head, named inside RolePlayTask (which holds the model as .model)
+
+
+class MetaStep(nn.Module):
+    """The Trainer's task for meta-training: a meta-batch of (support, query) batches -> the meta-loss."""
+
+    def __init__(self, learner: MetaLearner) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(self, tasks: list, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return {"loss": self.learner.meta_loss(tasks)}
+
+
+def dense_roleplay_task(model: PersonaeModel, cfg: Config) -> RolePlayTask:
+    """RolePlayTask with the dense reply loss: the same mean, and no data-dependent shapes (vmap needs that)."""
+    task = RolePlayTask(model, cfg.finetune)
+    task.lm = LanguageModelling(dense=True)
+    return task
+
+
+def adapts_lora(cfg: Config) -> bool:
+    """Whether the run's meta algorithm adapts LoRA parameters (lora-maml, or maml/fomaml with adapt=lora)."""
+    return cfg.meta.algo == "lora-maml" or cfg.meta.adapt == "lora"
+
+
+def ensure_lora(model: PersonaeModel, cfg: Config, seed: int) -> bool:
+    """Give the decoder LoRA adapters (meta.lora_rank, meta.lora_alpha) unless it has them; True if added.
+
+    The adapters are recorded in cfg.model so that the saved run is rebuilt with them. B starts at
+    zero, so adding them leaves the model's outputs unchanged; A is drawn with `seed`.
+    """
+    if lora_settings(model) is not None:
+        return False
+    torch.manual_seed(seed)
+    add_lora(model, targets=("decoder",), rank=cfg.meta.lora_rank, alpha=cfg.meta.lora_alpha)
+    cfg.model.lora_rank, cfg.model.lora_alpha = cfg.meta.lora_rank, cfg.meta.lora_alpha
+    return True
+
+
+def build_learner(model: PersonaeModel, cfg: Config, pad_id: int) -> MetaLearner:
+    """The meta-learner of cfg.meta around the dense role-play task of `model`."""
+    return build_meta(dense_roleplay_task(model, cfg), cfg.meta, head=HEAD, pad_values=pad_values(pad_id))
+
+
+def meta_lrs_by_name(path: Path) -> dict[str, torch.Tensor]:
+    """Learned inner rates from a meta_lrs.safetensors file, by the task module's parameter names."""
+    return {key.replace("/", "."): value for key, value in load_file(str(path)).items()}
+
+
+def episode_pool(records: list[DialogueRecord], needed: int) -> list[DialogueRecord]:
+    """The conversations of the characters with at least `needed` of them (the others cannot form a task)."""
+    counts = Counter(r.character for r in records)
+    short = sorted(name for name, count in counts.items() if count < needed)
+    if short:
+        log.warning("meta-training leaves out %d character(s) with fewer than support + query = %d train "
+                    "conversations: %s", len(short), needed, ", ".join(short[:8]))
+    return [r for r in records if counts[r.character] >= needed]
+
+
+def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
+                   resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
+    """Meta-train RUN (fine-tuned or pretrained) over the train characters of DATA_DIR; write OUT_DIR."""
+    dist = init_distributed()
+    if dist.distributed:
+        raise PersonaeError("meta-training runs in one process for now (its second-order gradients have not "
+                            "been checked under DDP); run it without torchrun")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if Path(run).resolve() == out_dir.resolve():
+        raise PersonaeError("the meta-trained run needs its own --out folder (it would overwrite its start)")
+    model, cfg, tokenizer = model_with_decoder(run, overrides)
+    if adapts_lora(cfg):
+        ensure_lora(model, cfg, cfg.meta.train.seed)
+    model = model.to(dist.device)
+    records = read_dialogues(data_dir / "dialogues.jsonl", split="train", character_split="train")
+    cards = load_character_cards(data_dir / "characters")
+    require_cards(records, cards, data_dir / "dialogues.jsonl")
+    records = episode_pool(records, cfg.meta.support + cfg.meta.query)
+    sampler = EpisodeSampler(records, k=cfg.meta.support, q=cfg.meta.query, seed=cfg.meta.train.seed)
+    dataset = RolePlayDataset(records, cards, tokenizer, image_size=cfg.model.vision.image_size,
+                              max_tokens=model.text_budget(0, records[0].image is not None),
+                              include_examples=cfg.finetune.include_examples, progress=progress)
+    collator = EpisodeCollator(dataset, tokenizer.pad_id)
+    learner = build_learner(model, cfg, tokenizer.pad_id)
+    _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
+
+    def episodes(micro_step: int) -> list:
+        return collator.meta_batch(sampler.meta_batch(micro_step, cfg.meta.meta_batch))
+
+    aux = {META_LRS_FILE.removesuffix(".safetensors"): learner.inner_lrs} if cfg.meta.learn_inner_lr else None
+    trainer = Trainer(MetaStep(learner), model, None, None, cfg, tokenizer, out_dir, dist, stage="meta",
+                      progress=progress, train_cfg=cfg.meta.train, batch_fn=episodes,
+                      batch_items=cfg.meta.meta_batch, aux=aux)
+    return trainer.fit(resume=resume, stop_at=stop_at)
