@@ -112,12 +112,8 @@ def _serve(args: argparse.Namespace) -> None:
           **{k: v for k, v in limits.items() if v is not None})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used by the docs)."""
-    parser = argparse.ArgumentParser(prog="personae", description="Multimodal role-playing models.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_world_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae world` command line."""
     world = sub.add_parser("world", help="the built-in scene world").add_subparsers(dest="world_command", required=True)
     build = world.add_parser("build", help="render the scene world into OUT_DIR")
     build.add_argument("out", metavar="OUT_DIR")
@@ -126,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--image-size", type=int, default=64)
     build.set_defaults(handler=_world_build, takes_overrides=False)
 
+
+def _add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae pretrain` command line."""
     pre = sub.add_parser("pretrain", help="image-text pretraining (ITC + ITM + MLM)", epilog=OVERRIDE_HELP)
     pre.add_argument("--preset", default="tiny", help=f"one of {', '.join(list_presets())} or a YAML file")
     pre.add_argument("--data", required=True, help="folder holding pairs.jsonl")
@@ -135,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--skip-bad", action="store_true", help="skip and count malformed manifest rows")
     pre.set_defaults(handler=_pretrain, takes_overrides=True)
 
+
+def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae finetune` command line."""
     fine = sub.add_parser("finetune", help="role-play fine-tuning of a pretrained run", epilog=OVERRIDE_HELP)
     fine.add_argument("run", metavar="RUN", help="pretrained (or fine-tuned) run to start from")
     fine.add_argument("--data", required=True, help="folder holding dialogues.jsonl and characters/")
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     fine.set_defaults(handler=_finetune, takes_overrides=True)
 
+
+def _add_meta_train_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae meta-train` command line."""
     meta = sub.add_parser("meta-train", help="meta-train a run over the training characters (MAML and friends)",
                           epilog=OVERRIDE_HELP + " (the meta stage's settings are under --meta.*)")
     meta.add_argument("run", metavar="RUN", help="fine-tuned (or pretrained) run to start from")
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     meta.set_defaults(handler=_meta_train, takes_overrides=True)
 
+
+def _add_adapt_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae adapt` command line."""
     adapt = sub.add_parser("adapt", help="adapt a run to a new character from its card and k example conversations")
     adapt.add_argument("run", metavar="RUN")
     adapt.add_argument("--card", required=True, type=Path, help="the character's card (JSON or PNG)")
@@ -164,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what adapts (default auto: the run's meta algorithm's own)")
     adapt.set_defaults(handler=_adapt, takes_overrides=False)
 
+
+def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae chat` command line."""
     talk = sub.add_parser("chat", help="chat with a character in the terminal")
     talk.add_argument("run", metavar="RUN")
     talk.add_argument("--character", required=True, help="a character the run knows (id or name) or a card file")
@@ -175,11 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--user", default="User", help="your name in the conversation")
     talk.set_defaults(handler=_chat, takes_overrides=False)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae report` command line."""
     rep = sub.add_parser("report", help="write a self-contained report.html for a demo or stage folder")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     rep.add_argument("--out", type=Path, default=None, help="where to write (default RUN_DIR/report.html)")
     rep.set_defaults(handler=_report, takes_overrides=False)
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae serve` command line."""
     srv = sub.add_parser("serve", help="OpenAI-compatible server and web chat page for a run")
     srv.add_argument("run", metavar="RUN")
     srv.add_argument("--host", default="127.0.0.1")
@@ -190,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--torch-threads", type=int, default=None)
     srv.set_defaults(handler=_serve, takes_overrides=False)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae eval` command line."""
     evaluate = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     retrieval = evaluate.add_parser("retrieval", help="R@1/5/10 both ways, ITM and MLM accuracy")
     retrieval.add_argument("run", metavar="RUN")
@@ -225,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     adaptation.add_argument("--out", type=Path, default=None, help="folder for adaptation.json/png (default RUN/eval)")
     adaptation.set_defaults(handler=_eval_adaptation, takes_overrides=False)
 
+
+def _add_shakespeare_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae shakespeare` command line."""
     bard = sub.add_parser("shakespeare", help="the Shakespeare text-only track").add_subparsers(
         dest="shakespeare_command", required=True)
     bard_build = bard.add_parser("build", help="write Shakespeare's speakers as characters into OUT_DIR")
@@ -235,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     bard_build.add_argument("--seed", type=int, default=0)
     bard_build.set_defaults(handler=_shakespeare_build, takes_overrides=False)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae demo` command line."""
     demo = sub.add_parser("demo", help="build the world, pretrain and fine-tune tiny, evaluate", epilog=OVERRIDE_HELP)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--scenes", type=int, default=10000)
@@ -242,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-steps", type=int, default=None, help="role-play steps (default: the preset's)")
     demo.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
     demo.set_defaults(handler=_demo, takes_overrides=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the docs)."""
+    parser = argparse.ArgumentParser(prog="personae", description="Multimodal role-playing models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_world_parser(sub)
+    _add_pretrain_parser(sub)
+    _add_finetune_parser(sub)
+    _add_meta_train_parser(sub)
+    _add_adapt_parser(sub)
+    _add_chat_parser(sub)
+    _add_report_parser(sub)
+    _add_serve_parser(sub)
+    _add_eval_parser(sub)
+    _add_shakespeare_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 
