@@ -24,6 +24,17 @@ def micro_config(*overrides: str) -> Config:
     return apply_overrides(load_preset("tiny"), MICRO + list(overrides))
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def pretrained_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A micro model pretrained for a few steps on the small world (enough to fine-tune from)."""

@@ -21,13 +21,7 @@ from personae.models.model import PersonaeModel
 from tests.conftest import micro_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_model(seed: int = 0) -> PersonaeModel:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from personae.errors import DataError
+
+T = TypeVar("T")
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
@@ -70,3 +73,29 @@ def json_type(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return "a number"
     return names.get(type(value), type(value).__name__)
+
+
+def read_records(path: Path, parse: Callable[[dict[str, Any]], T], what: str) -> list[T]:
+    """Every line of a JSONL file parsed into a record; a bad line is a DataError naming file and line."""
+    records = []
+    for line, text in numbered_lines(path):
+        if isinstance(text, DataError):
+            raise text
+        row = load_json_object(text, path, line)
+        try:
+            records.append(parse(row))
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"bad {what}: {error!r}", path, line) from error
+    return records
+
+
+def write_records(path: Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object per line atomically (temp file, then rename); returns how many."""
+    path = Path(path)
+    tmp, written = path.with_name(path.name + ".tmp"), 0
+    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
+    os.replace(tmp, path)
+    return written

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from personae.data.cards import CharacterCard, save_card_json
+from personae.data.jsonl import write_records
 from personae.errors import PersonaeError
 
 SPEAKER = re.compile(r"^\*\*([A-Z][A-Za-z .,:'\-&]+?)\*\*\s*$")
@@ -121,13 +122,13 @@ def build_shakespeare(out_dir: Path, *, min_speeches: int = 50, heldout: int = 8
         save_card_json(_card(character, first[character], split), out_dir / "characters" / f"{character}.json")
         exchange = pairs[character]
         if split == "heldout":  # the first `examples` exchanges are the adaptation examples
-            _write(out_dir / "characters" / f"{character}.examples.jsonl",
+            write_records(out_dir / "characters" / f"{character}.examples.jsonl",
                    [_row(character, i, u, r, "train", split) for i, (u, r) in enumerate(exchange[:examples])])
             exchange = exchange[examples:]
         for i, (user, reply) in enumerate(exchange):
             scene_split = "test" if i % 10 == 9 else "val" if i % 10 == 8 else "train"
             rows.append(_row(character, i, user, reply, scene_split, split))
-    _write(out_dir / "dialogues.jsonl", rows)
+    write_records(out_dir / "dialogues.jsonl", rows)
     counts["conversations"] = len(rows)
     (out_dir / "shakespeare.json").write_text(json.dumps(counts, indent=2) + "\n")
     return counts
@@ -136,7 +137,3 @@ def build_shakespeare(out_dir: Path, *, min_speeches: int = 50, heldout: int = 8
 def _row(character: str, index: int, user: str, reply: str, split: str, character_split: str) -> dict:
     return {"id": f"{character}-{index:04d}", "character": character, "split": split,
             "character_split": character_split, "turns": [{"user": user, "reply": reply}]}
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

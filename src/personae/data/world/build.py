@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from personae.data.jsonl import read_records, write_records
 from personae.data.world.captions import caption_scene, caption_templates
 from personae.data.world.catalog import OBJECTS, categories
 from personae.data.world.characters import CHARACTERS_FILE, write_characters
@@ -72,15 +72,6 @@ def scene_id_for(index: int, scenes: int) -> str:
     return f"s{index:0{max(6, len(str(scenes - 1)))}d}"
 
 
-def _write_lines(path: Path, records: Iterable[dict]) -> None:
-    """Write JSON lines atomically (temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _world_record(seed: int, scenes: int, image_size: int, fractions: Sequence[float],
                   split_counts: dict[str, int], talk: dict[str, int] | None = None) -> dict:
     """The contents of world.json (nothing time- or machine-dependent, so it is reproducible)."""
@@ -125,8 +116,8 @@ def build_world(out_dir: Path | str, *, seed: int = 0, scenes: int = 10000, imag
         built.append(scene)
         pair_records.append({"image": scene.image, "caption": caption,
                              "scene_id": scene.scene_id, "split": scene.split})
-    _write_lines(out_dir / SCENES_FILE, scene_records)
-    _write_lines(out_dir / PAIRS_FILE, pair_records)
+    write_records(out_dir / SCENES_FILE, scene_records)
+    write_records(out_dir / PAIRS_FILE, pair_records)
     split_counts = {name: split_of.count(name) for name in SPLITS}
     talk = None
     if characters:
@@ -146,15 +137,5 @@ def load_scenes(path: Path | str, split: str | None = None) -> list[Scene]:
         path = path / SCENES_FILE
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    loaded = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                scene = Scene.from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{line_number}: bad scene record: {error!r}") from error
-            if split is None or scene.split == split:
-                loaded.append(scene)
+    loaded = [s for s in read_records(path, Scene.from_dict, "scene record") if split is None or s.split == split]
     return loaded

@@ -13,8 +13,6 @@ scenes, the examples a user would give to adapt a model to a new character.
 
 from __future__ import annotations
 
-import json
-import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from personae.data.jsonl import read_records, write_records
 from personae.data.world.catalog import OBJECTS
 from personae.data.world.characters import (CHARACTER_SPLITS, CHARACTERS_DIR, Character,
                                             characters_in)
@@ -313,17 +312,6 @@ def heldout_examples(character: Character, scenes: Sequence[Scene], *, seed: int
 # -- files ----------------------------------------------------------------------------------------
 
 
-def _write_lines(path: Path, records: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> int:
-    """Write JSON lines atomically; return how many."""
-    tmp, written = path.with_name(path.name + ".tmp"), 0
-    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            written += 1
-    os.replace(tmp, path)
-    return written
-
-
 def examples_path(character_id: str) -> str:
     """Where a held-out character's examples live, relative to the world folder."""
     return f"{CHARACTERS_DIR}/{character_id}.examples.jsonl"
@@ -346,13 +334,13 @@ def write_dialogues(out_dir: Path | str, scenes: Sequence[Scene],
             turns += len(dialogue.turns)
             yield dialogue.to_dict()
 
-    dialogues = _write_lines(out_dir / DIALOGUES_FILE, records())
+    dialogues = write_records(out_dir / DIALOGUES_FILE, records())
     # no train scenes (an all-eval world) means no adaptation examples to draw
     has_train = any(s.split == "train" for s in scenes)
     heldout = characters_in("heldout", characters) if has_train else []
     for character in heldout:
         rows = heldout_examples(character, scenes, seed=seed, k=examples)
-        _write_lines(out_dir / examples_path(character.id), [d.to_dict() for d in rows])
+        write_records(out_dir / examples_path(character.id), [d.to_dict() for d in rows])
     return {"dialogues": dialogues, "turns": turns, "example_files": len(heldout)}
 
 
@@ -367,18 +355,9 @@ def load_dialogues(path: Path | str, split: str | None = None,
     if character_split is not None and character_split not in CHARACTER_SPLITS:
         raise ValueError(f"character_split must be one of {CHARACTER_SPLITS}, "
                          f"got {character_split!r}")
-    loaded = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                dialogue = Dialogue.from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{line_number}: bad dialogue: {error!r}") from error
-            if ((split is None or dialogue.split == split)
-                    and (character_split is None or dialogue.character_split == character_split)):
-                loaded.append(dialogue)
+    loaded = [d for d in read_records(path, Dialogue.from_dict, "dialogue")
+              if (split is None or d.split == split)
+              and (character_split is None or d.character_split == character_split)]
     return loaded
 
 
