@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from personae.budgets import DEMO_BUDGETS
 from personae.config import ConfigError, apply_overrides, list_presets, load_preset
 from personae.errors import PersonaeError
 
@@ -94,8 +95,15 @@ def _shakespeare_build(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
     from personae.demo import run_demo
 
-    run_demo(Path(args.out), scenes=args.scenes, steps=args.steps, finetune_steps=args.finetune_steps,
+    run_demo(Path(args.out), budget=args.budget, scenes=args.scenes, steps=args.steps, finetune_steps=args.finetune_steps,
              fresh=args.fresh, overrides=overrides, progress=not args.quiet)
+
+
+def _ablate(args: argparse.Namespace, overrides: list[str]) -> None:
+    from personae.ablate import run_ablation
+
+    run_ablation(Path(args.out), budget=args.budget, seeds=args.seeds, variants=args.variants, data=args.data,
+                 jobs=args.jobs, overrides=overrides, progress=not args.quiet)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -261,13 +269,34 @@ def _add_shakespeare_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     """The `personae demo` command line."""
-    demo = sub.add_parser("demo", help="build the world, pretrain and fine-tune tiny, evaluate", epilog=OVERRIDE_HELP)
+    demo = sub.add_parser("demo", help="every stage on the built-in world: pretrain, fine-tune, meta-train, adapt, "
+                          "evaluate, report", epilog=OVERRIDE_HELP)
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--scenes", type=int, default=10000)
+    demo.add_argument("--budget", choices=sorted(DEMO_BUDGETS), default="quick",
+                      help="training lengths: quick (< 10 min on 2 CPU cores, the default) or full (~25 min)")
+    demo.add_argument("--scenes", type=int, default=None, help="scenes in the world (default: the budget's)")
     demo.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the tiny preset's)")
     demo.add_argument("--finetune-steps", type=int, default=None, help="role-play steps (default: the preset's)")
     demo.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
     demo.set_defaults(handler=_demo, takes_overrides=True)
+
+
+def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae ablate` command line."""
+    from personae.ablate import VARIANT_NAMES
+    from personae.budgets import ABLATION_BUDGETS
+
+    abl = sub.add_parser("ablate", help="train the ablation variants at equal compute over seeds; write the table",
+                         epilog=OVERRIDE_HELP)
+    abl.add_argument("--out", default="runs/ablate")
+    abl.add_argument("--budget", choices=sorted(ABLATION_BUDGETS), default="quick",
+                     help="per-variant training lengths (quick: minutes in all; full: about an hour on 2 cores)")
+    abl.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the budget's, 3)")
+    abl.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                     help=f"only these rows (default: all): {', '.join(VARIANT_NAMES)}")
+    abl.add_argument("--data", type=Path, default=None, help="an existing scene world (default: build OUT/world)")
+    abl.add_argument("--jobs", type=int, default=1, help="rows trained at once, in separate processes")
+    abl.set_defaults(handler=_ablate, takes_overrides=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_shakespeare_parser(sub)
     _add_demo_parser(sub)
+    _add_ablate_parser(sub)
     return parser
 
 

@@ -199,6 +199,25 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
     return result
 
 
+def evaluate_adapted(run: Path, data_dir: Path, *, k: int = 5, steps: int = 10, query: int | None = None,
+                     seed: int = 0, progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One run adapted its own way (its `AdaptSpec`) to each held-out character of a scene world.
+
+    Returns the mean query loss before and after `steps` inner steps on the first k examples, and the
+    exact metrics of greedy replies after adaptation: the ablation's held-out column.
+    """
+    world = _load_world(Path(data_dir))
+    if world is None:
+        raise PersonaeError(f"{data_dir} is not a scene world: the exact role-play metrics need one")
+    pool, episodes = heldout_episodes(Path(data_dir), k=k, q=query, seed=seed)
+    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)))
+    entry = _evaluate_run("adapted", Path(run), spec, [k], sorted({0, steps}), {(k, steps)}, adapts=True,
+                          pool=pool, cards=world["cards"], episodes=episodes, world=world,
+                          device=torch.device(device), progress=progress)
+    return {"k": k, "steps": steps, "params": spec.mode, "query_loss_before": entry["query_loss"][k][0],
+            "query_loss_after": entry["query_loss"][k][steps], "metrics": entry["metrics"][k][steps]}
+
+
 def _evaluate_run(label: str, run: Path, spec: AdaptSpec, ks: Sequence[int], steps: Sequence[int],
                   keep: set[tuple[int, int]], *, adapts: bool, pool: list[DialogueRecord], cards: dict,
                   episodes: Sequence[Episode], world: dict | None, device: torch.device,

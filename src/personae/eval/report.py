@@ -23,9 +23,9 @@ from personae.eval import plots
 from personae.eval.plots import Curve
 from personae.eval.roleplay_metrics import METRICS
 
-STAGE_ORDER = ("pretrain", "roleplay", "meta")
+STAGE_ORDER = ("pretrain", "roleplay", "meta", "multitask")
 SECTIONS = {"training": "Training curves", "retrieval": "Retrieval", "roleplay": "Role-play",
-            "adaptation": "Adaptation", "gallery": "Gallery of test scenes",
+            "adaptation": "Adaptation", "ablation": "Ablation", "gallery": "Gallery of test scenes",
             "config": "Configuration and environment"}
 SPLIT_NAMES = {"train": "seen", "heldout": "held-out"}
 SHORT = {"response_accuracy": "accuracy", "image_text_relevance": "relevance", "relevance_precision": "precision",
@@ -75,6 +75,7 @@ class RunData:
     stages: list[StageRun]
     demo: dict[str, Any]
     world: Path | None
+    ablation: dict[str, Any] | None = None
 
     def eval_result(self, name: str) -> tuple[StageRun, Any] | None:
         """The first stage (in stage order) holding eval/<name>.json, with its content."""
@@ -134,7 +135,8 @@ def load_run(run_dir: Path) -> RunData:
         stages = [_load_stage(p.name, p) for p in folders]
     demo = read_json(root / "demo.json") if (root / "demo.json").is_file() else {}
     world = root / "world" if (root / "world" / "dialogues.jsonl").is_file() else None
-    return RunData(root, stages, demo, world)
+    ablation = read_json(root / "ablation.json") if (root / "ablation.json").is_file() else None
+    return RunData(root, stages, demo, world, ablation)
 
 
 # ---- small HTML helpers ------------------------------------------------------------------------------------
@@ -300,6 +302,28 @@ def adaptation_section(run: RunData) -> str:
     return _section("adaptation", body)
 
 
+def ablation_section(run: RunData) -> str:
+    """The ablation table (mean ± standard deviation over seeds) when the folder holds ablation.json."""
+    found = run.ablation
+    if not found:
+        return _section("ablation", _missing("not run: no ablation.json here (`personae ablate --out DIR`, then "
+                                             "`personae report DIR`)."))
+    columns = found["columns"]
+    rows = []
+    for entry in found["table"]:
+        cells = [f"<td>{escape(entry['group'])}</td>", f"<td class='l' title='{escape(entry['description'])}'>"
+                 f"{escape(entry['variant'])}</td>"]
+        for key in columns:
+            stats = entry.get(key)
+            cells.append("<td>-</td>" if stats is None else
+                         f"<td>{_fmt(stats['mean'])} <span class='muted'>± {_fmt(stats['std'])}</span></td>")
+        rows.append(cells)
+    budget = found.get("budget", {})
+    note = (f"<p class='muted'>Budget {escape(str(budget.get('name')))}, seeds {escape(str(found.get('seeds')))}; "
+            "mean ± standard deviation over seeds; every variant of a group trains for the same steps.</p>")
+    return _section("ablation", note + _table(["group", "variant", *columns.values()], rows))
+
+
 def _image_uri(path: Path) -> str | None:
     """A base64 data URI of an image file, shrunk first when it is large; None if it cannot be read."""
     if not path.is_file():
@@ -443,7 +467,7 @@ def config_section(run: RunData) -> str:
 def render_report(run: RunData) -> str:
     """The whole page as one HTML string."""
     sections = [training_section(run), retrieval_section(run), roleplay_section(run), adaptation_section(run),
-                gallery_section(run), config_section(run)]
+                ablation_section(run), gallery_section(run), config_section(run)]
     nav = "".join(f'<a href="#{key}">{escape(title)}</a>' for key, title in SECTIONS.items())
     stages = ", ".join(stage.name for stage in run.stages) or "none"
     title = f"personae report: {run.root.name or run.root}"

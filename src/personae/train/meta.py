@@ -97,6 +97,19 @@ def episode_pool(records: list[DialogueRecord], needed: int) -> list[DialogueRec
     return [r for r in records if counts[r.character] >= needed]
 
 
+def multitask_overrides(cfg: Config) -> list[str]:
+    """Ordinary fine-tuning with the meta-training budget of CFG: the baseline meta-learning must beat.
+
+    The same number of outer steps, each over the same number of train conversations (meta_batch
+    tasks x (support + query)), with the same peak rate, warm-up and schedule.
+    """
+    meta = cfg.meta
+    return [f"finetune.train.steps={meta.train.steps}",
+            f"finetune.train.batch_size={meta.meta_batch * (meta.support + meta.query)}",
+            f"finetune.train.lr={meta.train.lr}", f"finetune.train.warmup_steps={meta.train.warmup_steps}",
+            f"finetune.train.seed={meta.train.seed}"]
+
+
 def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
                    resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
     """Meta-train RUN (fine-tuned or pretrained) over the train characters of DATA_DIR; write OUT_DIR."""
