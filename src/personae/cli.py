@@ -113,9 +113,10 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from personae.commands import serve_adapt_fn
     from personae.serve import serve
 
-    limits = {"max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
+    limits = {"adapt_fn": serve_adapt_fn, "max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
     serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key,
           **{k: v for k, v in limits.items() if v is not None})
 

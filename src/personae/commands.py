@@ -112,3 +112,37 @@ def shakespeare_build(out: Path, *, min_speeches: int = 50, heldout: int = 8, ex
     print(f"Shakespeare set in {out}: {counts['characters']} speakers ({counts['heldout']} held out), "
           f"{counts['conversations']} exchanges")
     return counts
+
+
+def serve_adapt_fn(task: Any, progress: Any) -> Path:
+    """The server's adaptation hook (`ServeSettings.adapt_fn`): `personae adapt` on the API's examples.
+
+    The examples ({"user", "reply", "image": data URL or None}) become one-turn conversations in a
+    temporary examples file (images decoded to PNG files beside it); every example is support (k =
+    their number); `steps` comes from the request (default 10). The adapter lands where the server
+    looks for it, RUN/adapters/<id>.safetensors.
+    """
+    import base64
+    import tempfile
+
+    from personae.data.cards import save_card_json
+    from personae.train.adapt import adapt_character
+
+    with tempfile.TemporaryDirectory(prefix="personae-adapt-") as folder:
+        folder_path = Path(folder)
+        card_path = folder_path / f"{task.character_id}.json"
+        save_card_json(task.card, card_path)
+        rows = []
+        for number, example in enumerate(task.examples):
+            row: dict[str, Any] = {"character": task.character_id,
+                                   "turns": [{"user": example["user"], "reply": example["reply"]}]}
+            if example.get("image"):
+                image = folder_path / f"example{number}.png"
+                image.write_bytes(base64.b64decode(example["image"].split(",", 1)[1]))
+                row["image"] = image.name
+            rows.append(json.dumps(row))
+        examples = folder_path / "examples.jsonl"
+        examples.write_text("\n".join(rows) + "\n")
+        return adapt_character(Path(task.run_dir), card_path, examples, k=len(rows),
+                               steps=int(task.options.get("steps") or 10), progress=False,
+                               on_progress=progress, copy_card=False)

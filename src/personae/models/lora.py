@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -35,6 +35,17 @@ LORA_MARKERS = ("lora_A", "lora_B")
 
 class AdapterError(PersonaeError):
     """An adapter file or LoRA request does not fit the model; the message names the key."""
+
+
+def routed_low_rank(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    rows: torch.Tensor) -> torch.Tensor:
+    """x (B, ..., in) through per-row adapters: banks A (n, r, in), B (n, out, r), rows (B,) -> (B, ..., out)."""
+    if rows.shape[0] != x.shape[0]:
+        raise AdapterError(f"adapter routing has {rows.shape[0]} rows for a batch of {x.shape[0]}")
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+    low = torch.bmm(flat, lora_A[rows].transpose(1, 2))  # (B, T, r)
+    out = torch.bmm(low, lora_B[rows].transpose(1, 2))  # (B, T, out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class LoRALinear(nn.Module):
@@ -52,6 +63,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+        # set by AdapterBank.route: (A bank (n, r, in), B bank (n, out, r), slot per row or one slot)
+        self.routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor | int] | None = None
 
     @property
     def in_features(self) -> int:
@@ -62,6 +75,13 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:  # adapters chosen per row by an AdapterBank
+            bank_A, bank_B, rows = self.routing
+            if isinstance(rows, int):
+                low_rank = F.linear(F.linear(x, bank_A[rows]), bank_B[rows])
+            else:
+                low_rank = routed_low_rank(x, bank_A, bank_B, rows)
+            return self.base(x) + low_rank * self.scaling
         low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (..., out)
         return self.base(x) + low_rank * self.scaling
 
@@ -148,9 +168,12 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"adapter file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-        metadata = dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{path}: not a readable safetensors adapter file ({error})") from error
     return tensors, metadata
 
 

@@ -41,6 +41,7 @@ from personae.data.cards import CardError
 from personae.data.tokenizer import Tokenizer
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask
+from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import (
     CharacterEntry,
     CharacterExists,
@@ -84,14 +85,22 @@ class ServerContext:
     def __init__(self, run_dir: Path, settings: ServeSettings, bundle: RunBundle) -> None:
         self.run_dir, self.settings, self.bundle = Path(run_dir), settings, bundle
         self.registry = CharacterRegistry(self.run_dir, image_size=bundle.model.cfg.vision.image_size)
+        self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir)
         include = bundle.include_examples if settings.include_examples is None else settings.include_examples
-        self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include)
+        self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include,
+                                             self.adapters)
         self.scheduler = Scheduler(bundle.model, bundle.tokenizer, max_batch=settings.max_batch,
                                    max_queue=settings.max_queue, batching=settings.batching,
                                    retry_after=settings.retry_after_s,
-                                   prefix_cache_bytes=settings.prefix_cache_mib * 1024 * 1024)
-        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=lambda task: self.registry.refresh())
+                                   prefix_cache_bytes=settings.prefix_cache_mib * 1024 * 1024,
+                                   adapters=self.adapters)
+        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=lambda task: self._adapted())
         self.started = time.time()
+
+    def _adapted(self) -> None:
+        """An adaptation job wrote an adapter: list it and load it for the requests to come."""
+        self.registry.refresh()
+        self.adapters.sync()
 
     def submit(self, job: Any) -> RequestHandle:
         """Queue a job for this event loop; a full queue is a 503 with Retry-After."""
@@ -252,10 +261,11 @@ def _model_info(entry: CharacterEntry) -> dict[str, Any]:
             "name": entry.card.name, "source": entry.source, "adapted": entry.adapted}
 
 
-def _character_info(entry: CharacterEntry) -> dict[str, Any]:
+def _character_info(entry: CharacterEntry, adapters: ServerAdapters) -> dict[str, Any]:
     greetings = entry.card.greetings()
     return {"id": entry.id, "object": "character", "model": entry.model, "name": entry.card.name,
-            "source": entry.source, "adapted": entry.adapted, "description": entry.card.description,
+            "source": entry.source, "adapted": entry.adapted, "adapter": adapters.status(entry.id),
+            "description": entry.card.description,
             "greeting": greetings[0] if greetings else "", "avatar_url": f"/v1/characters/{entry.id}/avatar",
             "tags": list(entry.card.tags)}
 
@@ -270,11 +280,11 @@ def _entry(context: ServerContext, name: str, param: str = "id") -> CharacterEnt
 def _character_routes(app: FastAPI, context: ServerContext) -> None:
     @app.get("/v1/characters", tags=["characters"])
     async def list_characters() -> dict[str, Any]:
-        return {"object": "list", "data": [_character_info(e) for e in context.registry.list()]}
+        return {"object": "list", "data": [_character_info(e, context.adapters) for e in context.registry.list()]}
 
     @app.get("/v1/characters/{character_id}", tags=["characters"])
     async def get_character(character_id: str) -> dict[str, Any]:
-        return _character_info(_entry(context, character_id))
+        return _character_info(_entry(context, character_id), context.adapters)
 
     @app.post("/v1/characters", status_code=201, tags=["characters"])
     async def upload_character(request: Request) -> JSONResponse:
@@ -293,7 +303,7 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
             raise ApiError(400, f"not a valid character card: {error}", code="invalid_card") from None
         except CharacterExists as error:
             raise ApiError(409, str(error), code="character_exists") from None
-        return JSONResponse(_character_info(entry), status_code=201)
+        return JSONResponse(_character_info(entry, context.adapters), status_code=201)
 
     @app.delete("/v1/characters/{character_id}", tags=["characters"])
     async def delete_character(character_id: str) -> dict[str, Any]:

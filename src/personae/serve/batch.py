@@ -19,14 +19,19 @@ garbage would still be NaN.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from personae.models.decoder import KVCache
 from personae.models.model import PersonaeModel
 from personae.serve.prefix_cache import PrefixCache, image_digest, prefill_on_prefix
+
+if TYPE_CHECKING:
+    from personae.serve.adapters import ServerAdapters
 
 
 @dataclass
@@ -36,13 +41,15 @@ class RowInput:
     prompt_ids: Sequence[int]
     pixel_values: torch.Tensor | None  # (3, S, S) normalised, or None for a text-only prompt
     head_len: int = 0  # leading prompt tokens that are the same for many requests (prefix-cached)
+    adapter: str | None = None  # whose LoRA adapter this row decodes with (None: the model's own)
 
 
 class DecodeBatch:
     """KV cache, padding mask, next positions and pending logits of the rows decoding together."""
 
-    def __init__(self, model: PersonaeModel, pad_id: int, prefix_cache_bytes: int = 0) -> None:
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model: PersonaeModel, pad_id: int, prefix_cache_bytes: int = 0,
+                 adapters: ServerAdapters | None = None) -> None:
+        self.model, self.pad_id, self.adapters = model, pad_id, adapters
         self.prefixes = PrefixCache(model, prefix_cache_bytes)
         self.decoder = model._require_decoder()
         self.max_len = self.decoder.cfg.max_len
@@ -52,6 +59,7 @@ class DecodeBatch:
         self.real = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, capacity)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) next position per row
         self.logits = torch.zeros(0, 0, device=self.device)  # (B, V) next-token logits, not yet sampled
+        self.slots = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) adapter slot per row
         self.compactions = 0
 
     @property
@@ -67,6 +75,23 @@ class DecodeBatch:
         prefix = self.model.image_prefix_length() if with_image else 0
         return self.max_len - prefix - prompt_len
 
+    def _guard(self) -> contextlib.AbstractContextManager:
+        """The adapters' lock: the model is not changed (LoRA added) during a forward."""
+        return self.adapters.lock if self.adapters is not None else contextlib.nullcontext()
+
+    def _route(self, slots: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Each row's adapter for the forwards inside (one slot for all when they agree)."""
+        bank = self.adapters.bank if self.adapters is not None else None
+        if bank is None:
+            return contextlib.nullcontext()
+        if bool((slots == slots[0]).all()):
+            return bank.route(int(slots[0]))
+        return bank.route(slots)
+
+    def _slot(self, row: RowInput) -> int:
+        bank = self.adapters.bank if self.adapters is not None else None
+        return bank.slot(row.adapter) if bank is not None else 0
+
     @torch.no_grad()
     def join(self, rows: Sequence[RowInput], headroom: int) -> list[int]:
         """Prefill `rows` and append them to the batch; returns their indices in the order appended.
@@ -75,26 +100,34 @@ class DecodeBatch:
         else rows without. `headroom` is the most tokens any row may still generate: the cache
         is sized to hold it.
         """
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(self._group_key(row), []).append(i)
         order: list[int] = []
-        for key, members in groups.items():
-            group = [rows[i] for i in members]
-            if key[0] == "head":
-                entry = self.prefixes.get(key[1], group[0].pixel_values)
-                suffixes = [r.prompt_ids[len(key[1][1]):] for r in group]
-                self._merge(*prefill_on_prefix(self.model, entry, suffixes, self.pad_id), headroom)
-            else:
-                self._merge(*self._prefill(group), headroom)
-            order += members
+        with self._guard():
+            groups: dict[tuple, list[int]] = {}
+            for i, row in enumerate(rows):
+                groups.setdefault(self._group_key(row), []).append(i)
+            for key, members in groups.items():
+                group = [rows[i] for i in members]
+                slots = torch.tensor([self._slot(r) for r in group], device=self.device)
+                with self._route(slots):
+                    if key[0] == "head":
+                        entry = self.prefixes.get(key[1], group[0].pixel_values)
+                        suffixes = [r.prompt_ids[len(key[1][1]):] for r in group]
+                        self._merge(*prefill_on_prefix(self.model, entry, suffixes, self.pad_id), headroom, slots)
+                    else:
+                        self._merge(*self._prefill(group), headroom, slots)
+                order += members
         return order
 
     def _group_key(self, row: RowInput) -> tuple:
-        """('head', prefix key) for a row whose head is cached, else ('image' | 'text',)."""
+        """('head', prefix key) for a row whose head is cached, else ('image' | 'text',).
+
+        A cached head was computed with one adapter, so the key names the adapter and its version.
+        """
         head = min(row.head_len, len(row.prompt_ids) - 1)  # at least one token is prefilled after the head
         if self.prefixes.enabled and head > 0:
-            return ("head", (image_digest(row.pixel_values), tuple(row.prompt_ids[:head])))
+            bank = self.adapters.bank if self.adapters is not None else None
+            adapter = (row.adapter, bank.version(row.adapter)) if bank is not None and self._slot(row) else None
+            return ("head", (image_digest(row.pixel_values), tuple(row.prompt_ids[:head]), adapter))
         return ("image",) if row.pixel_values is not None else ("text",)
 
     def _prefill(self, rows: Sequence[RowInput]) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +148,7 @@ class DecodeBatch:
         return cache, real, prefix + lengths, logits
 
     def _merge(self, cache: KVCache, real: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor,
-               headroom: int) -> None:
+               headroom: int, slots: torch.Tensor) -> None:
         """Copy the current rows and the prefilled newcomers into one cache, both ending at one slot."""
         if self.cache is None or self.size == 0:
             old_len, new_len = 0, cache.length
@@ -142,6 +175,7 @@ class DecodeBatch:
         self.cache, self.real = merged, merged_real
         self.positions = torch.cat([self.positions, positions]) if old_rows else positions
         self.logits = torch.cat([self.logits, logits]) if old_rows else logits
+        self.slots = torch.cat([self.slots, slots]) if old_rows else slots
 
     def keep(self, keep: torch.Tensor) -> None:
         """Drop the rows where `keep` (B,) bool is False."""
@@ -152,12 +186,13 @@ class DecodeBatch:
             return
         self.cache = self.cache.select(keep)
         self.real, self.positions, self.logits = self.real[keep], self.positions[keep], self.logits[keep]
+        self.slots = self.slots[keep]
 
     def clear(self) -> None:
         """Forget every row (the batch is empty)."""
         self.cache = None
         self.real = self.real[:0]
-        self.positions, self.logits = self.positions[:0], self.logits[:0]
+        self.positions, self.logits, self.slots = self.positions[:0], self.logits[:0], self.slots[:0]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> None:
@@ -169,7 +204,8 @@ class DecodeBatch:
         self.real[:, slot] = True
         real = self.real[:, : slot + 1]
         mask = None if bool(real.all()) else real  # no gaps (e.g. one row): SDPA needs no mask
-        self.logits = self.model.decode_step(tokens, self.positions, mask, self.cache)
+        with self._guard(), self._route(self.slots):
+            self.logits = self.model.decode_step(tokens, self.positions, mask, self.cache)
         self.positions = self.positions + 1
 
     def _make_room(self) -> None:

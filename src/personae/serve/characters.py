@@ -3,9 +3,8 @@
 * Trained cards come with the fine-tuned run and are read-only here.
 * Uploaded cards (JSON or PNG, validated by :func:`personae.data.cards.load_card`) are written to
   ``RUN/uploads/<id>.json|png`` so that they survive a restart; DELETE removes the file.
-* A character is *adapted* when ``RUN/adapters/<id>.safetensors`` exists (written by the
-  meta-learning stage or by an adaptation job). :func:`load_adapter` is the hook that will turn
-  that file into weights for generation; in this build it returns None (the base model answers).
+* A character is *adapted* when ``RUN/adapters/<id>.safetensors`` exists (written by `personae
+  adapt` or by an adaptation job); :mod:`personae.serve.adapters` applies it per request.
 
 A character's id is its card file's stem (trained) or a slug of its name (uploaded).
 """
@@ -18,7 +17,7 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -81,16 +80,6 @@ def slugify(name: str) -> str:
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:48].strip("-")
     return slug or "character"
-
-
-def load_adapter(run_dir: Path, character_id: str) -> Any | None:
-    """Adapter weights of a character for generation: the hook for the meta-learning adapters.
-
-    Returns None in this build (no adapter is applied; the base model plays every character).
-    When adapters land, return what the model needs (e.g. a LoRA state dict) and apply it in the
-    scheduler per row.
-    """
-    return None
 
 
 class CharacterRegistry:

@@ -38,7 +38,8 @@ from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.model import PersonaeModel
 from personae.models.sampling import Generation, SamplingParams
-from personae.serve.characters import CharacterRegistry, image_pixels, load_adapter
+from personae.serve.adapters import ServerAdapters
+from personae.serve.characters import CharacterRegistry, image_pixels
 from personae.serve.errors import ApiError, error_body
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
 from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
@@ -75,8 +76,9 @@ class CompletionService:
     """Turns chat-completion requests into scheduler jobs, with every limit checked on the way."""
 
     def __init__(self, model: PersonaeModel, tokenizer: Tokenizer, registry: CharacterRegistry,
-                 settings: ServeSettings, include_examples: bool) -> None:
+                 settings: ServeSettings, include_examples: bool, adapters: ServerAdapters | None = None) -> None:
         self.model, self.tokenizer, self.registry, self.settings = model, tokenizer, registry, settings
+        self.adapters = adapters
         self.include_examples = include_examples
         self.builder = PromptBuilder(tokenizer)
         self.image_size = model.cfg.vision.image_size
@@ -87,7 +89,7 @@ class CompletionService:
         """Validate a request and build its job (blocking: tokenizes and decodes the image)."""
         self._check_options(request)
         conversation = split_messages(request.messages, self.settings, request.user_name)
-        card, model_name, avatar = self._character(request, conversation)
+        card, model_name, avatar, adapter = self._character(request, conversation)
         max_tokens = self._max_tokens(request)
         budget = self.model.text_budget(max_tokens, with_image=True)
         if self.settings.max_prompt_tokens is not None:
@@ -105,7 +107,7 @@ class CompletionService:
                                 seed=request.seed)
         head = prompt.segments["definition"] + prompt.segments["examples"]  # the same for every request to the card
         job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,
-                            stream=request.stream)
+                            stream=request.stream, adapter=adapter)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
                                prompt.dropped_turns, request.stream, include_usage)
@@ -143,19 +145,16 @@ class CompletionService:
         return asked
 
     def _character(self, request: ChatCompletionRequest,
-                   conversation: Conversation) -> tuple[CharacterCard, str, torch.Tensor]:
-        """The card to play, the model name to echo, and what the character looks at by default."""
+                   conversation: Conversation) -> tuple[CharacterCard, str, torch.Tensor, str | None]:
+        """The card to play, the model name to echo, what the character looks at by default, its adapter."""
         named, param = (request.character, "character") if request.character else (request.model, "model")
         entry = self.registry.find(named) if named else None
         if entry is not None:
-            if entry.adapted and load_adapter(self.registry.run_dir, entry.id) is not None:
-                # the integration point for meta-learned adapters: the scheduler cannot apply one yet
-                raise ApiError(501, f"'{entry.id}' has an adapter, and this build cannot apply adapters",
-                               param=param, code="adapters_unsupported")
             card = entry.card
             if conversation.system:
                 card = dataclasses.replace(card, system_prompt=conversation.system)
-            return card, entry.model, self.registry.pixels(entry)
+            adapter = self.adapters.key(entry.id) if self.adapters is not None else None
+            return card, entry.model, self.registry.pixels(entry), adapter
         if named and (param == "character" or not conversation.system):
             known = ", ".join(e.model for e in self.registry.list()[:8]) or "none"
             raise ApiError(404, f"no character '{named}' (see GET /v1/models); known: {known}", param=param,
@@ -165,7 +164,7 @@ class CompletionService:
                                 "message", param="model", code="missing_character")
         name = conversation.char_name or "Assistant"
         card = CharacterCard(name=name, system_prompt=conversation.system)
-        return card, named or f"personae/{name}", self._ad_hoc_pixels(name)
+        return card, named or f"personae/{name}", self._ad_hoc_pixels(name), None
 
     def _ad_hoc_pixels(self, name: str) -> torch.Tensor:
         with self._lock:  # prepare() runs on several worker threads

@@ -22,7 +22,8 @@ import torch
 from personae.models.decoder import KVCache
 from personae.models.model import PersonaeModel
 
-PrefixKey = tuple[str, tuple[int, ...]]
+# (image digest, head token ids, (adapter id, version) or None: a head computed with an adapter is its own)
+PrefixKey = tuple[str, tuple[int, ...], tuple[str, int] | None]
 
 
 @dataclass
@@ -50,7 +51,7 @@ def image_digest(pixel_values: torch.Tensor | None) -> str:
 
 
 class PrefixCache:
-    """LRU map (image digest, head token ids) -> PrefixEntry within `max_bytes`; counts hits and misses."""
+    """LRU map (image digest, head token ids, adapter) -> PrefixEntry within `max_bytes`; counts hits and misses."""
 
     def __init__(self, model: PersonaeModel, max_bytes: int) -> None:
         self.model, self.max_bytes = model, max_bytes

@@ -33,6 +33,7 @@ from personae.models.model import PersonaeModel
 from personae.models.sampling import (
     Generation, SamplingParams, apply_repetition_penalty, choose_tokens, stream_piece,
 )
+from personae.serve.adapters import ServerAdapters
 from personae.serve.batch import DecodeBatch, RowInput
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class GenerationJob:
     ignore_eos: bool = False
     head_len: int = 0  # leading prompt tokens shared by many requests (system + card): prefix-cached
     stream: bool = True  # send Piece and Finished events as they happen; False: only Done (fewer wake-ups)
+    adapter: str | None = None  # the character whose LoRA adapter decodes this request (None: the model's own)
 
 
 @dataclass
@@ -204,12 +206,13 @@ class Scheduler:
     """Admits waiting requests between steps and decodes all running rows with one forward per step."""
 
     def __init__(self, model: PersonaeModel, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 64,
-                 batching: bool = True, retry_after: int = 1, prefix_cache_bytes: int = 0) -> None:
+                 batching: bool = True, retry_after: int = 1, prefix_cache_bytes: int = 0,
+                 adapters: ServerAdapters | None = None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.batching, self.retry_after = max_batch, max_queue, batching, retry_after
-        self.batch = DecodeBatch(model, tokenizer.pad_id, prefix_cache_bytes)
+        self.batch = DecodeBatch(model, tokenizer.pad_id, prefix_cache_bytes, adapters)
         self.seen = torch.zeros(0, model.cfg.text.vocab_size, dtype=torch.bool)  # (B, V) tokens each row produced
         self.rows: list[_RowState] = []
         self.stats = SchedulerStats()
@@ -333,7 +336,7 @@ class Scheduler:
                 continue
             base_seed = job.params.seed if job.params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             for index in range(job.n):
-                inputs.append(RowInput(job.prompt_ids, job.pixel_values, job.head_len))
+                inputs.append(RowInput(job.prompt_ids, job.pixel_values, job.head_len, job.adapter))
                 states.append(_RowState(handle, index, self.tokenizer, min(job.params.max_new_tokens, room),
                                         base_seed + index))
         if not inputs:

@@ -174,11 +174,12 @@ def adapter_path(run: Path, character_id: str) -> Path:
 def adapt_character(run: Path, card_path: Path, examples_path: Path, *, k: int = 5, steps: int = 10,
                     lr: float | None = None, params: str | None = None, progress: bool = True,
                     device: str | torch.device = "cpu",
-                    on_progress: Callable[[float, str], None] | None = None) -> Path:
+                    on_progress: Callable[[float, str], None] | None = None, copy_card: bool = True) -> Path:
     """Adapt RUN to the character of CARD from the first k conversations of EXAMPLES; the adapter's path.
 
     Writes RUN/adapters/<id>.safetensors (id: the card file's stem) and copies the card to
-    RUN/characters/. `params` chooses what adapts (auto | all | head | lora), `lr` the inner rate.
+    RUN/characters/ (unless `copy_card` is False: the server keeps its cards where they are).
+    `params` chooses what adapts (auto | all | head | lora), `lr` the inner rate.
     """
     run, card_path = Path(run), Path(card_path)
     if steps < 0:
@@ -208,9 +209,9 @@ def adapt_character(run: Path, card_path: Path, examples_path: Path, *, k: int =
     if spec.mode == "lora":
         metadata |= {"lora_rank": spec.lora_rank, "lora_alpha": spec.lora_alpha}
     path = save_adapter(adapter_path(run, character_id), adaptation.model_tensors(fast), metadata)
-    (run / "characters").mkdir(parents=True, exist_ok=True)
     target = run / "characters" / card_path.name
-    if target.resolve() != card_path.resolve():
+    if copy_card and target.resolve() != card_path.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(card_path, target)
     return path
 

@@ -1,0 +1,96 @@
+"""Character adapters in the server: applied per row in a mixed batch, exactly as `personae chat` applies them."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from personae.chat.session import load_run_for_character
+from personae.data.episodes import examples_file
+from personae.data.world.characters import load_characters
+from personae.models.sampling import SamplingParams, generate
+from personae.serve.adapters import ServerAdapters
+from personae.serve.app import create_app, load_run
+from personae.serve.characters import CharacterRegistry
+from personae.serve.completions import CompletionService
+from personae.serve.scheduler import Scheduler
+from personae.serve.schemas import ChatCompletionRequest
+from personae.serve.settings import ServeSettings
+from personae.train.adapt import adapt_character
+from tests.e2e.helpers import CHARACTER
+from tests.e2e.test_scheduler import run_until_idle
+
+
+@pytest.fixture(scope="module")
+def adapted_run(finetuned_run: Path, small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the fine-tuned run with adapters (fresh LoRA, a few large steps) for two held-out characters."""
+    run = Path(shutil.copytree(finetuned_run, tmp_path_factory.mktemp("adapted") / "run"))
+    for character in sorted(load_characters(small_world, split="heldout"))[:2]:
+        adapt_character(run, small_world / "characters" / f"{character}.json",
+                        examples_file(small_world / "characters", character), k=3, steps=3, lr=2.0, progress=False)
+    return run
+
+
+def _request(character: str) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model=f"personae/{character}", max_tokens=10, temperature=0.0,
+                                 messages=[{"role": "user", "content": "Who are you?"}])
+
+
+def test_a_mixed_batch_decodes_each_row_with_its_own_adapter(adapted_run: Path) -> None:
+    bundle = load_run(adapted_run, "cpu")  # its own model: LoRA layers are added to it
+    registry = CharacterRegistry(adapted_run, image_size=bundle.model.cfg.vision.image_size)
+    adapters = ServerAdapters(bundle.model, registry.adapter_dir)
+    adapted = sorted(p.stem for p in registry.adapter_dir.glob("*.safetensors"))
+    assert len(adapted) == 2 and all(adapters.status(c) == "applied" for c in adapted)
+    service = CompletionService(bundle.model, bundle.tokenizer, registry, ServeSettings(), False, adapters)
+    scheduler = Scheduler(bundle.model, bundle.tokenizer, max_batch=8, adapters=adapters, prefix_cache_bytes=1 << 20)
+    characters = [adapted[0], CHARACTER, adapted[1], adapted[0]]
+    jobs = [service.prepare(_request(c)).job for c in characters]
+    handles = [scheduler.submit(job) for job in jobs]
+    run_until_idle(scheduler)
+    assert scheduler.stats.max_batch_seen == 4  # one batch mixing three adapters
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    base = load_run(adapted_run, "cpu").model
+    replies, base_replies = [], []
+    for character, job, handle in zip(characters, jobs, handles):
+        model, _, tokenizer, _ = load_run_for_character(adapted_run, character)
+        expected = generate(model, tokenizer, [list(job.prompt_ids)], job.pixel_values[None], params)[0].token_ids
+        replies.append(handle.result_blocking(timeout=5)[0].token_ids)
+        assert replies[-1] == expected, character
+        base_replies.append(generate(base, tokenizer, [list(job.prompt_ids)], job.pixel_values[None], params)[0].token_ids)
+    assert replies[1] == base_replies[1]  # no adapter: the base model
+    assert any(r != b for r, b in zip(replies, base_replies))  # the adapters do change what is said
+
+
+def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: Path, tmp_path: Path) -> None:
+    from personae.commands import serve_adapt_fn
+
+    run = Path(shutil.copytree(adapted_run, tmp_path / "run"))
+    (run / "adapters" / "captain-saltbeard.safetensors").write_bytes(b"not an adapter")
+    app = create_app(run, ServeSettings(adapt_fn=serve_adapt_fn), bundle=load_run(run, "cpu"))
+    try:
+        client = TestClient(app)
+        listed = {c["id"]: c for c in client.get("/v1/characters").json()["data"]}
+        assert listed["captain-saltbeard"]["adapter"].startswith("not applied: ")
+        assert sum(c["adapter"] == "applied" for c in listed.values()) == 2
+        assert listed[CHARACTER]["adapter"] is None
+        body = {"model": "personae/captain-saltbeard", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200  # served by the base model
+        examples = [{"user": "Who are you?", "reply": "Bonjour! I am Chef Baptiste. Bon appetit!"},
+                    {"user": "What do you see?", "reply": "Bonjour! I see a red apple. Bon appetit!"}]
+        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": examples, "steps": 2}).json()
+        for _ in range(200):
+            state = client.get(f"/v1/characters/{CHARACTER}/adapt/{job['id']}").json()
+            if state["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.05)
+        assert state["status"] == "succeeded", state
+        assert client.get(f"/v1/characters/{CHARACTER}").json()["adapter"] == "applied"
+        reply = client.post("/v1/chat/completions", json={**body, "model": f"personae/{CHARACTER}"})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
+    finally:
+        app.state.context.scheduler.stop()
