@@ -151,6 +151,9 @@ class MetaCfg:
     randomness: str = "different"
     lora_rank: int = 4  # the adapters meta-train adds for lora-maml (recorded in model.lora_rank)
     lora_alpha: float = 8.0
+    # scene worlds: each episode's character speaks with freshly drawn markers (personae.data.persona_swap),
+    # so that tasks are as new to the model as held-out characters are
+    persona_swap: bool = False
 
 
 @dataclass

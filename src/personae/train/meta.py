@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,6 +111,23 @@ def multitask_overrides(cfg: Config) -> list[str]:
             f"finetune.train.seed={meta.train.seed}"]
 
 
+def _episode_batches(cfg: Config, data_dir: Path, sampler: EpisodeSampler, dataset: RolePlayDataset,
+                     cards: dict, pad_id: int, max_tokens: int) -> Callable[[int], list]:
+    """micro-step -> the meta-batch of (support, query) batches: plain, or persona-swapped (meta.persona_swap)."""
+    n = cfg.meta.meta_batch
+    if not cfg.meta.persona_swap:
+        collator = EpisodeCollator(dataset, pad_id)
+        return lambda micro_step: collator.meta_batch(sampler.meta_batch(micro_step, n))
+    from personae.data.persona_swap import PersonaSwap, SwappedEpisodeCollator
+    from personae.data.world.characters import load_characters
+
+    if not (data_dir / "world.json").is_file():
+        raise PersonaeError(f"meta.persona_swap needs a scene world (its characters' styles); {data_dir} is not one")
+    swapped = SwappedEpisodeCollator(dataset, pad_id, PersonaSwap(load_characters(data_dir), cfg.meta.train.seed),
+                                     cards, max_tokens=max_tokens, include_examples=cfg.finetune.include_examples)
+    return lambda micro_step: swapped.meta_batch(sampler.meta_batch(micro_step, n), key=micro_step)
+
+
 def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
                    resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
     """Meta-train RUN (fine-tuned or pretrained) over the train characters of DATA_DIR; write OUT_DIR."""
@@ -132,12 +150,10 @@ def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[
     dataset = RolePlayDataset(records, cards, tokenizer, image_size=cfg.model.vision.image_size,
                               max_tokens=model.text_budget(0, records[0].image is not None),
                               include_examples=cfg.finetune.include_examples, progress=progress)
-    collator = EpisodeCollator(dataset, tokenizer.pad_id)
+    episodes = _episode_batches(cfg, data_dir, sampler, dataset, cards, tokenizer.pad_id,
+                                model.text_budget(0, records[0].image is not None))
     learner = build_learner(model, cfg, tokenizer.pad_id)
     _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
-
-    def episodes(micro_step: int) -> list:
-        return collator.meta_batch(sampler.meta_batch(micro_step, cfg.meta.meta_batch))
 
     aux = {META_LRS_FILE.removesuffix(".safetensors"): learner.inner_lrs} if cfg.meta.learn_inner_lr else None
     trainer = Trainer(MetaStep(learner), model, None, None, cfg, tokenizer, out_dir, dist, stage="meta",
