@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from personae.cli import main
 from personae.config import apply_overrides, load_preset
 from personae.data.cards import load_card
 from personae.data.episodes import examples_file
-from personae.errors import DataError
+from personae.errors import DataError, PersonaeError
 from personae.models.io import load_model
 from personae.models.lora import load_adapter, lora_settings
 from personae.train.adapt import Adaptation, AdaptSpec, adapt_character, learned_rates, read_examples, support_batch
@@ -91,6 +92,25 @@ def test_meta_train_resumes_exactly(meta_run, pretrained_run, small_world, tmp_p
     for name in ("model.safetensors", "meta_lrs.safetensors"):
         a, b = load_file(str(out / name)), load_file(str(tmp_path / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_persona_swapped_meta_training_is_deterministic_and_trains_on_other_text(meta_run, pretrained_run, small_world, tmp_path):
+    swap = META[:1] + ["meta.train.steps=2", "meta.persona_swap=true"] + META[1:]
+    first = run_meta_train(pretrained_run, small_world, tmp_path / "a", overrides=swap, progress=False)
+    again = run_meta_train(pretrained_run, small_world, tmp_path / "b", overrides=swap, progress=False)
+    plain = meta_run[1].history[:2]
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in again.history]  # swaps are drawn by step
+    # the same episodes with fresh markers: other text, other losses
+    assert all(s["loss"] != p["loss"] for s, p in zip(first.history, plain)), (first.history, plain)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["meta"]["persona_swap"] is True
+
+
+def test_persona_swap_needs_a_scene_world(pretrained_run, small_world, tmp_path):
+    data = tmp_path / "plain"
+    shutil.copytree(small_world, data, ignore=shutil.ignore_patterns("world.json"))
+    with pytest.raises(PersonaeError, match="persona_swap needs a scene world"):
+        run_meta_train(pretrained_run, data, tmp_path / "out", overrides=META + ["meta.persona_swap=true"],
+                       progress=False)
 
 
 def test_adapter_reloads_to_identical_outputs_and_zero_steps_is_a_no_op(meta_run, small_world):
