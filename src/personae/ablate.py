@@ -34,9 +34,6 @@ from typing import Any
 from personae.budgets import AblationBudget, ablation_budget
 from personae.errors import PersonaeError
 
-ADAPT_K, ADAPT_STEPS = 5, 10
-
-
 @dataclass(frozen=True)
 class Variant:
     """One row of the table: its group, what it changes, and how it trains."""
@@ -156,6 +153,7 @@ def _train_adaptation_row(job: RowJob, overrides: list[str]) -> tuple[Path, floa
 
 def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, Any]:
     from personae.data.manifest import read_pairs
+    from personae.data.world.characters import load_characters
     from personae.eval.adaptation import evaluate_adapted
     from personae.eval.retrieval import evaluate_retrieval
     from personae.eval.roleplay import evaluate_roleplay
@@ -175,8 +173,10 @@ def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, 
     row |= {"response_accuracy": seen["response_accuracy"], "image_text_relevance": seen["image_text_relevance"],
             "persona_seen": seen["persona_consistency"],
             "fluency_perplexity": roleplay["fluency_perplexity"]["train"]}
-    adapted = evaluate_adapted(run, job.world, k=ADAPT_K, steps=ADAPT_STEPS, query=job.budget.adapt_query,
-                               seed=job.seed)
+    budget = job.budget
+    heldout = sorted(load_characters(job.world, split="heldout"))[: budget.adapt_characters]
+    adapted = evaluate_adapted(run, job.world, k=budget.adapt_k, steps=budget.adapt_steps, query=budget.adapt_query,
+                               seed=job.seed, characters=heldout)
     row |= {"persona_heldout_adapted": adapted["metrics"]["persona_consistency"],
             "query_loss_adapted": adapted["query_loss_after"], "adapted_with": adapted["params"]}
     return row
@@ -265,9 +265,10 @@ def write_table(out: Path, table: list[dict[str, Any]], rows: list[dict[str, Any
     """OUT/ablation.json (the table, every row, the settings) and OUT/ablation.md."""
     (out / "ablation.json").write_text(json.dumps({**meta, "columns": {k: h for k, (h, _) in COLUMNS.items()},
                                                    "table": table, "rows": rows}, indent=2) + "\n")
-    notes = (f"Budget `{meta['budget']['name']}`, seeds {meta['seeds']}; mean ± standard deviation over seeds. "
-             f"Held-out persona: after adapting to each held-out character from k = {ADAPT_K} examples, "
-             f"{ADAPT_STEPS} inner steps, each run its own way.\n")
+    budget = meta["budget"]
+    notes = (f"Budget `{budget['name']}`, seeds {meta['seeds']}; mean ± standard deviation over seeds. "
+             f"Held-out persona: after adapting to each held-out character from k = {budget['adapt_k']} examples, "
+             f"{budget['adapt_steps']} inner steps, each run its own way.\n")
     (out / "ablation.md").write_text(f"# Ablation\n\n{notes}\n{markdown_table(table)}\n")
 
 

@@ -67,6 +67,9 @@ class AblationBudget:
     roleplay_limit: int  # test conversations per character split
     adapt_query: int  # query conversations per held-out character
     seeds: int = 3
+    adapt_k: int = 5  # support conversations of each held-out character
+    adapt_steps: int = 10  # inner steps of the held-out adaptation
+    adapt_characters: int | None = None  # the first N held-out characters (None: all)
 
     def overrides(self) -> list[str]:
         """The budget as dotted config overrides."""

@@ -52,7 +52,7 @@ def test_openai_client_sees_openai_errors(client: openai.OpenAI) -> None:
     assert remote.value.code == "remote_image_refused"
 
 
-def test_concurrent_requests_give_the_same_text_as_sequential_ones(live_url: str) -> None:
+def test_concurrent_requests_give_the_same_text_as_sequential_ones(live_server, live_url: str) -> None:
     bodies = [chat_body(f"Tell me about thing number {i}", max_tokens=12, temperature=0.9, seed=100 + i)
               for i in range(8)]
 
@@ -63,12 +63,19 @@ def test_concurrent_requests_give_the_same_text_as_sequential_ones(live_url: str
 
     sequential = [post(body) for body in bodies]
     before = httpx.get(f"{live_url}/stats").json()["scheduler"]
+    scheduler = live_server.app.state.context.scheduler
     with ThreadPoolExecutor(len(bodies)) as pool:
-        concurrent = list(pool.map(post, bodies))
+        with scheduler.hold():  # on a loaded machine requests could otherwise arrive one decode apart
+            replies = pool.map(post, bodies)
+            for _ in range(600):
+                if scheduler.queued == len(bodies):
+                    break
+                time.sleep(0.05)
+        concurrent = list(replies)
     after = httpx.get(f"{live_url}/stats").json()["scheduler"]
     assert concurrent == sequential
     batched_steps = after["steps"] - before["steps"]
-    assert batched_steps < 8 * 12, "concurrent requests were decoded one at a time"
+    assert batched_steps <= 2 * 12, "concurrent requests were not decoded together"
 
 
 def test_client_disconnect_cancels_the_request(live_url: str) -> None:

@@ -12,7 +12,7 @@ from tests.conftest import MICRO
 
 MICRO_BUDGET = AblationBudget("micro", scenes=300, pretrain_steps=2, pretrain_batch=16, finetune_steps=2,
                               finetune_batch=8, meta_steps=1, meta_batch=2, support=2, query=2, inner_steps=1,
-                              roleplay_limit=2, adapt_query=1, seeds=2)
+                              roleplay_limit=2, adapt_query=1, seeds=2, adapt_k=2, adapt_steps=2, adapt_characters=2)
 
 
 def test_micro_ablation_has_every_row_with_mean_and_spread(small_world, tmp_path, one_thread, capsys):

@@ -106,6 +106,11 @@ def make_run(root: Path, *, meta: bool = True) -> Path:
                    {"steps": [0, 1, 5], "curves": {"maml": {"k=5": {"query_loss": [2.0, 1.5, 1.0],
                                                                      "persona_consistency": [0.1, 0.5, 0.9]}},
                                                    "multitask": {"k=5": {"query_loss": [2.0, 1.8, 1.6]}}}})
+        write_json(root / "ablation.json", {
+            "budget": {"name": "micro"}, "seeds": [0, 1, 2],
+            "columns": {"retrieval_r1": "retrieval R@1", "persona_seen": "persona (seen)"},
+            "table": [{"variant": "full", "group": "pretraining", "description": "the <default>",
+                       "retrieval_r1": {"mean": 0.25, "std": 0.02, "n": 3}, "persona_seen": None}]})
     write_json(root / "demo.json", {"seconds": {"pretrain (ITC + ITM + MLM)": 12.5, "total": 20.0}})
     return root
 
@@ -129,6 +134,7 @@ def test_report_has_every_section_and_a_plot_per_figure(full_report: tuple[str, 
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
     assert "not run" not in text
+    assert "0.250 <span class='muted'>± 0.020</span>" in text and "the &lt;default&gt;" in text
 
 
 def test_report_is_self_contained_and_escaped(full_report: tuple[str, PageParser]) -> None:
@@ -156,7 +162,7 @@ def test_partial_run_says_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert str(out.resolve()) in capsys.readouterr().out
     text, page = parse(out)
     assert all(title in page.headings["h2"] for title in SECTIONS.values())
-    assert text.count('<p class="missing">not run') == 3  # role-play, adaptation, gallery
+    assert text.count('<p class="missing">not run') == 4  # role-play, adaptation, ablation, gallery
     assert len(page.images) == 2  # pretrain curves and retrieval bars
 
 
