@@ -200,18 +200,19 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
 
 
 def evaluate_adapted(run: Path, data_dir: Path, *, k: int = 5, steps: int = 10, query: int | None = None,
-                     seed: int = 0, characters: Sequence[str] | None = None, progress: bool = False,
-                     device: str | torch.device = "cpu") -> dict[str, Any]:
+                     seed: int = 0, characters: Sequence[str] | None = None, params: str | None = None,
+                     progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """One run adapted its own way (its `AdaptSpec`) to each held-out character of a scene world.
 
     Returns the mean query loss before and after `steps` inner steps on the first k examples, and the
-    exact metrics of greedy replies after adaptation: the ablation's held-out column.
+    exact metrics of greedy replies after adaptation: the ablation's held-out column. `params`
+    (all | head | lora) overrides what adapts.
     """
     world = _load_world(Path(data_dir))
     if world is None:
         raise PersonaeError(f"{data_dir} is not a scene world: the exact role-play metrics need one")
     pool, episodes = heldout_episodes(Path(data_dir), k=k, q=query, seed=seed, characters=characters)
-    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)))
+    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)), mode=params)
     entry = _evaluate_run("adapted", Path(run), spec, [k], sorted({0, steps}), {(k, steps)}, adapts=True,
                           pool=pool, cards=world["cards"], episodes=episodes, world=world,
                           device=torch.device(device), progress=progress)
