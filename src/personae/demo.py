@@ -186,7 +186,7 @@ def _roleplay_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
     if not result:
         return None
     return {split: block["overall"] for split, block in result["metrics"].items()} | {
-        "fluency_perplexity": result["fluency_perplexity"], "samples": result["samples"][:6]}
+        "fluency_perplexity": result["fluency_perplexity"], "samples": _one_per_character(result["samples"])[:6]}
 
 
 def _adaptation_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -244,6 +244,12 @@ def _adaptation_lines(adaptation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _one_per_character(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first sample of each character, in order (the summary shows several voices, not one)."""
+    seen: set[str] = set()
+    return [s for s in samples if not (s["character"] in seen or seen.add(s["character"]))]
+
+
 def print_summary(paths: DemoPaths, summary: dict[str, Any]) -> None:
     """The end-of-demo table: retrieval, role-play, adaptation, a few replies, and what to try next."""
     lines = [f"\n== summary (budget {summary.get('budget')}, wall time {_clock(summary['seconds']['total'])})"]
@@ -253,8 +259,8 @@ def print_summary(paths: DemoPaths, summary: dict[str, Any]) -> None:
         lines += _roleplay_lines(summary["roleplay"])
     if summary.get("adaptation"):
         lines += _adaptation_lines(summary["adaptation"])
-    samples = [("seen", s) for s in (summary.get("roleplay") or {}).get("samples", [])[:3]]
-    samples += [("adapted", s) for s in (summary.get("adaptation") or {}).get("samples", [])[:2]]
+    samples = [("seen", s) for s in _one_per_character((summary.get("roleplay") or {}).get("samples", []))[:3]]
+    samples += [("adapted", s) for s in _one_per_character((summary.get("adaptation") or {}).get("samples", []))[:2]]
     if samples:
         lines.append("sample replies")
     for kind, sample in samples:
