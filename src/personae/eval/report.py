@@ -315,8 +315,10 @@ def ablation_section(run: RunData) -> str:
                  f"{escape(entry['variant'])}</td>"]
         for key in columns:
             stats = entry.get(key)
+            digits = 0 if "seconds" in key else 2 if ("loss" in key or "perplexity" in key) else 3
             cells.append("<td>-</td>" if stats is None else
-                         f"<td>{_fmt(stats['mean'])} <span class='muted'>± {_fmt(stats['std'])}</span></td>")
+                         f"<td style='white-space:nowrap'>{_fmt(stats['mean'], digits)} "
+                         f"<span class='muted'>± {_fmt(stats['std'], digits)}</span></td>")
         rows.append(cells)
     budget = found.get("budget", {})
     note = (f"<p class='muted'>Budget {escape(str(budget.get('name')))}, seeds {escape(str(found.get('seeds')))}; "
