@@ -15,6 +15,11 @@ batched/unbatched tokens/s ratio per level, and each server's peak memory (VmHWM
 Without --run a fine-tuned run of --preset (tiny by default; 2 pretraining + 2 fine-tuning steps:
 untrained, but the shapes and costs of the real thing) is built once under --cache.
 Goal (issue 5): zero errors at 64 clients, and batched >= 4x the tokens/s of one-at-a-time at 32.
+
+``--adapters N`` gives N characters a random rank-4 LoRA adapter (in a copy of the run) and spreads
+the clients over them, so every batch mixes N adapters (applied per row); a third server,
+``batched_plain``, serves the run without adapters to the same clients, and the line
+``adapter_overhead`` gives batched-with-adapters / batched-without tokens/s per level.
 """
 
 from __future__ import annotations
@@ -133,17 +138,44 @@ class Connection:
             self.writer.close()
 
 
-async def load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
+def add_random_adapters(run: Path, count: int, cache: Path) -> tuple[Path, list[str]]:
+    """A copy of RUN where the first COUNT characters have a random LoRA adapter; the run and their models."""
+    import shutil
+
+    import torch
+
+    from personae.models.io import load_model
+    from personae.models.lora import add_lora, lora_parameters, save_adapter
+
+    target = cache / f"{run.name}-adapters{count}"
+    if not target.exists():
+        shutil.copytree(run, target, ignore=shutil.ignore_patterns("adapters", "checkpoints"))
+        model, _, _ = load_model(target)
+        add_lora(model, targets=("decoder",), rank=4, alpha=8.0)
+        generator = torch.Generator().manual_seed(0)
+        for character in sorted(p.stem for p in (target / "characters").glob("*.json"))[:count]:
+            tensors = {name: torch.randn(p.shape, generator=generator) * (0.02 if name.endswith("lora_B") else 0.3)
+                       for name, p in lora_parameters(model).items()}
+            save_adapter(target / "adapters" / f"{character}.safetensors", tensors,
+                         {"character": character, "params": "lora", "lora_rank": 4, "lora_alpha": 8.0,
+                          "lora_added": True})
+    characters = sorted(p.stem for p in (target / "adapters").glob("*.safetensors"))
+    return target, ["personae/" + c for c in characters]
+
+
+async def load(url: str, model: str | list[str], clients: int, per_client: int, max_tokens: int) -> dict[str, Any]:
     """`clients` concurrent clients, each sending `per_client` requests in a row; latencies and counts."""
     latencies: list[float] = []
     tokens = errors = 0
     host, port = url.removeprefix("http://").split(":")
 
+    models = [model] if isinstance(model, str) else model
+
     async def client(index: int) -> None:
         nonlocal tokens, errors
         connection = Connection(host, int(port))
         for k in range(per_client):
-            body = {"model": model, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8,
+            body = {"model": models[index % len(models)], "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8,
                     "seed": index * 1000 + k,
                     "messages": [{"role": "user", "content": f"Client {index} asks question {k}: what do you see?"}]}
             start = time.perf_counter()
@@ -177,7 +209,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def run_level(servers: dict[str, Server], clients: int, args: argparse.Namespace, order: list[str],
-              model: str) -> dict[str, dict[str, Any]]:
+              model: str | list[str]) -> dict[str, dict[str, Any]]:
     """Load each server in `order` with the same clients; returns the figures per mode."""
     results = {}
     for mode in order:
@@ -205,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of each server")
     parser.add_argument("--port", type=int, default=8731)
     parser.add_argument("--quick", action="store_true", help="1 request per client at 1, 8, 32 and 64 clients")
+    parser.add_argument("--adapters", type=int, default=0, help="characters with a random LoRA adapter, mixed per batch")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests_per_client = 1
-    run = args.run or build_run(args.cache, args.preset)
-    model = "personae/" + min(p.stem for p in (run / "characters").glob("*.json"))
+    run = plain = args.run or build_run(args.cache, args.preset)
+    model: str | list[str] = "personae/" + min(p.stem for p in (run / "characters").glob("*.json"))
+    if args.adapters:
+        run, model = add_random_adapters(plain, args.adapters, args.cache)
     emit(bench=BENCH, figure="env", run=str(run), preset=args.preset if args.run is None else None,
          max_tokens=args.max_tokens, server_threads=args.threads, requests_per_client=args.requests_per_client,
          **env_info())
@@ -218,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                                  max_tokens_limit=args.max_tokens),
                "one_at_a_time": Server(run, args.port + 1, args.threads, batching=False, max_queue=queue,
                                        max_tokens_limit=args.max_tokens)}
+    if args.adapters:
+        servers["batched_plain"] = Server(plain, args.port + 2, args.threads, max_batch=args.max_batch,
+                                          max_queue=queue, max_tokens_limit=args.max_tokens)
     try:
         for server in servers.values():
             server.wait_ready()
@@ -230,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(servers: dict[str, Server], args: argparse.Namespace, model: str) -> None:
+def report(servers: dict[str, Server], args: argparse.Namespace, model: str | list[str]) -> None:
     """Run every level, then print the ratios, the goal checks and the peak memory."""
     ratios = {}
     for i, clients in enumerate(args.clients):
-        order = ["batched", "one_at_a_time"] if i % 2 == 0 else ["one_at_a_time", "batched"]
+        order = list(servers) if i % 2 == 0 else list(servers)[::-1]
         results = run_level(servers, clients, args, order, model)
+        if "batched_plain" in results:
+            emit(bench=BENCH, figure="adapter_overhead", clients=clients, adapters=args.adapters,
+                 ratio=results["batched"]["tokens_per_s"] / max(results["batched_plain"]["tokens_per_s"], 1e-9))
         ratio = results["batched"]["tokens_per_s"] / max(results["one_at_a_time"]["tokens_per_s"], 1e-9)
         ratios[clients] = ratio
         emit(bench=BENCH, figure="batching_speedup", clients=clients, ratio=ratio,
