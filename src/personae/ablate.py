@@ -289,7 +289,12 @@ def run_ablation(out: Path, *, budget: AblationBudget | str = "quick", seeds: in
 
         build_world(world, seed=0, scenes=budget.scenes, progress=progress)
     workers = max(1, jobs)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1:  # rows run in this process, with its threads
+        import torch
+
+        threads = torch.get_num_threads()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
     tick = time.perf_counter()
     rows = []
     for group in ("pretraining", "adaptation"):  # adaptation rows start from the pretraining group's full runs
