@@ -2,7 +2,7 @@
 
 A budget fixes how much every stage trains and how much every evaluation looks at, so that a run
 on 2 CPU cores has a known wall time. `quick` is what `make demo` runs (under 10 minutes on 2
-cores); `full` is the tiny preset's own training lengths (about 20 minutes). Overrides given on
+cores); `full` is the tiny preset's own training lengths (16 minutes on 2 cores). Overrides given on
 the command line still win: the budget's settings come first.
 """
 
