@@ -58,6 +58,7 @@ class PairDataset(Dataset):
         cache_images: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         num_threads: int | None = None,
+        progress: bool = True,
     ) -> None:
         if len(manifest) == 0:
             raise DataError("manifest has no rows (for the requested split)", manifest.path)
@@ -77,14 +78,14 @@ class PairDataset(Dataset):
         self._groups = np.array([scene_group(r.scene_id) for r in manifest.records], dtype=np.int64)
         self._cache: ImageCache | None = None
         if cache_images:
-            self._build_cache(num_threads)
+            self._build_cache(num_threads, progress)
 
-    def _build_cache(self, num_threads: int | None) -> None:
+    def _build_cache(self, num_threads: int | None, progress: bool = True) -> None:
         """Decode each distinct image file once (see :class:`ImageCache`)."""
         records = self.manifest.records
         self._cache = ImageCache([r.image for r in records], self.image_size,
                                  sources=[(self.manifest.path, r.line) for r in records],
-                                 max_pixels=self.max_pixels, num_threads=num_threads)
+                                 max_pixels=self.max_pixels, num_threads=num_threads, progress=progress)
 
     def _load_row(self, row: int) -> np.ndarray:
         record = self.manifest.records[row]

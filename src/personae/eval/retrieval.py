@@ -98,7 +98,7 @@ def evaluate_retrieval(model: PersonaeModel, tokenizer: Tokenizer, manifest: Pai
     caption_id = torch.tensor([ids[c] for c in captions])
     same = caption_id[:, None] == caption_id[None, :]  # (N, N)
     dataset = PairDataset(manifest, tokenizer, image_size=model.cfg.vision.image_size,
-                          max_text_len=model.cfg.text.max_len)
+                          max_text_len=model.cfg.text.max_len, progress=progress)
     enc = _encode_split(model, dataset, tokenizer, same, batch_size, seed, progress)
     similarity = (enc.image_embed @ enc.text_embed.T).cpu()
     i2t, t2i = recall_at_k(similarity, same), recall_at_k(similarity.T, same)

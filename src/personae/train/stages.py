@@ -102,7 +102,7 @@ def run_pretrain(data_dir: Path, out_dir: Path, cfg: Config, *, resume: bool = F
     torch.manual_seed(cfg.train.seed)
     model = PersonaeModel(cfg.model).to(dist.device)
     dataset = PairDataset(manifest, tokenizer, image_size=cfg.model.vision.image_size,
-                          max_text_len=cfg.model.text.max_len)
+                          max_text_len=cfg.model.text.max_len, progress=progress)
     task = wrap_ddp(PretrainTask(model, tokenizer, cfg.pretrain, dist), dist)
     if cfg.train.compile:
         task = torch.compile(task)
