@@ -291,7 +291,8 @@ def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
                          epilog=OVERRIDE_HELP)
     abl.add_argument("--out", default="runs/ablate")
     abl.add_argument("--budget", choices=sorted(ABLATION_BUDGETS), default="quick",
-                     help="per-variant training lengths (quick: minutes in all; full: about an hour on 2 cores)")
+                     help="per-variant training lengths (quick: ~12 min on 2 cores with --jobs 2, a smoke run too "
+                          "short to separate the variants; full: ~66 min with --jobs 2)")
     abl.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the budget's, 3)")
     abl.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                      help=f"only these rows (default: all): {', '.join(VARIANT_NAMES)}")
