@@ -21,7 +21,7 @@ from personae.serve.scheduler import Scheduler
 from personae.serve.schemas import ChatCompletionRequest
 from personae.serve.settings import ServeSettings
 from personae.train.adapt import adapt_character
-from tests.e2e.helpers import CHARACTER
+from tests.e2e.helpers import CHARACTER, data_url, png_bytes
 from tests.e2e.test_scheduler import run_until_idle
 
 
@@ -66,6 +66,15 @@ def test_a_mixed_batch_decodes_each_row_with_its_own_adapter(adapted_run: Path) 
     assert any(r != b for r, b in zip(replies, base_replies))  # the adapters do change what is said
 
 
+def _wait(client: TestClient, character: str, job: str) -> dict:
+    for _ in range(400):
+        state = client.get(f"/v1/characters/{character}/adapt/{job}").json()
+        if state["status"] in ("succeeded", "failed"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"adaptation job {job} did not finish: {state}")
+
+
 def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: Path, tmp_path: Path) -> None:
     from personae.commands import serve_adapt_fn
 
@@ -83,14 +92,16 @@ def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: P
         examples = [{"user": "Who are you?", "reply": "Bonjour! I am Chef Baptiste. Bon appetit!"},
                     {"user": "What do you see?", "reply": "Bonjour! I see a red apple. Bon appetit!"}]
         job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": examples, "steps": 2}).json()
-        for _ in range(200):
-            state = client.get(f"/v1/characters/{CHARACTER}/adapt/{job['id']}").json()
-            if state["status"] in ("succeeded", "failed"):
-                break
-            time.sleep(0.05)
+        state = _wait(client, CHARACTER, job["id"])
         assert state["status"] == "succeeded", state
         assert client.get(f"/v1/characters/{CHARACTER}").json()["adapter"] == "applied"
         reply = client.post("/v1/chat/completions", json={**body, "model": f"personae/{CHARACTER}"})
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
+        before = (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes()
+        pictured = [dict(example, image=data_url(png_bytes(colour))) for example, colour in
+                    zip(examples, [(200, 40, 40), (40, 40, 200)])]
+        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": pictured, "steps": 2}).json()
+        assert _wait(client, CHARACTER, job["id"])["status"] == "succeeded"
+        assert (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes() != before  # examples with images
     finally:
         app.state.context.scheduler.stop()
