@@ -100,13 +100,18 @@ def personae_step(args: argparse.Namespace, mode: str, tasks: TaskBatch,
     def backward() -> None:
         learner.meta_loss(tasks).backward()
 
+    return with_outer_step(backward, optimizer), model
+
+
+def with_outer_step(backward: Callable[[], None], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One meta-step: BACKWARD then the outer optimiser's step; `.backward` alone stays reachable."""
     def step() -> None:
         backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     step.backward = backward  # type: ignore[attr-defined]
-    return step, model
+    return step
 
 
 def higher_step(args: argparse.Namespace, mode: str, tasks: TaskBatch) -> tuple[Callable[[], None], nn.Module]:
@@ -132,13 +137,7 @@ def higher_step(args: argparse.Namespace, mode: str, tasks: TaskBatch) -> tuple[
                     for p, g in zip(params, torch.autograd.grad(query_loss, fmodel.parameters())):
                         p.grad = g if p.grad is None else p.grad + g
 
-    def step() -> None:
-        backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step.backward = backward  # type: ignore[attr-defined]
-    return step, model
+    return with_outer_step(backward, optimizer), model
 
 
 def personae_loop_step(args: argparse.Namespace, mode: str, tasks: TaskBatch) -> tuple[Callable[[], None], nn.Module]:

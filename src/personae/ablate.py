@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -223,9 +224,8 @@ def _run_jobs(jobs: list[RowJob], workers: int, progress: bool) -> list[dict[str
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:
-    mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": spread, "n": len(values)}
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0  # sample standard deviation over seeds
+    return {"mean": statistics.fmean(values), "std": spread, "n": len(values)}
 
 
 def summarise(rows: list[dict[str, Any]], variants: Sequence[Variant]) -> list[dict[str, Any]]:

@@ -11,13 +11,14 @@ budget's (`personae.budgets`); `quick` is what `make demo` runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from personae.budgets import Budget, demo_budget
 from personae.commands import evaluate_adaptation_run, evaluate_roleplay_run, evaluate_run
@@ -36,31 +37,20 @@ class Stage:
     run: Callable[[], Any]
 
 
-@dataclass(frozen=True)
-class DemoPaths:
-    """Where each stage of a demo folder writes."""
+class DemoPaths(NamedTuple):
+    """Where each stage of a demo folder writes: ROOT/world, ROOT/pretrain, ... (a field per stage)."""
 
     root: Path
+    world: Path
+    pretrain: Path
+    roleplay: Path
+    meta: Path
+    multitask: Path
 
-    @property
-    def world(self) -> Path:
-        return self.root / "world"
-
-    @property
-    def pretrain(self) -> Path:
-        return self.root / "pretrain"
-
-    @property
-    def roleplay(self) -> Path:
-        return self.root / "roleplay"
-
-    @property
-    def meta(self) -> Path:
-        return self.root / "meta"
-
-    @property
-    def multitask(self) -> Path:
-        return self.root / "multitask"
+    @classmethod
+    def under(cls, root: Path) -> DemoPaths:
+        root = Path(root)
+        return cls(root, *(root / name for name in cls._fields[1:]))
 
 
 def _clock(seconds: float) -> str:
@@ -152,14 +142,14 @@ def run_demo(out: Path, *, budget: Budget | str = "quick", scenes: int | None = 
              progress: bool = True) -> dict[str, Any]:
     """Every stage of the main job on the built-in world; write OUT/demo.json and OUT/report.html."""
     budget = demo_budget(budget) if isinstance(budget, str) else budget
-    paths = DemoPaths(Path(out))
+    paths = DemoPaths.under(out)
     if fresh:
         shutil.rmtree(paths.root, ignore_errors=True)
     extra = list(overrides or [])
     extra += [f"train.steps={steps}"] if steps else []
     extra += [f"finetune.train.steps={finetune_steps}"] if finetune_steps else []
     if scenes:
-        budget = Budget(**{**budget.__dict__, "scenes": scenes})
+        budget = dataclasses.replace(budget, scenes=scenes)
     cfg = demo_config(budget, extra)
     extra = budget.overrides() + extra
     timings: dict[str, float] = {}

@@ -17,6 +17,7 @@ Draws are a pure function of (seed, episode key, character), so a resumed run se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,6 +79,13 @@ def _match_case(found: str, replacement: str) -> str:
     return replacement
 
 
+@functools.lru_cache(maxsize=256)
+def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern[str]:
+    """One case-insensitive alternation of MARKERS, longest first (compiled once per character's markers)."""
+    ordered = sorted(markers, key=len, reverse=True)
+    return re.compile("|".join(re.escape(m) for m in ordered), re.IGNORECASE)
+
+
 class PersonaSwap:
     """Draws fresh markers for a character and rewrites its card and conversations with them."""
 
@@ -109,10 +117,9 @@ class PersonaSwap:
         """Every marker of `mapping` in TEXT replaced (longest first, any case, keeping the case found)."""
         if not mapping or not text:
             return text
-        ordered = sorted(mapping, key=len, reverse=True)
-        pattern = re.compile("|".join(re.escape(m) for m in ordered), re.IGNORECASE)
         lowered = {m.lower(): r for m, r in mapping.items()}
-        return pattern.sub(lambda found: _match_case(found.group(0), lowered[found.group(0).lower()]), text)
+        return _marker_pattern(tuple(mapping)).sub(
+            lambda found: _match_case(found.group(0), lowered[found.group(0).lower()]), text)
 
     def record(self, record: DialogueRecord, mapping: Mapping[str, str]) -> DialogueRecord:
         """The conversation with its replies (and user turns) rewritten."""

@@ -108,8 +108,13 @@ def retrieval_bars(result: Mapping[str, Any]) -> str | None:
         axis.bar([i + (offset - 1) * width for i in range(len(ks))], values, width, label=label,
                  color=("#3b7dd8", "#e08a2c", "#9a9a9a")[offset])
     axis.set_xticks(range(len(ks)), [f"R@{k}" for k in ks])
+    return _finish_bars(figure, axis, "retrieval on the test split")
+
+
+def _finish_bars(figure: Any, axis: Any, title: str) -> str:
+    """Scores in [0, 1]: fixed y range, title, horizontal grid, legend; the figure as a data URI."""
     axis.set_ylim(0, 1)
-    axis.set_title("retrieval on the test split")
+    axis.set_title(title)
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -129,12 +134,7 @@ def split_bars(metrics: Sequence[str], splits: Mapping[str, Mapping[str, Any]]) 
         axis.bar([i + (offset - (len(splits) - 1) / 2) * width for i in range(len(names))], values, width,
                  label=label)
     axis.set_xticks(range(len(names)), [m.replace("_", "\n") for m in names], fontsize=8)
-    axis.set_ylim(0, 1)
-    axis.set_title("role-play metrics, overall")
-    axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    return figure_to_data_uri(figure)
+    return _finish_bars(figure, axis, "role-play metrics, overall")
 
 
 def curve_panels(curves: Sequence[Curve]) -> str | None:

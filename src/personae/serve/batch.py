@@ -31,6 +31,7 @@ from personae.models.model import PersonaeModel
 from personae.serve.prefix_cache import PrefixCache, image_digest, prefill_on_prefix
 
 if TYPE_CHECKING:
+    from personae.models.adapter_bank import AdapterBank
     from personae.serve.adapters import ServerAdapters
 
 
@@ -79,9 +80,13 @@ class DecodeBatch:
         """The adapters' lock: the model is not changed (LoRA added) during a forward."""
         return self.adapters.lock if self.adapters is not None else contextlib.nullcontext()
 
+    @property
+    def _bank(self) -> AdapterBank | None:
+        return self.adapters.bank if self.adapters is not None else None
+
     def _route(self, slots: torch.Tensor) -> contextlib.AbstractContextManager:
         """Each row's adapter for the forwards inside (one slot for all when they agree)."""
-        bank = self.adapters.bank if self.adapters is not None else None
+        bank = self._bank
         if bank is None:
             return contextlib.nullcontext()
         if bool((slots == slots[0]).all()):
@@ -89,7 +94,7 @@ class DecodeBatch:
         return bank.route(slots)
 
     def _slot(self, row: RowInput) -> int:
-        bank = self.adapters.bank if self.adapters is not None else None
+        bank = self._bank
         return bank.slot(row.adapter) if bank is not None else 0
 
     @torch.no_grad()
@@ -125,7 +130,7 @@ class DecodeBatch:
         """
         head = min(row.head_len, len(row.prompt_ids) - 1)  # at least one token is prefilled after the head
         if self.prefixes.enabled and head > 0:
-            bank = self.adapters.bank if self.adapters is not None else None
+            bank = self._bank
             adapter = (row.adapter, bank.version(row.adapter)) if bank is not None and self._slot(row) else None
             return ("head", (image_digest(row.pixel_values), tuple(row.prompt_ids[:head]), adapter))
         return ("image",) if row.pixel_values is not None else ("text",)
