@@ -1,12 +1,16 @@
 """Persona swaps: fresh markers everywhere the old ones were, never a held-out marker, deterministic."""
 
+import dataclasses
 import re
 
 import pytest
 
 from personae.data.cards import load_card
-from personae.data.dialogues import read_dialogues
-from personae.data.persona_swap import PersonaSwap, forbidden_words
+from personae.data.dialogues import load_character_cards, read_dialogues
+from personae.data.persona_swap import PersonaSwap, forbidden_words, swap_conversations
+from personae.data.roleplay import RolePlayDataset
+from personae.data.tokenizer import train_tokenizer
+from personae.errors import PersonaeError
 from personae.data.world.characters import load_characters
 from personae.eval.roleplay_metrics import persona_consistency
 
@@ -61,3 +65,47 @@ def test_fresh_words_avoid_every_marker_and_answer_word(world_bits):
 def test_case_is_kept_and_longest_markers_win():
     rewritten = PersonaSwap.rewrite("AHOY, MATEY! Ahoy there. ahoy", {"Ahoy": "Zing", "Ahoy, matey": "Plum tea"})
     assert rewritten == "PLUM TEA! Zing there. zing"
+
+
+def test_swap_conversations_draws_the_fraction_each_with_its_own_markers(world_bits):
+    world, characters, records = world_bits
+    cards = load_character_cards(world / "characters")
+    swap = PersonaSwap(characters, seed=0)
+    variants = swap_conversations(records, cards, swap, 0.5, seed=0)
+    assert 0.35 * len(records) < len(variants) < 0.65 * len(records)
+    assert variants.keys() == swap_conversations(records, cards, swap, 0.5, seed=0).keys()
+    assert not swap_conversations(records, cards, swap, 0.0) and len(swap_conversations(records, cards, swap, 1.0)) == len(records)
+    greetings = set()
+    for index, (record, card) in variants.items():
+        original = characters[records[index].character]
+        assert record.id == records[index].id and card.name == cards[original.id].name
+        assert not any(m.lower() in card.post_history_instructions.lower() for m in original.style.markers())
+        greetings.add(card.post_history_instructions.split('"')[1])
+    assert len(greetings) > 0.9 * len(variants)  # fresh words per conversation, not per character
+    with pytest.raises(PersonaeError, match="within"):
+        swap_conversations(records, cards, swap, 1.5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_world):
+    texts = [p.read_text() for p in (small_world / "characters").glob("*.json")]
+    return train_tokenizer(texts + (small_world / "dialogues.jsonl").read_text().splitlines(), vocab_size=800)
+
+
+def test_dataset_variants_replace_conversations_and_fall_back_when_too_long(world_bits, tokenizer):
+    world, characters, records = world_bits
+    cards = load_character_cards(world / "characters")
+    subset = records[:6]
+    variants = swap_conversations(subset, cards, PersonaSwap(characters, seed=0), 1.0)
+    settings = {"image_size": 32, "max_tokens": 1000, "include_examples": False, "progress": False}
+    plain = RolePlayDataset(subset, cards, tokenizer, **settings)
+    swapped = RolePlayDataset(subset, cards, tokenizer, **settings, variants=variants)
+    assert swapped.fallbacks == 0
+    assert all(swapped.examples[i][0] != plain.examples[i][0] for i in range(len(subset)))
+    assert variants[0][1].post_history_instructions.split('"')[1] in tokenizer.decode(swapped.examples[0][0])
+    # a variant whose definition cannot fit falls back to its plain conversation: nothing is lost
+    record, card = variants[2]
+    bloated = dataclasses.replace(card, post_history_instructions=card.post_history_instructions * 40)
+    mixed = RolePlayDataset(subset, cards, tokenizer, **settings, variants={**variants, 2: (record, bloated)})
+    assert mixed.fallbacks == 1 and len(mixed) == len(subset)
+    assert mixed.examples[2] == plain.examples[2] and mixed.examples[1] == swapped.examples[1]

@@ -9,8 +9,8 @@ seeing phrase, sign-off and quirk words were never seen.
 A swap makes every meta-training task look like a held-out one: each marker of the episode's
 character (greetings, seeing phrase, sign-off, quirk text) is replaced, in the card and in every
 reply of its support and query conversations alike, by a phrase of fresh words drawn for that
-episode. The words come from :data:`WORDS` minus every word of any character's markers and of
-the answer vocabulary, so a swap never teaches a held-out marker and never fakes an answer.
+episode. The words are made up (two in three) or come from :data:`WORDS`, never a word of any character's
+markers or of the answer vocabulary, so a swap never teaches a held-out marker and never fakes an answer.
 Draws are a pure function of (seed, episode key, character), so a resumed run sees the same swaps.
 """
 
@@ -50,6 +50,11 @@ WORDS = tuple("""
     willow wombat wren yarrow yodel zephyr zinnia zither
 """.split())
 INTERJECTIONS = ("ho", "hey", "yo", "oi", "ha", "la", "ta", "hup", "whee", "zing", "bah", "tut")
+# pseudo-words: an onset, a vowel and maybe a coda, one to three times ("brimtoo", "zaush")
+ONSETS = tuple("b c d f g h j k l m n p r s t v w z ch sh th br cr dr fl gr pl st tr sk qu".split())
+VOWELS = tuple("a e i o u ee oo ai ou au".split())
+CODAS = ("", "", "n", "r", "s", "t", "m", "l", "ck", "ng", "sh")
+PSEUDO_SHARE = 2 / 3  # of the words of a fresh phrase; the rest are real words from WORDS
 
 
 def _words_of(text: str) -> set[str]:
@@ -91,18 +96,32 @@ class PersonaSwap:
 
     def __init__(self, characters: Mapping[str, Character], seed: int = 0) -> None:
         self.characters, self.seed = dict(characters), seed
-        forbidden = forbidden_words(self.characters)
+        self.forbidden = forbidden = forbidden_words(self.characters)
         self.words = tuple(w for w in WORDS if w not in forbidden)
         self.interjections = tuple(w for w in INTERJECTIONS if w not in forbidden)
         if len(self.words) < 40 or not self.interjections:
             raise PersonaeError(f"only {len(self.words)} swap words are free of the characters' markers")
 
+    def _pseudo_word(self, rng: np.random.Generator) -> str:
+        """A pronounceable made-up word that is no character's marker word and no answer word."""
+        while True:
+            word = "".join(str(rng.choice(ONSETS)) + str(rng.choice(VOWELS)) + str(rng.choice(CODAS))
+                           for _ in range(int(rng.integers(1, 3))))
+            if word not in self.forbidden:
+                return word
+
+    def _word(self, rng: np.random.Generator) -> str:
+        # Made-up words spread the copy targets over the whole sub-word vocabulary: held-out markers
+        # are spelt with pieces no train reply uses, and a model that never had to produce such pieces
+        # learns they never occur.
+        return self._pseudo_word(rng) if rng.random() < PSEUDO_SHARE else str(rng.choice(self.words))
+
     def _phrase(self, original: str, rng: np.random.Generator) -> str:
         """A fresh phrase with as many words as the original (1 to 4)."""
         count = min(4, max(1, len(original.split())))
         if count == 1 and len(original) <= 6:  # short markers (tags like 'blub blub', titles) stay short
-            return str(rng.choice(self.interjections)) + "-" + str(rng.choice(self.words))
-        return " ".join(str(w) for w in rng.choice(self.words, size=count, replace=False))
+            return str(rng.choice(self.interjections)) + "-" + self._word(rng)
+        return " ".join(self._word(rng) for _ in range(count))
 
     def mapping(self, character_id: str, key: int) -> dict[str, str]:
         """Marker -> fresh phrase for one episode (key) of one character; same inputs, same phrases."""
@@ -134,6 +153,25 @@ class PersonaSwap:
         changes: dict[str, Any] = {name: self.rewrite(getattr(card, name), mapping) for name in fields}
         changes["alternate_greetings"] = [self.rewrite(g, mapping) for g in card.alternate_greetings]
         return dataclasses.replace(card, **changes)
+
+
+def swap_conversations(records: Sequence[DialogueRecord], cards: Mapping[str, CharacterCard], swap: PersonaSwap,
+                       fraction: float, seed: int = 0) -> dict[int, tuple[DialogueRecord, CharacterCard]]:
+    """A FRACTION of RECORDS (drawn with SEED), each rewritten with fresh markers, with its rewritten card.
+
+    Returns index -> (swapped conversation, swapped card), the form RolePlayDataset's `variants`
+    takes. Each swapped conversation gets its own draw (key = its index), so no fresh phrase recurs
+    often enough to be learnt as a voice: copying it from the card is the only way to predict it.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise PersonaeError(f"the persona-swap fraction must be within [0, 1], got {fraction}")
+    chosen = np.random.default_rng([seed, len(records)]).random(len(records)) < fraction
+    variants = {}
+    for index in np.flatnonzero(chosen).tolist():
+        record = records[index]
+        mapping = swap.mapping(record.character, index)
+        variants[index] = (swap.record(record, mapping), swap.card(cards[record.character], mapping))
+    return variants
 
 
 class SwappedEpisodeCollator:
@@ -173,4 +211,4 @@ class SwappedEpisodeCollator:
         return [self.episode(episode, key) for episode in episodes]
 
 
-__all__ = ["WORDS", "PersonaSwap", "SwappedEpisodeCollator", "forbidden_words"]
+__all__ = ["WORDS", "PersonaSwap", "SwappedEpisodeCollator", "forbidden_words", "swap_conversations"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
-from personae.data.prompt import IGNORE_INDEX, PromptBuilder, Turn
+from personae.data.prompt import IGNORE_INDEX, Prompt, PromptBuilder, PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.errors import DataError
 
@@ -22,11 +22,14 @@ class RolePlayDataset(Dataset):
     """One item per conversation: the whole exchange as one sequence, every reply carrying the loss.
 
     `max_tokens` is the text budget (the decoder's positions minus the image prefix); long
-    conversations lose their oldest turns, never the character definition.
+    conversations lose their oldest turns, never the character definition. `variants` replaces some
+    conversations (by index) with another (record, card), e.g. a persona swap; a variant whose
+    definition does not fit the budget falls back to the plain conversation (`fallbacks` counts them).
     """
 
-    def __init__(self, records: Sequence[DialogueRecord], cards: dict[str, CharacterCard], tokenizer: Tokenizer,
-                 *, image_size: int, max_tokens: int, include_examples: bool = True, progress: bool = True) -> None:
+    def __init__(self, records: Sequence[DialogueRecord], cards: Mapping[str, CharacterCard], tokenizer: Tokenizer,
+                 *, image_size: int, max_tokens: int, include_examples: bool = True, progress: bool = True,
+                 variants: Mapping[int, tuple[DialogueRecord, CharacterCard]] | None = None) -> None:
         if not records:
             raise DataError("no conversations to train on (check the split and character filters)")
         with_image = {r.image is not None for r in records}
@@ -36,11 +39,23 @@ class RolePlayDataset(Dataset):
                             f"(conversation {first.id!r} has none)", line=first.line)
         self.records, self.tokenizer = list(records), tokenizer
         builder = PromptBuilder(tokenizer)
+
+        def assemble(record: DialogueRecord, card: CharacterCard) -> Prompt:
+            return builder.build(card, [Turn(t.user, t.reply) for t in record.turns], max_tokens=max_tokens,
+                                 include_examples=include_examples)
+
         self.examples: list[tuple[list[int], list[int]]] = []
-        for record in tqdm(self.records, desc="assembling prompts", disable=not progress or len(records) < 2000):
-            turns = [Turn(t.user, t.reply) for t in record.turns]
-            prompt = builder.build(cards[record.character], turns, max_tokens=max_tokens,
-                                   include_examples=include_examples)
+        self.fallbacks = 0
+        variants = variants or {}
+        for index, record in enumerate(tqdm(self.records, desc="assembling prompts",
+                                            disable=not progress or len(records) < 2000)):
+            prompt = None
+            if index in variants:
+                try:
+                    prompt = assemble(*variants[index])
+                except PromptTooLong:
+                    self.fallbacks += 1
+            prompt = prompt or assemble(record, cards[record.character])
             self.examples.append((prompt.ids, prompt.labels))
         self.images = None
         if records[0].image is not None:

@@ -65,14 +65,32 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[st
     records = read_dialogues(data_dir / "dialogues.jsonl", split="train", character_split="train")
     cards = load_character_cards(data_dir / "characters")
     require_cards(records, cards, data_dir / "dialogues.jsonl")
+    variants = _persona_swapped(cfg, data_dir, records, cards)
     dataset = RolePlayDataset(records, cards, tokenizer, image_size=cfg.model.vision.image_size,
                               max_tokens=model.text_budget(0, records[0].image is not None),
-                              include_examples=cfg.finetune.include_examples, progress=progress)
+                              include_examples=cfg.finetune.include_examples, progress=progress,
+                              variants=variants)
+    if variants and progress and dist.is_primary:
+        print(f"persona swap: {len(variants) - dataset.fallbacks} of {len(records)} conversations speak with fresh "
+              f"markers ({dataset.fallbacks} too long once swapped kept their own)")
     _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
     task = wrap_ddp(RolePlayTask(model, cfg.finetune), dist)
     trainer = Trainer(task, model, dataset, partial(collate_roleplay, pad_id=tokenizer.pad_id), cfg, tokenizer,
                       out_dir, dist, stage="finetune", progress=progress, train_cfg=cfg.finetune.train)
     return trainer.fit(resume=resume, stop_at=stop_at)
+
+
+def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) -> dict:
+    """finetune.persona_swap: that fraction of the conversations rewritten with fresh markers (index -> variant)."""
+    if not cfg.finetune.persona_swap:
+        return {}
+    from personae.data.persona_swap import PersonaSwap, swap_conversations
+    from personae.data.world.characters import load_characters
+
+    if not (data_dir / "world.json").is_file():
+        raise PersonaeError(f"finetune.persona_swap needs a scene world (its characters' styles); {data_dir} is not one")
+    swap = PersonaSwap(load_characters(data_dir), cfg.finetune.train.seed)
+    return swap_conversations(records, cards, swap, cfg.finetune.persona_swap, cfg.finetune.train.seed)
 
 
 def _copy_cards(source: Path, target: Path, names: set[str]) -> None:
