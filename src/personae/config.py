@@ -145,6 +145,7 @@ class MetaCfg:
     inner_steps: int = 3
     inner_lr: float = 0.05
     learn_inner_lr: bool = False  # Meta-SGD: learned per-element inner rates, saved as meta_lrs.safetensors
+    inner_optimizer: str = "sgd"  # sgd | adam: the inner loop's update, in meta-training and when adapting
     first_order: bool = False
     adapt: str = "auto"  # all | head | lora; auto: the algorithm's own
     meta_batch: int = 4

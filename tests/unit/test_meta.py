@@ -14,6 +14,7 @@ from personae.meta import (
     StackError,
     adapt,
     build_meta,
+    inner_trajectory,
     meta_loss,
     stack_tasks,
 )
@@ -190,6 +191,39 @@ def test_learned_inner_rates_get_the_meta_sgd_gradient():
     for (name, _), g_in, g_out in zip(params.items(), inner, outer):  # dL/dlr = -g_support * g_query
         torch.testing.assert_close(learner.inner_lrs[name.replace(".", "/")].grad, -g_in * g_out)
     assert set(learner.inner_lr_tensors()) == set(learner.names)
+
+
+def test_adam_inner_loop_follows_torch_adam_step_by_step():
+    torch.manual_seed(0)
+    model = Regression()
+    support, _ = regression_task(0)
+    names = [name for name, _ in model.named_parameters()]
+    trajectory = list(inner_trajectory(dict(model.named_parameters()), names,
+                                       lambda p: loss_fn_of(model)(p, support), steps=4, lr=0.01,
+                                       create_graph=False, optimizer="adam"))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    optimizer = torch.optim.Adam(reference, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    for fast in trajectory[1:]:
+        optimizer.zero_grad()
+        loss_fn_of(model)(dict(zip(names, reference)), support).backward()
+        optimizer.step()
+        for name, expected in zip(names, reference):
+            torch.testing.assert_close(fast[name], expected.detach(), rtol=1e-5, atol=1e-6)
+    assert all(trajectory[0][name] is not trajectory[-1][name] for name in names)
+
+
+def test_adam_inner_loop_second_order_gradient_is_finite_where_gradients_are_zero():
+    torch.manual_seed(0)
+    model = TinyLM()  # sequences of 6 tokens: the position rows 6..15 get exactly zero inner gradients
+    support, query = lm_task(0, 6, vocab=24)
+    learner = META["maml"](model, MetaCfg(inner_steps=2, inner_lr=0.01, inner_optimizer="adam",
+                                          learn_inner_lr=True, vmap="off"))
+    learner.meta_loss([(support, query)]).backward()
+    grads = {n: p.grad for n, p in [*model.named_parameters(), *learner.inner_lrs.items()] if p.grad is not None}
+    assert len(grads) > 20 and all(torch.isfinite(g).all() for g in grads.values())
+    assert grads["decoder.pos_embed"][0, 6:].abs().sum() == 0 < grads["decoder.pos_embed"][0, :6].abs().sum()
+    with pytest.raises(ValueError, match="inner_optimizer"):
+        META["maml"](model, MetaCfg(inner_optimizer="rmsprop"))
 
 
 def test_reptile_update_equals_the_hand_computed_one():

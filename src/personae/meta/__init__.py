@@ -18,6 +18,7 @@ from personae.meta.maml import (
     adapt,
     adapt_tasks,
     inner_loop,
+    inner_trajectory,
     meta_loss,
     module_loss,
     select_names,
@@ -45,6 +46,6 @@ def build_meta(module: nn.Module, cfg: MetaCfg, loss_fn: LossFn | None = None, *
 
 __all__ = [
     "ANIL", "FOMAML", "MAML", "META", "LoRAMAML", "LossFn", "MetaCfg", "MetaLearner", "Params", "Reptile",
-    "StackError", "Task", "TaskBatch", "adapt", "adapt_tasks", "build_meta", "inner_loop", "meta_loss",
+    "StackError", "Task", "TaskBatch", "adapt", "adapt_tasks", "build_meta", "inner_loop", "inner_trajectory", "meta_loss",
     "module_loss", "reptile_direction", "select_names", "stack_tasks", "task_query_losses",
 ]

@@ -40,6 +40,9 @@ LossFn = Callable[[Params, Batch], torch.Tensor]
 InnerLR = float | torch.Tensor | Mapping[str, torch.Tensor]
 
 ADAPT_CHOICES = ("all", "head", "lora")
+INNER_OPTIMIZERS = ("sgd", "adam")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 VMAP_CHOICES = ("auto", "on", "off")
 RANDOMNESS_CHOICES = ("different", "same", "error")
 
@@ -52,6 +55,7 @@ class MetaCfg:
     inner_steps: int = 5
     inner_lr: float = 0.05
     learn_inner_lr: bool = False  # Meta-SGD: one learned rate per parameter element, initialised to inner_lr
+    inner_optimizer: str = "sgd"  # sgd | adam (Adam's normalised steps, as Reptile's paper used; see inner_loop)
     first_order: bool = False  # force first order (fomaml and reptile always are)
     adapt: str = "auto"  # all | head | lora; auto: the algorithm's own
     meta_batch: int = 4  # tasks (characters) per outer step
@@ -76,38 +80,59 @@ def math_attention(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _descend(value: torch.Tensor, grad: torch.Tensor, lr: InnerLR, name: str) -> torch.Tensor:
-    """value - lr * grad as one op (one new tensor): a float rate, or a learned tensor (Meta-SGD)."""
+def _descend(value: torch.Tensor, direction: torch.Tensor, lr: InnerLR, name: str) -> torch.Tensor:
+    """value - lr * direction as one op (one new tensor): a float rate, or a learned tensor (Meta-SGD)."""
     rate = lr[name] if isinstance(lr, Mapping) else lr
     if isinstance(rate, torch.Tensor):
-        return torch.addcmul(value, rate, grad, value=-1.0)
-    return torch.add(value, grad, alpha=-rate)
+        return torch.addcmul(value, rate, direction, value=-1.0)
+    return torch.add(value, direction, alpha=-rate)
 
 
-def _sgd_step(fast: Params, frozen: Params, loss_of: Callable[[Params], torch.Tensor], lr: InnerLR, *,
-              second_order: bool, create_graph: bool) -> Params:
-    """One inner step theta' = theta - lr * grad L(theta) on the fast weights."""
+def _adam_direction(grad: torch.Tensor, moments: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    """Adam's bias-corrected m / sqrt(v) for one tensor; `moments` (m, v) is updated out of place.
+
+    eps sits inside the root (sqrt(v + eps^2)) so that a second-order gradient stays finite where
+    a gradient element is exactly zero (an embedding row the support set never uses).
+    """
+    beta1, beta2 = ADAM_BETAS
+    m = moments["m"] * beta1 + grad * (1 - beta1) if "m" in moments else grad * (1 - beta1)
+    v = moments["v"] * beta2 + grad * grad * (1 - beta2) if "v" in moments else grad * grad * (1 - beta2)
+    moments["m"], moments["v"] = m, v
+    return (m / (1 - beta1 ** step)) / torch.sqrt(v / (1 - beta2 ** step) + ADAM_EPS ** 2)
+
+
+def _inner_step(fast: Params, frozen: Params, loss_of: Callable[[Params], torch.Tensor], lr: InnerLR,
+                state: dict[str, dict[str, torch.Tensor]], step: int, *, optimizer: str, second_order: bool,
+                create_graph: bool) -> Params:
+    """One inner step theta' = theta - lr * d on the fast weights: d the gradient (sgd) or Adam's direction."""
     probe = fast if second_order else {k: v.detach().requires_grad_() for k, v in fast.items()}
     with torch.enable_grad():
         loss = loss_of({**frozen, **probe})
         grads = torch.autograd.grad(loss, list(probe.values()), create_graph=second_order, allow_unused=True)
     with contextlib.nullcontext() if create_graph else torch.no_grad():
-        # a parameter the loss does not use keeps its value (and costs no copy)
-        return {name: value if grad is None else _descend(value, grad, lr, name)
-                for (name, value), grad in zip(fast.items(), grads)}
+        updated = {}
+        for (name, value), grad in zip(fast.items(), grads):
+            if grad is None:  # a parameter the loss does not use keeps its value (and costs no copy)
+                updated[name] = value
+                continue
+            direction = grad if optimizer == "sgd" else _adam_direction(grad, state.setdefault(name, {}), step)
+            updated[name] = _descend(value, direction, lr, name)
+        return updated
 
 
-def inner_loop(params: Params, names: Sequence[str], loss_of: Callable[[Params], torch.Tensor], *, steps: int,
-               lr: InnerLR, first_order: bool = False, create_graph: bool = True) -> Params:
-    """`steps` SGD steps on the `names` entries of params; returns params with those entries adapted.
+def inner_trajectory(params: Params, names: Sequence[str], loss_of: Callable[[Params], torch.Tensor], *,
+                     steps: int, lr: InnerLR, first_order: bool = False, create_graph: bool = True,
+                     optimizer: str = "sgd") -> Iterator[Params]:
+    """The fast weights (the `names` entries only) after 0, 1, ..., `steps` inner steps.
 
     create_graph=False: inference (nothing keeps a graph back to params). first_order=True: the
     inner gradients are constants, so the result depends on params (and lr) only through the update.
+    optimizer "adam" keeps Adam's moments across the steps (fresh for each call).
     """
     if steps < 0:
         raise ValueError(f"inner steps must be >= 0, got {steps}")
-    if steps == 0:
-        return dict(params)
+    if optimizer not in INNER_OPTIMIZERS:
+        raise ValueError(f"unknown inner optimizer {optimizer!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
     missing = [n for n in names if n not in params]
     if missing:
         raise KeyError(f"cannot adapt {missing[0]!r}: it is not among the parameters ({len(params)} given)")
@@ -117,17 +142,32 @@ def inner_loop(params: Params, names: Sequence[str], loss_of: Callable[[Params],
     if not second_order:  # inner gradients never reach the frozen parameters: keep no graph to them
         frozen = {k: v.detach() for k, v in frozen.items()}
     fast = {k: params[k] if create_graph else params[k].detach() for k in names}
+    yield fast
+    state: dict[str, dict[str, torch.Tensor]] = {}
     with math_attention(second_order):
-        for _ in range(steps):
-            fast = _sgd_step(fast, frozen, loss_of, lr, second_order=second_order, create_graph=create_graph)
+        for step in range(1, steps + 1):
+            fast = _inner_step(fast, frozen, loss_of, lr, state, step, optimizer=optimizer,
+                               second_order=second_order, create_graph=create_graph)
+            yield fast
+
+
+def inner_loop(params: Params, names: Sequence[str], loss_of: Callable[[Params], torch.Tensor], *, steps: int,
+               lr: InnerLR, first_order: bool = False, create_graph: bool = True, optimizer: str = "sgd") -> Params:
+    """`steps` inner steps (see inner_trajectory) on the `names` entries; returns params with them adapted."""
+    if steps == 0:
+        return dict(params)
+    for fast in inner_trajectory(params, names, loss_of, steps=steps, lr=lr, first_order=first_order,
+                                 create_graph=create_graph, optimizer=optimizer):
+        pass
     return {**params, **fast}
 
 
 def adapt(params: Params, loss_fn: LossFn, support_batch: Batch, *, steps: int, lr: InnerLR,
-          first_order: bool = False, create_graph: bool = True, names: Sequence[str] | None = None) -> Params:
+          first_order: bool = False, create_graph: bool = True, names: Sequence[str] | None = None,
+          optimizer: str = "sgd") -> Params:
     """Adapt params to one task's support batch (all entries, or only `names`); zero steps returns params."""
     return inner_loop(params, list(params) if names is None else list(names), lambda p: loss_fn(p, support_batch),
-                      steps=steps, lr=lr, first_order=first_order, create_graph=create_graph)
+                      steps=steps, lr=lr, first_order=first_order, create_graph=create_graph, optimizer=optimizer)
 
 
 def task_losses(loss_fn: LossFn, params: Params, names: Sequence[str], batch: Batch,
@@ -141,13 +181,14 @@ def task_losses(loss_fn: LossFn, params: Params, names: Sequence[str], batch: Ba
 
 def adapt_tasks(params: Params, loss_fn: LossFn, support: Batch, *, num_tasks: int, steps: int, lr: InnerLR,
                 first_order: bool = False, create_graph: bool = True, names: Sequence[str] | None = None,
-                randomness: str = "different") -> Params:
+                randomness: str = "different", optimizer: str = "sgd") -> Params:
     """Adapt params to n stacked tasks at once: the `names` entries come back as (n, *shape) fast weights."""
     names = list(params) if names is None else list(names)
     batched = {k: (v.expand(num_tasks, *v.shape) if k in names else v) for k, v in params.items()}
     with math_attention(True):
         return inner_loop(batched, names, lambda p: task_losses(loss_fn, p, names, support, randomness).sum(),
-                          steps=steps, lr=lr, first_order=first_order, create_graph=create_graph)
+                          steps=steps, lr=lr, first_order=first_order, create_graph=create_graph,
+                          optimizer=optimizer)
 
 
 def _vmap_hint(error: RuntimeError) -> RuntimeError:
@@ -176,7 +217,8 @@ def prepare_tasks(tasks: Sequence[Task] | TaskBatch, vmap: str,
 def task_query_losses(params: Params, loss_fn: LossFn, tasks: Sequence[Task] | TaskBatch, *, steps: int,
                       lr: InnerLR, first_order: bool = False, create_graph: bool = True,
                       names: Sequence[str] | None = None, vmap: str = "auto",
-                      pad_values: Mapping[str, float] | None = None, randomness: str = "different") -> torch.Tensor:
+                      pad_values: Mapping[str, float] | None = None, randomness: str = "different",
+                      optimizer: str = "sgd") -> torch.Tensor:
     """(n,) query losses of n tasks, each after adapting params on its support set."""
     names = list(params) if names is None else list(names)
     prepared = prepare_tasks(tasks, vmap, pad_values)
@@ -185,7 +227,7 @@ def task_query_losses(params: Params, loss_fn: LossFn, tasks: Sequence[Task] | T
         try:
             adapted = adapt_tasks(params, loss_fn, prepared.support, num_tasks=n, steps=steps, lr=lr,
                                   first_order=first_order, create_graph=create_graph, names=names,
-                                  randomness=randomness)
+                                  randomness=randomness, optimizer=optimizer)
             with math_attention(True):
                 return task_losses(loss_fn, adapted, names, prepared.query, randomness)
         except RuntimeError as error:
@@ -195,7 +237,7 @@ def task_query_losses(params: Params, loss_fn: LossFn, tasks: Sequence[Task] | T
     losses = []
     for support, query in prepared:
         adapted = adapt(params, loss_fn, support, steps=steps, lr=lr, first_order=first_order,
-                        create_graph=create_graph, names=names)
+                        create_graph=create_graph, names=names, optimizer=optimizer)
         with math_attention(create_graph and not first_order):
             losses.append(loss_fn(adapted, query))
     return torch.stack(losses)
@@ -282,6 +324,9 @@ class MetaLearner(nn.Module):
         if cfg.randomness not in RANDOMNESS_CHOICES:
             raise ValueError(f"unknown meta.randomness {cfg.randomness!r}; choose one of "
                              f"{', '.join(RANDOMNESS_CHOICES)}")
+        if cfg.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"unknown meta.inner_optimizer {cfg.inner_optimizer!r}; choose one of "
+                             f"{', '.join(INNER_OPTIMIZERS)}")
         if cfg.inner_steps < 0 or cfg.inner_lr < 0:
             raise ValueError(f"meta.inner_steps and meta.inner_lr must be >= 0, got {cfg.inner_steps}, {cfg.inner_lr}")
 
@@ -312,7 +357,8 @@ class MetaLearner(nn.Module):
         """Fast weights (the adapted parameters only) after `steps` (default cfg.inner_steps) on a support batch."""
         steps = self.cfg.inner_steps if steps is None else steps
         adapted = adapt(self.params(), self.loss_fn, support, steps=steps, lr=self.inner_lr(),
-                        first_order=self.first_order, create_graph=create_graph, names=self.names)
+                        first_order=self.first_order, create_graph=create_graph, names=self.names,
+                        optimizer=self.cfg.inner_optimizer)
         return {name: adapted[name] for name in self.names}
 
     def loss(self, fast: Params, batch: Batch) -> torch.Tensor:
@@ -328,7 +374,7 @@ class MetaLearner(nn.Module):
         return task_query_losses(self.params(), self.loss_fn, tasks, steps=self.cfg.inner_steps,
                                  lr=self.inner_lr(), first_order=self.first_order, create_graph=True,
                                  names=self.names, vmap=self.cfg.vmap, pad_values=self.pad_values,
-                                 randomness=self.cfg.randomness)
+                                 randomness=self.cfg.randomness, optimizer=self.cfg.inner_optimizer)
 
     def meta_loss(self, tasks: Sequence[Task] | TaskBatch) -> torch.Tensor:
         """Mean query loss after adaptation: backpropagate it for the outer (meta) gradient."""

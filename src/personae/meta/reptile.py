@@ -57,7 +57,7 @@ class Reptile(MetaLearner):
         if isinstance(prepared, TaskBatch):
             adapted = adapt_tasks(params, self.loss_fn, prepared.support, num_tasks=prepared.num_tasks,
                                   steps=steps, lr=lr, first_order=True, create_graph=False, names=self.names,
-                                  randomness=self.cfg.randomness)
+                                  randomness=self.cfg.randomness, optimizer=self.cfg.inner_optimizer)
             with torch.no_grad(), math_attention(True):
                 query = task_losses(self.loss_fn, adapted, self.names, prepared.query, self.cfg.randomness)
             return {name: adapted[name].mean(0) for name in self.names}, query.mean()
@@ -65,7 +65,7 @@ class Reptile(MetaLearner):
         losses = []
         for support, query_batch in prepared:
             adapted = adapt(params, self.loss_fn, support, steps=steps, lr=lr, first_order=True,
-                            create_graph=False, names=self.names)
+                            create_graph=False, names=self.names, optimizer=self.cfg.inner_optimizer)
             for name in self.names:
                 total[name] += adapted[name]
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """Adapt a run to a new character from its card and k example conversations: `personae adapt`.
 
-The inner loop is the meta-learning one (plain SGD on the dense reply loss, `torch.func`, no
-module copy), run for `steps` steps on one support batch of the first k example conversations.
+The inner loop is the meta-learning one (SGD, or Adam when `meta.inner_optimizer` says so, on the
+dense reply loss, `torch.func`, no module copy), run for `steps` steps on one support batch of the first k example conversations.
 Which parameters adapt follows the run's meta settings (:class:`AdaptSpec`):
 
 * `meta.adapt` when it is set, else the algorithm's own: LoRA adapters for `lora-maml`, the final
@@ -35,7 +35,7 @@ from personae.data.dialogues import DialogueRecord, read_dialogues
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError, PersonaeError
-from personae.meta import adapt, module_loss, select_names
+from personae.meta import inner_trajectory, module_loss, select_names
 from personae.meta.maml import ADAPT_CHOICES
 from personae.models.io import load_model
 from personae.models.lora import add_lora, apply_adapter, lora_settings, save_adapter
@@ -56,6 +56,7 @@ class AdaptSpec:
     lora_rank: int
     lora_alpha: float
     seed: int = 0
+    optimizer: str = "sgd"  # the inner loop's update: sgd | adam (meta.inner_optimizer)
 
     @classmethod
     def of(cls, cfg: Config, mode: str | None = None, lr: float | None = None) -> AdaptSpec:
@@ -68,7 +69,8 @@ class AdaptSpec:
             raise PersonaeError(f"the adaptation rate must be > 0, got {lr}")
         rank = cfg.model.lora_rank or cfg.meta.lora_rank
         alpha = cfg.model.lora_alpha if cfg.model.lora_rank else cfg.meta.lora_alpha
-        return cls(mode, cfg.meta.inner_lr if lr is None else lr, rank, alpha, cfg.meta.train.seed)
+        return cls(mode, cfg.meta.inner_lr if lr is None else lr, rank, alpha, cfg.meta.train.seed,
+                   cfg.meta.inner_optimizer)
 
 
 class Adaptation:
@@ -99,15 +101,9 @@ class Adaptation:
         return {name: p.detach() for name, p in self.task.named_parameters()}
 
     def steps(self, support: Mapping[str, torch.Tensor], steps: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The fast weights (adapted names only) after 0, 1, ..., `steps` inner SGD steps."""
-        base = self.params()
-        fast = {name: base[name] for name in self.names}
-        yield fast
-        for _ in range(steps):
-            fast = {name: value for name, value in adapt({**base, **fast}, self.loss_fn, support, steps=1, lr=self.lr,
-                                                         names=self.names, create_graph=False).items()
-                    if name in fast}
-            yield fast
+        """The fast weights (adapted names only) after 0, 1, ..., `steps` inner steps."""
+        yield from inner_trajectory(self.params(), self.names, lambda p: self.loss_fn(p, support), steps=steps,
+                                    lr=self.lr, create_graph=False, optimizer=self.spec.optimizer)
 
     @torch.no_grad()
     def loss(self, fast: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> float:
@@ -204,7 +200,7 @@ def adapt_character(run: Path, card_path: Path, examples_path: Path, *, k: int =
     bar.close()
     learned = isinstance(adaptation.lr, dict)
     metadata = {"character": character_id, "name": card.name, "algo": cfg.meta.algo, "params": spec.mode,
-                "k": k, "steps": steps, "lr": "learned" if learned else spec.lr,
+                "k": k, "steps": steps, "lr": "learned" if learned else spec.lr, "optimizer": spec.optimizer,
                 "lora_added": adaptation.added_lora}
     if spec.mode == "lora":
         metadata |= {"lora_rank": spec.lora_rank, "lora_alpha": spec.lora_alpha}
