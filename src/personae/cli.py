@@ -162,7 +162,7 @@ def _add_meta_train_parser(sub: argparse._SubParsersAction) -> None:
     meta.add_argument("--data", required=True, help="folder holding dialogues.jsonl and characters/")
     meta.add_argument("--out", required=True, help="run folder to write")
     meta.add_argument("--algo", default=None, choices=["maml", "fomaml", "reptile", "anil", "lora-maml"],
-                      help="meta-learning algorithm (default: meta.algo of the config, lora-maml)")
+                      help="meta-learning algorithm (default: meta.algo of the run's config; the tiny preset's is fomaml)")
     meta.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     meta.set_defaults(handler=_meta_train, takes_overrides=True)
 

@@ -1,6 +1,6 @@
 """The main job on the built-in data, end to end: `personae demo`.
 
-world -> pretrain -> retrieval eval -> role-play fine-tune -> role-play eval -> meta-train (LoRA-MAML)
+world -> pretrain -> retrieval eval -> role-play fine-tune -> role-play eval -> meta-train (the preset's algorithm)
 -> the same budget of multi-task fine-tuning (the baseline) -> adaptation eval on the held-out
 characters -> adapters for every held-out character -> report.html and a summary table.
 

@@ -38,7 +38,9 @@ def finetuned_run(pretrained_run: Path, small_world: Path, tmp_path_factory: pyt
     from personae.train.finetune import run_finetune
 
     out = tmp_path_factory.mktemp("finetuned") / "run"
-    run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=2"], progress=False)
+    # adaptations of this run use LoRA with SGD, the adapters the server mixes per row
+    lora = ["meta.algo=lora-maml", "meta.inner_optimizer=sgd", "meta.inner_lr=0.05"]
+    run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=2", *lora], progress=False)
     return out
 
 

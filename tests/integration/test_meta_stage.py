@@ -23,7 +23,9 @@ from personae.train.adapt import Adaptation, AdaptSpec, adapt_character, learned
 from personae.train.finetune import run_finetune
 from personae.train.meta import run_meta_train
 
-META = ["meta.train.steps=6", "meta.train.warmup_steps=1", "meta.train.lr=3e-3", "meta.train.log_every=1",
+# the LoRA recipe (per-row servable adapters), not the preset's full-parameter one
+META = ["meta.persona_swap=false", "meta.algo=lora-maml", "meta.inner_optimizer=sgd", "meta.inner_lr=0.05",
+        "meta.train.steps=6", "meta.train.warmup_steps=1", "meta.train.lr=3e-3", "meta.train.log_every=1",
         "meta.train.save_every=3", "meta.meta_batch=2", "meta.support=2", "meta.query=2", "meta.inner_steps=1",
         "meta.learn_inner_lr=true"]
 HELDOUT = "rex-rumbleton"  # a held-out character of the small world with 5 test conversations
@@ -59,7 +61,7 @@ def multitask_run(pretrained_run, small_world, tmp_path_factory):
     """The same budget of ordinary fine-tuning: 6 steps of 8 conversations (2 tasks x (2 + 2))."""
     out = tmp_path_factory.mktemp("multitask")
     with one_thread():
-        run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=6"], progress=False)
+        run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=6", *META[:4]], progress=False)
     return out
 
 
@@ -95,7 +97,7 @@ def test_meta_train_resumes_exactly(meta_run, pretrained_run, small_world, tmp_p
 
 
 def test_persona_swapped_meta_training_is_deterministic_and_trains_on_other_text(meta_run, pretrained_run, small_world, tmp_path):
-    swap = META[:1] + ["meta.train.steps=2", "meta.persona_swap=true"] + META[1:]
+    swap = META + ["meta.train.steps=2", "meta.persona_swap=true"]
     first = run_meta_train(pretrained_run, small_world, tmp_path / "a", overrides=swap, progress=False)
     again = run_meta_train(pretrained_run, small_world, tmp_path / "b", overrides=swap, progress=False)
     plain = meta_run[1].history[:2]

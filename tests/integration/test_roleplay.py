@@ -59,3 +59,23 @@ def test_unknown_character_lists_the_known_ones(finetuned):
     out, _ = finetuned
     with pytest.raises(CharacterNotFound, match="known: "):
         find_character(out, "Nobody Atall")
+
+
+def test_persona_swapped_finetuning_trains_on_other_text_and_needs_a_scene_world(pretrained_run, small_world,
+                                                                                  tmp_path, capsys):
+    import shutil
+
+    from personae.errors import PersonaeError
+
+    runs = {}
+    for fraction in (0.0, 1.0):
+        runs[fraction] = run_finetune(pretrained_run, small_world, tmp_path / f"swap{fraction}", progress=True,
+                                      overrides=["finetune.train.steps=2", f"finetune.persona_swap={fraction}"])
+    assert "conversations speak with fresh markers" in capsys.readouterr().out
+    plain, swapped = ([row["loss"] for row in runs[f].history] for f in (0.0, 1.0))
+    assert plain != swapped  # same batches, other replies
+    assert json.loads((tmp_path / "swap1.0" / "config.json").read_text())["finetune"]["persona_swap"] == 1.0
+    data = tmp_path / "plain"
+    shutil.copytree(small_world, data, ignore=shutil.ignore_patterns("world.json"))
+    with pytest.raises(PersonaeError, match="persona_swap needs a scene world"):
+        run_finetune(pretrained_run, data, tmp_path / "out", overrides=["finetune.persona_swap=0.5"], progress=False)
