@@ -148,13 +148,15 @@ def test_second_order_meta_gradient_passes_gradcheck():
     assert max((a - b).abs().max().item() for a, b in zip(first, second)) > 1e-4
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "anil"])
-def test_vmapped_and_looped_meta_batches_give_the_same_gradients(algo):
+@pytest.mark.parametrize("algo,optimizer", [("maml", "sgd"), ("fomaml", "sgd"), ("reptile", "sgd"), ("anil", "sgd"),
+                                             ("maml", "adam"), ("fomaml", "adam")])
+def test_vmapped_and_looped_meta_batches_give_the_same_gradients(algo, optimizer):
     grads = {}
     for mode in ("on", "off"):
         torch.manual_seed(0)
         model = Regression()
-        learner = build_meta(model, MetaCfg(algo=algo, inner_steps=3, inner_lr=0.1, vmap=mode), head=("net.2",))
+        cfg = MetaCfg(algo=algo, inner_steps=3, inner_lr=0.1, vmap=mode, inner_optimizer=optimizer)
+        learner = build_meta(model, cfg, head=("net.2",))
         value = learner.meta_loss([regression_task(i) for i in range(4)])
         value.backward()
         grads[mode] = [value.detach()] + [p.grad for p in model.parameters()]
