@@ -169,7 +169,8 @@ def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, 
     model, cfg, tokenizer = load_model(run)
     roleplay = evaluate_roleplay(model, tokenizer, job.world, split="test", limit=job.budget.roleplay_limit,
                                  max_new_tokens=cfg.finetune.max_new_tokens,
-                                 include_examples=cfg.finetune.include_examples, progress=False)
+                                 include_examples=cfg.finetune.include_examples,
+                                 max_repeats=cfg.finetune.max_repeats, progress=False)
     seen = roleplay["metrics"]["train"]["overall"]
     row |= {"response_accuracy": seen["response_accuracy"], "image_text_relevance": seen["image_text_relevance"],
             "persona_seen": seen["persona_consistency"],

@@ -31,7 +31,8 @@ def evaluate_roleplay_run(run: Path, data: Path, *, split: str = "test", out: Pa
     model, cfg, tokenizer = load_model(run, pick_device())
     result = evaluate_roleplay(model, tokenizer, Path(data), split=split, limit=limit, batch_size=batch_size,
                                max_new_tokens=cfg.finetune.max_new_tokens,
-                               include_examples=cfg.finetune.include_examples, progress=progress)
+                               include_examples=cfg.finetune.include_examples,
+                               max_repeats=cfg.finetune.max_repeats, progress=progress)
     path = Path(out or Path(run) / "eval" / "roleplay.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -45,7 +46,8 @@ def chat(run: Path, character: str, *, image: Path | None = None, temperature: f
     from personae.chat.session import ChatSession, load_run_for_character, run_terminal_chat
 
     model, cfg, tokenizer, card = load_run_for_character(run, character, pick_device())
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            max_repeats=cfg.finetune.max_repeats)
     session = ChatSession(model, tokenizer, card, params=params, user=user,
                           include_examples=cfg.finetune.include_examples)
     if image is not None:

@@ -125,6 +125,9 @@ class FinetuneCfg:
     include_examples: bool = True  # the card's example messages go into every prompt
     freeze_vision: bool = False
     max_new_tokens: int = 64  # room kept free in the decoder for a reply when prompts are cut
+    # greedy replies in evaluation and chat: no n-gram more than this many times in a row (0: off;
+    # personae.models.sampling.loop_breakers)
+    max_repeats: int = 3
     # scene worlds: this fraction of the conversations speaks with freshly drawn markers (in card and
     # replies alike, personae.data.persona_swap), so the model learns to take a voice from the card
     persona_swap: float = 0.0

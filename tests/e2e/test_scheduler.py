@@ -52,10 +52,11 @@ def result(handle) -> list:
     return handle.result_blocking(timeout=5)
 
 
-def test_batched_requests_match_generate_alone(bundle: RunBundle) -> None:
+@pytest.mark.parametrize("max_repeats", [0, 2])
+def test_batched_requests_match_generate_alone(bundle: RunBundle, max_repeats: int) -> None:
     model, ids = bundle.model, prompts(bundle)
     images = pixels(model, len(ids))
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7, max_repeats=max_repeats)
     scheduler = Scheduler(model, bundle.tokenizer, max_batch=8)
     handles = [scheduler.submit(GenerationJob(p, images[i], params)) for i, p in enumerate(ids)]
     handles.append(scheduler.submit(GenerationJob(ids[0], None, params)))  # text-only rows batch too

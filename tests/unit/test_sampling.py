@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from personae.models.sampling import (
-    SamplingParams, _Row, apply_repetition_penalty, filter_top_k_top_p, generate, stream_batch,
+    SamplingParams, _Row, apply_repetition_penalty, ban_loops, filter_top_k_top_p, generate, loop_breakers,
+    stream_batch,
 )
 from personae.config import load_preset
 from personae.data.tokenizer import train_tokenizer
@@ -104,7 +105,36 @@ def test_streaming_pieces_join_to_the_full_text(setup):
     assert streamed == [g.text for g in generate(model, tok, prompts, pixels, params)]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2)])
+def test_loop_breakers_refuse_only_the_repeat_beyond_the_limit():
+    assert loop_breakers([9, 1, 2, 1, 2, 1, 2], 3) == {1}  # "-ho" three times: a fourth may not start
+    assert loop_breakers([9, 1, 2, 1, 2], 3) == set()  # twice is allowed ("blub blub")
+    assert loop_breakers([7, 7, 7], 3) == {7} and loop_breakers([7, 7], 3) == set()  # "Hmmm" but no "Hmmmm"
+    assert loop_breakers([4, 5, 6, 4, 5, 6], 2) == {4}
+    assert loop_breakers([1, 2, 3, 1, 2], 2) == set()  # a word used earlier is not a loop
+    assert loop_breakers([], 3) == set()
+    logits = torch.zeros(2, 10)
+    banned = ban_loops(logits, [[3, 3], [1, 2, 1]], 2)
+    assert banned[0, 3] == float("-inf") and torch.isfinite(banned[1]).all() and torch.isfinite(banned[0, :3]).all()
+    assert ban_loops(logits, [[3, 3]], 0) is logits
+
+
+def test_greedy_decoding_with_max_repeats_never_loops(setup):
+    model, tok = setup  # an untrained model: greedy replies repeat themselves
+    pixels = torch.randn(2, 3, 64, 64)
+    prompts = [tok.encode(t, max_length=20) for t in ("ahoy", "I spy two dogs")]
+    plain = generate(model, tok, prompts, pixels, SamplingParams(max_new_tokens=40))
+    capped = generate(model, tok, prompts, pixels, SamplingParams(max_new_tokens=40, max_repeats=2))
+
+    def longest_run(ids):
+        return max((r for n in range(1, 9) for i in range(len(ids)) for r in range(1, len(ids) // n + 1)
+                    if ids[i: i + n * r] == ids[i: i + n] * r), default=0)
+
+    assert max(longest_run(g.token_ids) for g in plain) > 2
+    assert all(longest_run(g.token_ids) <= 2 for g in capped)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-2),
+                                 dict(max_repeats=-1)])
 def test_bad_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

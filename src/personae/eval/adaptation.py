@@ -118,7 +118,8 @@ def _generation_metrics(evaluator: _RunEvaluator, fast_by_character: Mapping[str
     images = ImageCache([r.image for r in records], cfg.model.vision.image_size, progress=False) if with_image else None
     budget = model.text_budget(cfg.finetune.max_new_tokens, with_image)
     pending = pending_replies(records, world["cards"], evaluator.tokenizer, budget, cfg.finetune.include_examples)
-    params = SamplingParams(max_new_tokens=cfg.finetune.max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=cfg.finetune.max_new_tokens, temperature=0.0,
+                            max_repeats=cfg.finetune.max_repeats)
     replies: dict[tuple[int, int], str] = {}
     for episode in episodes:
         adapted = evaluator.adaptation.adapted_model(fast_by_character[episode.character])

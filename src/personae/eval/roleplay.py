@@ -110,7 +110,7 @@ def _score_rows(records: Sequence[DialogueRecord], replies: dict[tuple[int, int]
 
 def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path, *, split: str = "test",
                       limit: int | None = None, batch_size: int = 32, max_new_tokens: int = 64,
-                      include_examples: bool = False, progress: bool = True) -> dict[str, Any]:
+                      include_examples: bool = False, max_repeats: int = 0, progress: bool = True) -> dict[str, Any]:
     """Score the model's replies on a split of the scene world, seen vs held-out characters."""
     model.eval()
     data_dir = Path(data_dir)
@@ -125,7 +125,7 @@ def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path
               if with_image else None)
     pending = pending_replies(records, cards, tokenizer, model.text_budget(max_new_tokens, with_image),
                               include_examples)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, max_repeats=max_repeats)
     replies = generate_all(model, tokenizer, records, pending, images, params, batch_size=batch_size,
                            progress=progress)
     rows = _score_rows(records, replies, scenes, characters)

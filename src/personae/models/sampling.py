@@ -24,6 +24,7 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    max_repeats: int = 0  # > 0: no n-gram (n <= MAX_LOOP_NGRAM) repeats more than this many times in a row
     stop: Sequence[str] = ()
     seed: int | None = None
 
@@ -34,6 +35,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.max_repeats >= 0, "max_repeats must be >= 0 (0: off)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -55,6 +57,44 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+MAX_LOOP_NGRAM = 8
+
+
+def loop_breakers(ids: Sequence[int], max_repeats: int, max_ngram: int = MAX_LOOP_NGRAM) -> set[int]:
+    """Tokens that would start one more copy of an n-gram already repeated `max_repeats` times in a row.
+
+    Greedy decoding of a small model falls into loops ("ho-ho-ho-ho-...", "land-dweller,
+    land-dweller, ..."); a character's own words may repeat ("Hmmm", "blub blub", "La la la"), so
+    a repeat is allowed `max_repeats` times and only the next one is refused. Unlike a repetition
+    penalty, words used earlier in the reply (a sign-off after a tag) are not touched.
+    """
+    banned = set()
+    for n in range(1, max_ngram + 1):
+        span = n * max_repeats
+        if len(ids) < span:
+            break
+        gram = list(ids[-n:])
+        if all(list(ids[-span + k * n: len(ids) - span + (k + 1) * n]) == gram for k in range(max_repeats)):
+            banned.add(gram[0])
+    return banned
+
+
+def ban_loops(logits: torch.Tensor, histories: Sequence[Sequence[int]], max_repeats: int) -> torch.Tensor:
+    """(B, V) logits with each row's loop breakers (see loop_breakers) set to -inf; unchanged when off."""
+    if max_repeats <= 0:
+        return logits
+    rows, columns = [], []
+    for row, ids in enumerate(histories):
+        for token in loop_breakers(ids, max_repeats):
+            rows.append(row)
+            columns.append(token)
+    if not rows:
+        return logits
+    logits = logits.clone()
+    logits[rows, columns] = float("-inf")
+    return logits
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -179,6 +219,7 @@ def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequen
     active = torch.arange(B, device=device)
     for step in range(steps):
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        logits = ban_loops(logits, [rows[i].ids for i in active.tolist()], params.max_repeats)
         tokens = choose_tokens(logits, params, [rows[i].generator for i in active.tolist()])
         for i, token in zip(active.tolist(), tokens.tolist()):
             rows[i].push(token)

@@ -104,6 +104,7 @@ class CompletionService:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         params = SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
                                 top_p=request.top_p, repetition_penalty=request.repetition_penalty, stop=stop,
+                                max_repeats=request.max_repeats,
                                 seed=request.seed)
         head = prompt.segments["definition"] + prompt.segments["examples"]  # the same for every request to the card
         job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,

@@ -31,7 +31,7 @@ from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.model import PersonaeModel
 from personae.models.sampling import (
-    Generation, SamplingParams, apply_repetition_penalty, choose_tokens, stream_piece,
+    Generation, SamplingParams, apply_repetition_penalty, ban_loops, choose_tokens, stream_piece,
 )
 from personae.serve.adapters import ServerAdapters
 from personae.serve.batch import DecodeBatch, RowInput
@@ -157,7 +157,7 @@ class _RowState:
     def key(self) -> tuple:
         """Rows with equal keys are sampled together in one call."""
         p = self.params
-        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, self.handle.job.ignore_eos)
+        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.max_repeats, self.handle.job.ignore_eos)
 
     def push(self, token: int) -> None:
         """Record a sampled token: end token, stop string and length end the row.
@@ -388,6 +388,7 @@ class Scheduler:
                 group_logits[:, self.tokenizer.eos_id] = float("-inf")
             params = self.rows[members[0]].params
             group_logits = apply_repetition_penalty(group_logits, self.seen[index], params.repetition_penalty)
+            group_logits = ban_loops(group_logits, [self.rows[i].ids for i in members], params.max_repeats)
             tokens[index] = choose_tokens(group_logits, params, [self.rows[i].generator for i in members])
         return tokens
 

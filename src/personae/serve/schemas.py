@@ -79,6 +79,7 @@ class ChatCompletionRequest(_Lenient):
     character: str | None = Field(None, description="a character id or name; wins over `model`")
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    max_repeats: int = Field(0, ge=0)  # no n-gram more than this many times in a row (0: off)
     ignore_eos: bool = False
     user_name: str | None = Field(None, max_length=64, description="who {{user}} is in the card")
 
