@@ -1,8 +1,8 @@
 """Named compute budgets for the main job (`personae demo`) and the ablation (`personae ablate`).
 
 A budget fixes how much every stage trains and how much every evaluation looks at, so that a run
-on 2 CPU cores has a known wall time. `quick` is what `make demo` runs (under 10 minutes on 2
-cores); `full` is the tiny preset's own training lengths (16 minutes on 2 cores). Overrides given on
+on 2 CPU cores has a known wall time. `quick` is what `make demo` runs (about 13 minutes on 2
+cores); `full` is the tiny preset's own training lengths (about 25 minutes on 2 cores). Overrides given on
 the command line still win: the budget's settings come first.
 """
 
@@ -35,9 +35,9 @@ class Budget:
 
 
 DEMO_BUDGETS = {
-    "quick": Budget("quick", scenes=10000, pretrain_steps=250, finetune_steps=350, meta_steps=60,
+    "quick": Budget("quick", scenes=10000, pretrain_steps=250, finetune_steps=900, meta_steps=60,
                     roleplay_limit=120),
-    "full": Budget("full", scenes=10000, pretrain_steps=500, finetune_steps=600, meta_steps=240,
+    "full": Budget("full", scenes=10000, pretrain_steps=500, finetune_steps=1500, meta_steps=240,
                    roleplay_limit=200, adapt_ks=(1, 5, 10), adapt_steps=(0, 1, 2, 5, 10, 20), adapt_query=12),
 }
 
