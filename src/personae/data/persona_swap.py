@@ -50,7 +50,7 @@ WORDS = tuple("""
     willow wombat wren yarrow yodel zephyr zinnia zither
 """.split())
 INTERJECTIONS = ("ho", "hey", "yo", "oi", "ha", "la", "ta", "hup", "whee", "zing", "bah", "tut")
-# pseudo-words: an onset, a vowel and maybe a coda, one to three times ("brimtoo", "zaush")
+# pseudo-words: an onset, a vowel and maybe a coda, once or twice ("brimtoo", "zaush")
 ONSETS = tuple("b c d f g h j k l m n p r s t v w z ch sh th br cr dr fl gr pl st tr sk qu".split())
 VOWELS = tuple("a e i o u ee oo ai ou au".split())
 CODAS = ("", "", "n", "r", "s", "t", "m", "l", "ck", "ng", "sh")
