@@ -218,18 +218,19 @@ def _decode(model: PersonaeModel, tokenizer: Tokenizer, prompts: Sequence[Sequen
     seen = torch.zeros_like(logits, dtype=torch.bool)
     active = torch.arange(B, device=device)
     for step in range(steps):
+        live = active.tolist()
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        logits = ban_loops(logits, [rows[i].ids for i in active.tolist()], params.max_repeats)
-        tokens = choose_tokens(logits, params, [rows[i].generator for i in active.tolist()])
-        for i, token in zip(active.tolist(), tokens.tolist()):
+        logits = ban_loops(logits, [rows[i].ids for i in live], params.max_repeats)
+        tokens = choose_tokens(logits, params, [rows[i].generator for i in live])
+        for i, token in zip(live, tokens.tolist()):
             rows[i].push(token)
         if step == steps - 1:
-            for i in active.tolist():
+            for i in live:
                 rows[i].finish = rows[i].finish or "length"
         if stream:
-            live = set(active.tolist())
-            yield [row.new_text() if i in live else "" for i, row in enumerate(rows)]
-        keep = torch.tensor([not rows[i].finish for i in active.tolist()], device=device)
+            streaming = set(live)
+            yield [row.new_text() if i in streaming else "" for i, row in enumerate(rows)]
+        keep = torch.tensor([not rows[i].finish for i in live], device=device)
         if not keep.any():
             return
         seen[torch.arange(len(active), device=device), tokens] = True
