@@ -2,7 +2,7 @@
 
 A budget fixes how much every stage trains and how much every evaluation looks at, so that a run
 on 2 CPU cores has a known wall time. `quick` is what `make demo` runs (about 13 minutes on 2
-cores); `full` is the tiny preset's own training lengths (about 25 minutes on 2 cores). Overrides given on
+cores); `full` is the tiny preset's own training lengths (about 28 minutes on 2 cores). Overrides given on
 the command line still win: the budget's settings come first.
 """
 

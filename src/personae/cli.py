@@ -274,7 +274,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
                           "evaluate, report", epilog=OVERRIDE_HELP)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--budget", choices=sorted(DEMO_BUDGETS), default="quick",
-                      help="training lengths: quick (< 10 min on 2 CPU cores, the default) or full (~16 min)")
+                      help="training lengths: quick (~12 min on 2 CPU cores, the default) or full (~28 min)")
     demo.add_argument("--scenes", type=int, default=None, help="scenes in the world (default: the budget's)")
     demo.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the tiny preset's)")
     demo.add_argument("--finetune-steps", type=int, default=None, help="role-play steps (default: the preset's)")
