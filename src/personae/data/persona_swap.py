@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from personae.data.dialogues import DialogueRecord, DialogueTurn
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.world.catalog import OBJECTS
-from personae.data.world.characters import Character
+from personae.data.world.characters import Character, load_characters
 from personae.data.world.styles import NEGATIVE_CUES, NEUTRAL_CUES, NO_WORDS, POSITIVE_CUES, SELF_INTRO_CUES, YES_WORDS
 from personae.errors import PersonaeError
 
@@ -101,6 +102,13 @@ class PersonaSwap:
         self.interjections = tuple(w for w in INTERJECTIONS if w not in forbidden)
         if len(self.words) < 40 or not self.interjections:
             raise PersonaeError(f"only {len(self.words)} swap words are free of the characters' markers")
+
+    @classmethod
+    def of_world(cls, data_dir: Path, seed: int, setting: str) -> PersonaSwap:
+        """The swap of a scene world's characters; SETTING (the config key asking for it) names the error."""
+        if not (Path(data_dir) / "world.json").is_file():
+            raise PersonaeError(f"{setting} needs a scene world (its characters' styles); {data_dir} is not one")
+        return cls(load_characters(data_dir), seed)
 
     def _pseudo_word(self, rng: np.random.Generator) -> str:
         """A pronounceable made-up word that is no character's marker word and no answer word."""

@@ -95,8 +95,8 @@ def _adam_direction(grad: torch.Tensor, moments: dict[str, torch.Tensor], step: 
     a gradient element is exactly zero (an embedding row the support set never uses).
     """
     beta1, beta2 = ADAM_BETAS
-    m = moments["m"] * beta1 + grad * (1 - beta1) if "m" in moments else grad * (1 - beta1)
-    v = moments["v"] * beta2 + grad * grad * (1 - beta2) if "v" in moments else grad * grad * (1 - beta2)
+    m = moments.get("m", 0.0) * beta1 + grad * (1 - beta1)  # both start at zero
+    v = moments.get("v", 0.0) * beta2 + grad * grad * (1 - beta2)
     moments["m"], moments["v"] = m, v
     return (m / (1 - beta1 ** step)) / torch.sqrt(v / (1 - beta2 ** step) + ADAM_EPS ** 2)
 

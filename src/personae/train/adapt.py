@@ -1,7 +1,8 @@
 """Adapt a run to a new character from its card and k example conversations: `personae adapt`.
 
 The inner loop is the meta-learning one (SGD, or Adam when `meta.inner_optimizer` says so, on the
-dense reply loss, `torch.func`, no module copy), run for `steps` steps on one support batch of the first k example conversations.
+dense reply loss, `torch.func`, no module copy), run for `steps` steps on one support batch of the
+first k example conversations.
 Which parameters adapt follows the run's meta settings (:class:`AdaptSpec`):
 
 * `meta.adapt` when it is set, else the algorithm's own: LoRA adapters for `lora-maml`, the final

@@ -85,11 +85,8 @@ def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) ->
     if not cfg.finetune.persona_swap:
         return {}
     from personae.data.persona_swap import PersonaSwap, swap_conversations
-    from personae.data.world.characters import load_characters
 
-    if not (data_dir / "world.json").is_file():
-        raise PersonaeError(f"finetune.persona_swap needs a scene world (its characters' styles); {data_dir} is not one")
-    swap = PersonaSwap(load_characters(data_dir), cfg.finetune.train.seed)
+    swap = PersonaSwap.of_world(data_dir, cfg.finetune.train.seed, "finetune.persona_swap")
     return swap_conversations(records, cards, swap, cfg.finetune.persona_swap, cfg.finetune.train.seed)
 
 

@@ -119,12 +119,10 @@ def _episode_batches(cfg: Config, data_dir: Path, sampler: EpisodeSampler, datas
         collator = EpisodeCollator(dataset, pad_id)
         return lambda micro_step: collator.meta_batch(sampler.meta_batch(micro_step, n))
     from personae.data.persona_swap import PersonaSwap, SwappedEpisodeCollator
-    from personae.data.world.characters import load_characters
 
-    if not (data_dir / "world.json").is_file():
-        raise PersonaeError(f"meta.persona_swap needs a scene world (its characters' styles); {data_dir} is not one")
-    swapped = SwappedEpisodeCollator(dataset, pad_id, PersonaSwap(load_characters(data_dir), cfg.meta.train.seed),
-                                     cards, max_tokens=max_tokens, include_examples=cfg.finetune.include_examples)
+    swap = PersonaSwap.of_world(data_dir, cfg.meta.train.seed, "meta.persona_swap")
+    swapped = SwappedEpisodeCollator(dataset, pad_id, swap, cards, max_tokens=max_tokens,
+                                     include_examples=cfg.finetune.include_examples)
     return lambda micro_step: swapped.meta_batch(sampler.meta_batch(micro_step, n), key=micro_step)
 
 
