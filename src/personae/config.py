@@ -64,6 +64,7 @@ class DecoderCfg:
     heads: int = 4
     mlp_ratio: float = 4.0
     max_len: int = 256
+    copy: bool = False  # a copy-attention layer after the blocks (models/copy_attention.py)
 
 
 @dataclass

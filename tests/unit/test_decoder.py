@@ -7,12 +7,16 @@ from personae.config import load_preset
 from personae.models import PersonaeModel
 
 
-@pytest.fixture(scope="module")
-def model() -> PersonaeModel:
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "copy"])
+def model(request) -> PersonaeModel:
     cfg = load_preset("tiny").model
     cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = 120, True, 128
+    cfg.decoder.copy = request.param
     torch.manual_seed(0)
-    return PersonaeModel(cfg).eval()
+    model = PersonaeModel(cfg).eval()
+    if model.decoder.copy is not None:  # the copy layer starts as a no-op: make it count
+        torch.nn.init.normal_(model.decoder.copy.proj.weight, std=0.5)
+    return model
 
 
 def test_cached_decoding_matches_full_forward(model):

@@ -9,12 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import DecoderCfg
+from personae.models.copy_attention import CopyAttention
 from personae.models.layers import MLP
 
 
 @dataclass
 class KVCache:
-    """Pre-allocated keys and values of every layer: (layers, B, H, max_len, d), filled up to `length`."""
+    """Pre-allocated keys and values of every layer: (layers, B, H, max_len, d), filled up to `length`.
+
+    With copy attention on, the last layer is the copy layer's (its values: the normalised input
+    embeddings); every operation on the cache treats all layers alike.
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -78,6 +83,9 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     """Token embeddings, learned positions, causal blocks and an LM head tied to the embeddings.
 
+    With `cfg.copy`, a copy-attention layer (:mod:`personae.models.copy_attention`) follows the
+    blocks, so words read in the prompt (a card's marker phrases) can be repeated in the reply.
+
     The image enters as a prefix: the vision tower's regions pass through a two-layer projector
     into the decoder's embedding space and are placed before the prompt tokens.
     """
@@ -91,6 +99,7 @@ class Decoder(nn.Module):
         self.image_proj = nn.Sequential(nn.Linear(image_width, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.width))
         self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio, dropout)
                                     for _ in range(cfg.depth))
+        self.copy = CopyAttention(cfg.width, cfg.heads) if cfg.copy else None
         self.ln_f = nn.LayerNorm(cfg.width)
 
     @property
@@ -100,7 +109,8 @@ class Decoder(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, *, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> KVCache:
         """An empty cache for `batch` sequences of up to max_len (default cfg.max_len) positions."""
-        return KVCache.empty(self.cfg.depth, batch, self.cfg.heads, max_len or self.cfg.max_len, self.head_dim,
+        layers = len(self.blocks) + (self.copy is not None)
+        return KVCache.empty(layers, batch, self.cfg.heads, max_len or self.cfg.max_len, self.head_dim,
                              device=device, dtype=dtype)
 
     def embed(self, input_ids: torch.Tensor, image_regions: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,6 +137,8 @@ class Decoder(nn.Module):
         mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, is_causal)
+        if self.copy is not None:
+            x = x + self.copy(x, embeddings, mask, is_causal, cache, len(self.blocks), attention_mask)
         if cache is not None:
             cache.length = start + T
         return self.ln_f(x)
