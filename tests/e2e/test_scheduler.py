@@ -15,13 +15,21 @@ from personae.serve.scheduler import Done, Failed, GenerationJob, QueueFull, Sch
 from tests.conftest import micro_config
 
 
-@pytest.fixture(scope="module")
-def short_model(bundle: RunBundle) -> PersonaeModel:
-    """A random micro model whose decoder has only 48 positions, so that the cache must compact."""
-    cfg = apply_overrides(micro_config(), ["model.decoder.enabled=true", "model.decoder.max_len=48"])
+def random_model(bundle: RunBundle, *overrides: str) -> PersonaeModel:
+    cfg = apply_overrides(micro_config(), ["model.decoder.enabled=true", *overrides])
     cfg.model.text.vocab_size = bundle.tokenizer.vocab_size
     torch.manual_seed(0)
-    return PersonaeModel(cfg.model).eval()
+    model = PersonaeModel(cfg.model).eval()
+    if model.decoder.copy is not None:  # make the copy layer weigh in, so a wrong slot changes tokens
+        torch.nn.init.normal_(model.decoder.copy.proj.weight, std=0.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "copy"])
+def short_model(bundle: RunBundle, request) -> PersonaeModel:
+    """A random micro model whose decoder has only 48 positions, so that the cache must compact
+    (with and without copy attention, whose keys and values ride in the cache as one more layer)."""
+    return random_model(bundle, "model.decoder.max_len=48", f"model.decoder.copy={str(request.param).lower()}")
 
 
 def prompts(bundle: RunBundle) -> list[list[int]]:
@@ -142,18 +150,20 @@ def test_scheduler_thread_serves_holds_and_stops(bundle: RunBundle) -> None:
         scheduler.submit(GenerationJob(prompts(bundle)[2], None, params))
 
 
-def test_prefix_cached_heads_give_the_same_replies(bundle: RunBundle) -> None:
+@pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
+def test_prefix_cached_heads_give_the_same_replies(bundle: RunBundle, copy: bool) -> None:
+    model = random_model(bundle, "model.decoder.copy=true") if copy else bundle.model
     head = bundle.tokenizer.encode("You are a chef in Lyon who loves markets and talks about food", add_cls=False,
                                    add_eos=False)
     tails = prompts(bundle)
-    images = pixels(bundle.model, 1)
+    images = pixels(model, 1)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=21)
-    scheduler = Scheduler(bundle.model, bundle.tokenizer, max_batch=8, prefix_cache_bytes=1 << 24)
+    scheduler = Scheduler(model, bundle.tokenizer, max_batch=8, prefix_cache_bytes=1 << 24)
     first = scheduler.submit(GenerationJob(head + tails[0], images[0], params, head_len=len(head)))
     run_until_idle(scheduler)  # a miss: the head is computed alone, then stored
     later = [scheduler.submit(GenerationJob(head + tail, images[0], params, head_len=len(head))) for tail in tails]
     run_until_idle(scheduler)  # hits: three rows prefill only their tails, in one forward
     assert (scheduler.batch.prefixes.misses, scheduler.batch.prefixes.hits) == (1, 1)
-    expected = [reference(bundle.model, bundle, head + tail, images[0], params) for tail in tails]
+    expected = [reference(model, bundle, head + tail, images[0], params) for tail in tails]
     assert [result(h)[0].token_ids for h in later] == expected
     assert result(first)[0].token_ids == expected[0]
