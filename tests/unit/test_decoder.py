@@ -14,7 +14,7 @@ def model(request) -> PersonaeModel:
     cfg.decoder.copy = request.param
     torch.manual_seed(0)
     model = PersonaeModel(cfg).eval()
-    if model.decoder.copy is not None:  # the copy layer starts as a no-op: make it count
+    if model.decoder.copy is not None:  # its output is small at init: make it count
         torch.nn.init.normal_(model.decoder.copy.proj.weight, std=0.5)
     return model
 

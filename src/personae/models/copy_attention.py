@@ -18,14 +18,20 @@ initialised like every other layer (N(0, 0.02)) and learns to copy within a few 
 
 The values in the KV cache are the normalised input embeddings themselves, so the embedding before
 a newly decoded token is read from the cache at that row's previous real slot: batching, padding
-gaps and prefix caching need nothing from callers.
+gaps and prefix caching need nothing from callers. Off by default (`model.decoder.copy`); what it
+does and does not change in adaptation is measured in docs/meta-learning.md ("Beyond 0.7").
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from personae.models.decoder import KVCache
 
 
 def previous_slots(start: int, length: int, real: torch.Tensor | None, batch: int,
@@ -58,12 +64,17 @@ class CopyAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, embeddings: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                cache=None, layer: int = 0, real: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, real: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D) residual stream, embeddings (B, T, D) the inputs of the same positions;
         mask / is_causal as for the decoder's self-attention; real (B, S) marks real cache slots."""
         B, T, D = x.shape
-        split = lambda t: t.reshape(B, -1, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
-        merge = lambda t: t.transpose(1, 2).reshape(B, -1, D)  # noqa: E731
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, S, D) -> (B, H, S, d)
+            return t.reshape(B, -1, self.heads, D // self.heads).transpose(1, 2)
+
+        def merge(t: torch.Tensor) -> torch.Tensor:  # (B, H, S, d) -> (B, S, D)
+            return t.transpose(1, 2).reshape(B, -1, D)
+
         embedded = self.ln_embed(embeddings)  # (B, T, D)
         values = split(embedded)  # (B, H, T, d)
         start = 0
