@@ -83,8 +83,8 @@ class CopyAttention(nn.Module):
             cache.values[layer, :, :, start : start + T] = values
             values = cache.values[layer, :, :, : start + T]
         before = previous_slots(start, T, real, B, x.device)  # (B, T)
-        flat = merge(values)  # (B, S, D)
-        previous = flat.gather(1, before.clamp(min=0)[..., None].expand(B, T, D)) * (before >= 0)[..., None]
+        index = before.clamp(min=0)[:, None, :, None].expand(B, self.heads, T, D // self.heads)
+        previous = merge(values.gather(2, index)) * (before >= 0)[..., None]  # (B, T, D); only T slots read
         h = self.ln(x)
         q = split(self.query(h) + self.query_embed(embedded))
         k = split(self.key(h) + self.key_embed(previous))
