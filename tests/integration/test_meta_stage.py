@@ -96,6 +96,18 @@ def test_meta_train_resumes_exactly(meta_run, pretrained_run, small_world, tmp_p
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_meta_training_a_meta_run_again_starts_from_its_learned_rates(meta_run, small_world, tmp_path):
+    out, _ = meta_run
+    learned = learned_rates(out)
+    assert any(not torch.allclose(v, torch.full_like(v, 0.05)) for v in learned.values())  # they did move
+    # one outer step at a negligible rate: the rates it saves are the ones it started from
+    run_meta_train(out, small_world, tmp_path, overrides=[*META, "meta.train.steps=1", "meta.train.lr=1e-12"],
+                   progress=False)
+    again = learned_rates(tmp_path)
+    assert again.keys() == learned.keys()
+    assert all(torch.allclose(again[k], learned[k], atol=1e-9) for k in learned)
+
+
 def test_persona_swapped_meta_training_is_deterministic_and_trains_on_other_text(meta_run, pretrained_run, small_world, tmp_path):
     swap = META + ["meta.train.steps=2", "meta.persona_swap=true"]
     first = run_meta_train(pretrained_run, small_world, tmp_path / "a", overrides=swap, progress=False)

@@ -126,6 +126,23 @@ def _episode_batches(cfg: Config, data_dir: Path, sampler: EpisodeSampler, datas
     return lambda micro_step: swapped.meta_batch(sampler.meta_batch(micro_step, n), key=micro_step)
 
 
+def _start_from_learned_rates(learner: MetaLearner, run: Path) -> None:
+    """Meta-SGD rates start from RUN's own (a meta-trained run continued), else from meta.inner_lr.
+
+    A resumed run then overwrites them with its checkpoint's.
+    """
+    path = run / META_LRS_FILE
+    if not learner.cfg.learn_inner_lr or not path.is_file():
+        return
+    rates = meta_lrs_by_name(path)
+    if set(rates) != set(learner.names):
+        log.warning("%s holds inner rates for other parameters than this run adapts; they start from "
+                    "meta.inner_lr=%g instead", path, learner.cfg.inner_lr)
+        return
+    learner.load_inner_lr_tensors(rates)
+    log.info("inner rates start from %s", path)
+
+
 def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
                    resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
     """Meta-train RUN (fine-tuned or pretrained) over the train characters of DATA_DIR; write OUT_DIR."""
@@ -151,6 +168,7 @@ def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[
     episodes = _episode_batches(cfg, data_dir, sampler, dataset, cards, tokenizer.pad_id,
                                 model.text_budget(0, records[0].image is not None))
     learner = build_learner(model, cfg, tokenizer.pad_id)
+    _start_from_learned_rates(learner, Path(run))
     _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
 
     aux = {META_LRS_FILE.removesuffix(".safetensors"): learner.inner_lrs} if cfg.meta.learn_inner_lr else None
