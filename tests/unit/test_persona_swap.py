@@ -3,11 +3,14 @@
 import dataclasses
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from personae.data.cards import load_card
 from personae.data.dialogues import load_character_cards, read_dialogues
-from personae.data.persona_swap import PersonaSwap, forbidden_words, swap_conversations
+from personae.data.episodes import Episode, EpisodeCollator
+from personae.data.persona_swap import PersonaSwap, SwappedEpisodeCollator, forbidden_words, swap_conversations
 from personae.data.roleplay import RolePlayDataset
 from personae.data.tokenizer import train_tokenizer
 from personae.errors import PersonaeError
@@ -62,6 +65,32 @@ def test_fresh_words_avoid_every_marker_and_answer_word(world_bits):
     assert not drawn & forbidden
 
 
+@pytest.mark.parametrize("marker", ["Honk honk, hello", "La la la!", "Ta-ta for now, darling", "Ooh la la, I see",
+                                    "Rustle rustle, small friend"])
+def test_a_marker_that_repeats_a_word_keeps_its_shape(world_bits, marker):
+    """Repeated words stay repeated, punctuation stays, each distinct word gets its own fresh word."""
+    _, characters, _ = world_bits
+    swap = PersonaSwap(characters, seed=0)
+    for seed in range(5):
+        phrase = swap._phrase(marker, np.random.default_rng(seed))
+        words, fresh = re.findall(r"[A-Za-z]+", marker), re.findall(r"[A-Za-z]+", phrase)
+        assert re.sub(r"[A-Za-z]+", "w", phrase) == re.sub(r"[A-Za-z]+", "w", marker), phrase
+        pairs = dict(zip([w.lower() for w in words], [w.lower() for w in fresh]))
+        assert [pairs[w.lower()] for w in words] == [w.lower() for w in fresh]  # repeats map to repeats
+        assert len(set(pairs.values())) == len(pairs)  # distinct words stay distinct
+        assert not set(pairs.values()) & set(pairs)
+    if " I " in marker:
+        assert not re.search(r" [A-Z]{2,} ", swap._phrase(marker, np.random.default_rng(0)))  # "I" is not shouted
+
+
+def test_a_marker_without_repeats_gets_up_to_four_fresh_words(world_bits):
+    swap = PersonaSwap(load_characters(world_bits[0]), seed=0)
+    rng = np.random.default_rng(0)
+    assert len(swap._phrase("Through the shimmering tide I glimpse", rng).split()) == 4  # prompts stay short
+    assert len(swap._phrase("Good day to you", rng).split()) == 4
+    assert re.fullmatch(r"[a-z]+-[a-z]+", swap._phrase("arr", rng).lower())
+
+
 def test_case_is_kept_and_longest_markers_win():
     rewritten = PersonaSwap.rewrite("AHOY, MATEY! Ahoy there. ahoy", {"Ahoy": "Zing", "Ahoy, matey": "Plum tea"})
     assert rewritten == "PLUM TEA! Zing there. zing"
@@ -109,3 +138,26 @@ def test_dataset_variants_replace_conversations_and_fall_back_when_too_long(worl
     mixed = RolePlayDataset(subset, cards, tokenizer, **settings, variants={**variants, 2: (record, bloated)})
     assert mixed.fallbacks == 1 and len(mixed) == len(subset)
     assert mixed.examples[2] == plain.examples[2] and mixed.examples[1] == swapped.examples[1]
+
+
+def test_a_swapped_episode_too_long_for_the_budget_keeps_its_own_markers(world_bits, tokenizer):
+    world, characters, records = world_bits
+    cards = load_character_cards(world / "characters")
+    name = records[0].character
+    rows = [r for r in records if r.character == name][:3]
+    budget = 1000
+    dataset = RolePlayDataset(rows, cards, tokenizer, image_size=32, max_tokens=budget, include_examples=False,
+                              progress=False)
+    swap = PersonaSwap(characters, seed=0)
+    collator = SwappedEpisodeCollator(dataset, tokenizer.pad_id, swap, cards, max_tokens=budget, include_examples=False)
+    episode = Episode(name, (0,), (1, 2))
+    swapped, _ = collator.episode(episode, key=1)
+    assert collator.fallbacks == 0
+    assert not torch.equal(swapped["input_ids"], EpisodeCollator(dataset, tokenizer.pad_id).batch([0])["input_ids"])
+    # fresh phrases so long that the card no longer fits: the episode is its own, unswapped one
+    swap.mapping = lambda character, key: {m: " ".join(["zaush"] * 200) for m in characters[character].style.markers()}
+    support, query = collator.episode(episode, key=1)
+    plain = EpisodeCollator(dataset, tokenizer.pad_id)
+    assert collator.fallbacks == 1
+    assert torch.equal(support["input_ids"], plain.batch([0])["input_ids"])
+    assert torch.equal(query["input_ids"], plain.batch([1, 2])["input_ids"])

@@ -17,6 +17,7 @@ Draws are a pure function of (seed, episode key, character), so a resumed run se
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 import re
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ import torch
 
 from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord, DialogueTurn
-from personae.data.prompt import PromptBuilder, Turn
+from personae.data.prompt import PromptBuilder, PromptTooLong, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.world.catalog import OBJECTS
 from personae.data.world.characters import Character, load_characters
@@ -55,7 +56,10 @@ INTERJECTIONS = ("ho", "hey", "yo", "oi", "ha", "la", "ta", "hup", "whee", "zing
 ONSETS = tuple("b c d f g h j k l m n p r s t v w z ch sh th br cr dr fl gr pl st tr sk qu".split())
 VOWELS = tuple("a e i o u ee oo ai ou au".split())
 CODAS = ("", "", "n", "r", "s", "t", "m", "l", "ck", "ng", "sh")
+log = logging.getLogger(__name__)
+
 PSEUDO_SHARE = 2 / 3  # of the words of a fresh phrase; the rest are real words from WORDS
+_WORD = re.compile(r"[A-Za-z]+")
 
 
 def _words_of(text: str) -> set[str]:
@@ -125,11 +129,30 @@ class PersonaSwap:
         return self._pseudo_word(rng) if rng.random() < PSEUDO_SHARE else str(rng.choice(self.words))
 
     def _phrase(self, original: str, rng: np.random.Generator) -> str:
-        """A fresh phrase with as many words as the original (1 to 4)."""
-        count = min(4, max(1, len(original.split())))
-        if count == 1 and len(original) <= 6:  # short markers (tags like 'blub blub', titles) stay short
-            return str(rng.choice(self.interjections)) + "-" + self._word(rng)
-        return " ".join(self._word(rng) for _ in range(count))
+        """A fresh phrase: as many words as the original (1 to 4), or, when the original repeats a
+        word, the original's shape with every distinct word replaced by one fresh word.
+
+        Repeats stay repeats and the punctuation stays ("Honk honk, hello" -> "Zaush zaush, pepper",
+        "La la la!" -> "Brim brim brim!"), so swapped episodes also teach new markers that repeat a word.
+        """
+        words = [w.lower() for w in _WORD.findall(original)]
+        if len(set(words)) == len(words):
+            count = min(4, max(1, len(words)))
+            if count == 1 and len(original) <= 6:  # short markers (tags, titles) stay short
+                return str(rng.choice(self.interjections)) + "-" + self._word(rng)
+            return " ".join(self._word(rng) for _ in range(count))
+        fresh: dict[str, str] = {}
+
+        def replace(found: re.Match[str]) -> str:
+            key = found.group(0).lower()
+            while key not in fresh:
+                word = self._word(rng)
+                if word not in fresh.values():  # distinct words stay distinct
+                    fresh[key] = word
+            text = found.group(0)  # a lone capital ("I") starts a word, it does not shout one
+            return fresh[key].capitalize() if len(text) == 1 and text.isupper() else _match_case(text, fresh[key])
+
+        return _WORD.sub(replace, original)
 
     def mapping(self, character_id: str, key: int) -> dict[str, str]:
         """Marker -> fresh phrase for one episode (key) of one character; same inputs, same phrases."""
@@ -193,6 +216,7 @@ class SwappedEpisodeCollator:
         self.dataset, self.pad_id, self.swap, self.cards = dataset, pad_id, swap, dict(cards)
         self.builder = PromptBuilder(dataset.tokenizer)
         self.max_tokens, self.include_examples = max_tokens, include_examples
+        self.fallbacks = 0
 
     def _items(self, indices: Sequence[int], mapping: Mapping[str, str], card: CharacterCard) -> list[dict[str, Any]]:
         items = []
@@ -208,8 +232,21 @@ class SwappedEpisodeCollator:
         return items
 
     def episode(self, episode: Any, key: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(support, query) batches of one episode under the swap drawn for `key`."""
-        mapping = self.swap.mapping(episode.character, key)
+        """(support, query) batches of one episode under the swap drawn for `key`.
+
+        If the fresh phrases make a prompt too long for the budget, the whole episode keeps its own
+        markers (as fine-tuning's swapped conversations do); `fallbacks` counts such episodes.
+        """
+        try:
+            return self._batches(episode, self.swap.mapping(episode.character, key))
+        except PromptTooLong:
+            self.fallbacks += 1
+            if self.fallbacks == 1:
+                log.warning("a swapped episode of %s does not fit %d tokens: it keeps its own markers "
+                            "(further ones are counted, not logged)", episode.character, self.max_tokens)
+            return self._batches(episode, {})
+
+    def _batches(self, episode: Any, mapping: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         card = self.swap.card(self.cards[episode.character], mapping)
         return (collate_roleplay(self._items(episode.support, mapping, card), self.pad_id),
                 collate_roleplay(self._items(episode.query, mapping, card), self.pad_id))
