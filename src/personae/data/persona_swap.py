@@ -17,8 +17,8 @@ Draws are a pure function of (seed, episode key, character), so a resumed run se
 from __future__ import annotations
 
 import dataclasses
-import logging
 import functools
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +35,8 @@ from personae.data.world.catalog import OBJECTS
 from personae.data.world.characters import Character, load_characters
 from personae.data.world.styles import NEGATIVE_CUES, NEUTRAL_CUES, NO_WORDS, POSITIVE_CUES, SELF_INTRO_CUES, YES_WORDS
 from personae.errors import PersonaeError
+
+log = logging.getLogger(__name__)
 
 WORDS = tuple("""
     amber anchor apricot arrow aurora autumn badger bagpipe bamboo banjo basil beacon beetle biscuit blossom
@@ -56,8 +58,6 @@ INTERJECTIONS = ("ho", "hey", "yo", "oi", "ha", "la", "ta", "hup", "whee", "zing
 ONSETS = tuple("b c d f g h j k l m n p r s t v w z ch sh th br cr dr fl gr pl st tr sk qu".split())
 VOWELS = tuple("a e i o u ee oo ai ou au".split())
 CODAS = ("", "", "n", "r", "s", "t", "m", "l", "ck", "ng", "sh")
-log = logging.getLogger(__name__)
-
 PSEUDO_SHARE = 2 / 3  # of the words of a fresh phrase; the rest are real words from WORDS
 _WORD = re.compile(r"[A-Za-z]+")
 
