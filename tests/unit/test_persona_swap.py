@@ -3,7 +3,6 @@
 import dataclasses
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -63,32 +62,6 @@ def test_fresh_words_avoid_every_marker_and_answer_word(world_bits):
     drawn = {w for name in characters for key in range(20) for phrase in swap.mapping(name, key).values()
              for w in re.findall(r"[a-z]+", phrase.lower())}
     assert not drawn & forbidden
-
-
-@pytest.mark.parametrize("marker", ["Honk honk, hello", "La la la!", "Ta-ta for now, darling", "Ooh la la, I see",
-                                    "Rustle rustle, small friend"])
-def test_a_marker_that_repeats_a_word_keeps_its_shape(world_bits, marker):
-    """Repeated words stay repeated, punctuation stays, each distinct word gets its own fresh word."""
-    _, characters, _ = world_bits
-    swap = PersonaSwap(characters, seed=0)
-    for seed in range(5):
-        phrase = swap._phrase(marker, np.random.default_rng(seed))
-        words, fresh = re.findall(r"[A-Za-z]+", marker), re.findall(r"[A-Za-z]+", phrase)
-        assert re.sub(r"[A-Za-z]+", "w", phrase) == re.sub(r"[A-Za-z]+", "w", marker), phrase
-        pairs = dict(zip([w.lower() for w in words], [w.lower() for w in fresh]))
-        assert [pairs[w.lower()] for w in words] == [w.lower() for w in fresh]  # repeats map to repeats
-        assert len(set(pairs.values())) == len(pairs)  # distinct words stay distinct
-        assert not set(pairs.values()) & set(pairs)
-    if " I " in marker:
-        assert not re.search(r" [A-Z]{2,} ", swap._phrase(marker, np.random.default_rng(0)))  # "I" is not shouted
-
-
-def test_a_marker_without_repeats_gets_up_to_four_fresh_words(world_bits):
-    swap = PersonaSwap(load_characters(world_bits[0]), seed=0)
-    rng = np.random.default_rng(0)
-    assert len(swap._phrase("Through the shimmering tide I glimpse", rng).split()) == 4  # prompts stay short
-    assert len(swap._phrase("Good day to you", rng).split()) == 4
-    assert re.fullmatch(r"[a-z]+-[a-z]+", swap._phrase("arr", rng).lower())
 
 
 def test_case_is_kept_and_longest_markers_win():

@@ -59,7 +59,6 @@ ONSETS = tuple("b c d f g h j k l m n p r s t v w z ch sh th br cr dr fl gr pl s
 VOWELS = tuple("a e i o u ee oo ai ou au".split())
 CODAS = ("", "", "n", "r", "s", "t", "m", "l", "ck", "ng", "sh")
 PSEUDO_SHARE = 2 / 3  # of the words of a fresh phrase; the rest are real words from WORDS
-_WORD = re.compile(r"[A-Za-z]+")
 
 
 def _words_of(text: str) -> set[str]:
@@ -129,30 +128,11 @@ class PersonaSwap:
         return self._pseudo_word(rng) if rng.random() < PSEUDO_SHARE else str(rng.choice(self.words))
 
     def _phrase(self, original: str, rng: np.random.Generator) -> str:
-        """A fresh phrase: as many words as the original (1 to 4), or, when the original repeats a
-        word, the original's shape with every distinct word replaced by one fresh word.
-
-        Repeats stay repeats and the punctuation stays ("Honk honk, hello" -> "Zaush zaush, pepper",
-        "La la la!" -> "Brim brim brim!"), so swapped episodes also teach new markers that repeat a word.
-        """
-        words = [w.lower() for w in _WORD.findall(original)]
-        if len(set(words)) == len(words):
-            count = min(4, max(1, len(words)))
-            if count == 1 and len(original) <= 6:  # short markers (tags, titles) stay short
-                return str(rng.choice(self.interjections)) + "-" + self._word(rng)
-            return " ".join(self._word(rng) for _ in range(count))
-        fresh: dict[str, str] = {}
-
-        def replace(found: re.Match[str]) -> str:
-            key = found.group(0).lower()
-            while key not in fresh:
-                word = self._word(rng)
-                if word not in fresh.values():  # distinct words stay distinct
-                    fresh[key] = word
-            text = found.group(0)  # a lone capital ("I") starts a word, it does not shout one
-            return fresh[key].capitalize() if len(text) == 1 and text.isupper() else _match_case(text, fresh[key])
-
-        return _WORD.sub(replace, original)
+        """A fresh phrase with as many words as the original (1 to 4)."""
+        count = min(4, max(1, len(original.split())))
+        if count == 1 and len(original) <= 6:  # short markers (tags like 'blub blub', titles) stay short
+            return str(rng.choice(self.interjections)) + "-" + self._word(rng)
+        return " ".join(self._word(rng) for _ in range(count))
 
     def mapping(self, character_id: str, key: int) -> dict[str, str]:
         """Marker -> fresh phrase for one episode (key) of one character; same inputs, same phrases."""
