@@ -43,7 +43,8 @@ from personae.eval.roleplay_metrics import aggregate
 from personae.models.io import CONFIG_FILE, load_model, require_file
 from personae.models.sampling import SamplingParams
 from personae.objectives.masked_lm import IGNORE_INDEX
-from personae.train.adapt import Adaptation, AdaptSpec, learned_rates
+from personae.train.adapt import Adaptation, AdaptSpec
+from personae.train.meta import learned_rates
 
 KS = (1, 5, 10)
 STEPS = (0, 1, 2, 5, 10, 20)

@@ -41,7 +41,7 @@ from personae.meta.maml import ADAPT_CHOICES
 from personae.models.io import load_model
 from personae.models.lora import add_lora, apply_adapter, lora_settings, save_adapter
 from personae.models.model import PersonaeModel
-from personae.train.meta import HEAD, META_LRS_FILE, dense_roleplay_task, meta_lrs_by_name
+from personae.train.meta import HEAD, dense_roleplay_task, learned_rates
 
 ADAPTERS_DIR = "adapters"
 TASK_PREFIX = "model."  # RolePlayTask holds the model as .model; adapter files use the model's own names
@@ -120,12 +120,6 @@ class Adaptation:
         model = copy.deepcopy(self.model)
         apply_adapter(model, self.model_tensors(fast))
         return model.eval()
-
-
-def learned_rates(run: Path) -> dict[str, torch.Tensor] | None:
-    """The Meta-SGD rates a run learned (RUN/meta_lrs.safetensors), or None."""
-    path = Path(run) / META_LRS_FILE
-    return meta_lrs_by_name(path) if path.is_file() else None
 
 
 def read_examples(path: Path, character_id: str, card: CharacterCard, k: int) -> list[DialogueRecord]:

@@ -88,6 +88,12 @@ def meta_lrs_by_name(path: Path) -> dict[str, torch.Tensor]:
     return {key.replace("/", "."): value for key, value in load_file(str(path)).items()}
 
 
+def learned_rates(run: Path) -> dict[str, torch.Tensor] | None:
+    """The Meta-SGD rates a run learned (RUN/meta_lrs.safetensors), or None."""
+    path = Path(run) / META_LRS_FILE
+    return meta_lrs_by_name(path) if path.is_file() else None
+
+
 def episode_pool(records: list[DialogueRecord], needed: int) -> list[DialogueRecord]:
     """The conversations of the characters with at least `needed` of them (the others cannot form a task)."""
     counts = Counter(r.character for r in records)
@@ -131,16 +137,16 @@ def _start_from_learned_rates(learner: MetaLearner, run: Path) -> None:
 
     A resumed run then overwrites them with its checkpoint's.
     """
-    path = run / META_LRS_FILE
-    if not learner.cfg.learn_inner_lr or not path.is_file():
+    rates = learned_rates(run) if learner.cfg.learn_inner_lr else None
+    if rates is None:
         return
-    rates = meta_lrs_by_name(path)
-    if set(rates) != set(learner.names):
+    try:
+        learner.load_inner_lr_tensors(rates)
+    except KeyError:
         log.warning("%s holds inner rates for other parameters than this run adapts; they start from "
-                    "meta.inner_lr=%g instead", path, learner.cfg.inner_lr)
+                    "meta.inner_lr=%g instead", run / META_LRS_FILE, learner.cfg.inner_lr)
         return
-    learner.load_inner_lr_tensors(rates)
-    log.info("inner rates start from %s", path)
+    log.info("inner rates start from %s", run / META_LRS_FILE)
 
 
 def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
