@@ -65,6 +65,7 @@ class DecoderCfg:
     mlp_ratio: float = 4.0
     max_len: int = 256
     copy: bool = False  # a copy-attention layer after the blocks (models/copy_attention.py)
+    shift: int = 0  # q, k, v also mix in those of this many previous tokens (models/decoder.py)
 
 
 @dataclass

@@ -22,14 +22,20 @@ def random_model(bundle: RunBundle, *overrides: str) -> PersonaeModel:
     model = PersonaeModel(cfg.model).eval()
     if model.decoder.copy is not None:  # make the copy layer weigh in, so a wrong slot changes tokens
         torch.nn.init.normal_(model.decoder.copy.proj.weight, std=0.5)
+    for block in model.decoder.blocks if cfg.model.decoder.shift else ():  # the same for a token shift
+        torch.nn.init.normal_(block.attn.shift_mix, std=0.7)
     return model
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "copy"])
+VARIANTS = {"plain": [], "copy": ["model.decoder.copy=true"], "shift": ["model.decoder.shift=2"]}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def short_model(bundle: RunBundle, request) -> PersonaeModel:
     """A random micro model whose decoder has only 48 positions, so that the cache must compact
-    (with and without copy attention, whose keys and values ride in the cache as one more layer)."""
-    return random_model(bundle, "model.decoder.max_len=48", f"model.decoder.copy={str(request.param).lower()}")
+    (plain, with copy attention, whose keys and values ride in the cache as one more layer, and with
+    a token shift, whose inputs ride as one more layer per block)."""
+    return random_model(bundle, "model.decoder.max_len=48", *VARIANTS[request.param])
 
 
 def prompts(bundle: RunBundle) -> list[list[int]]:
@@ -150,9 +156,9 @@ def test_scheduler_thread_serves_holds_and_stops(bundle: RunBundle) -> None:
         scheduler.submit(GenerationJob(prompts(bundle)[2], None, params))
 
 
-@pytest.mark.parametrize("copy", [False, True], ids=["plain", "copy"])
-def test_prefix_cached_heads_give_the_same_replies(bundle: RunBundle, copy: bool) -> None:
-    model = random_model(bundle, "model.decoder.copy=true") if copy else bundle.model
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefix_cached_heads_give_the_same_replies(bundle: RunBundle, variant: str) -> None:
+    model = random_model(bundle, *VARIANTS[variant]) if VARIANTS[variant] else bundle.model
     head = bundle.tokenizer.encode("You are a chef in Lyon who loves markets and talks about food", add_cls=False,
                                    add_eos=False)
     tails = prompts(bundle)

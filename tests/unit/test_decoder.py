@@ -7,15 +7,24 @@ from personae.config import load_preset
 from personae.models import PersonaeModel
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "copy"])
+def random_shift_mix(model: PersonaeModel) -> None:
+    """A token shift starts as the identity: give it weight, so reading a wrong slot shows."""
+    for block in model.decoder.blocks:
+        torch.nn.init.normal_(block.attn.shift_mix, std=0.7)
+
+
+@pytest.fixture(scope="module", params=["plain", "copy", "shift"])
 def model(request) -> PersonaeModel:
     cfg = load_preset("tiny").model
     cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = 120, True, 128
-    cfg.decoder.copy = request.param
+    cfg.decoder.copy = request.param == "copy"
+    cfg.decoder.shift = 2 if request.param == "shift" else 0
     torch.manual_seed(0)
     model = PersonaeModel(cfg).eval()
     if model.decoder.copy is not None:  # its output is small at init: make it count
         torch.nn.init.normal_(model.decoder.copy.proj.weight, std=0.5)
+    if cfg.decoder.shift:
+        random_shift_mix(model)
     return model
 
 
@@ -70,14 +79,23 @@ def test_decoder_seeded_from_text_tower(model):
     model.init_decoder_from_text()
     assert torch.equal(model.decoder.tok_embed.weight, model.text.tok_embed.weight)
     assert torch.equal(model.decoder.blocks[0].attn.qkv.weight, model.text.blocks[0].attn.qkv.weight)
+    assert torch.equal(model.decoder.blocks[1].mlp.fc.weight, model.text.blocks[1].mlp.fc.weight)
 
 
-def test_model_without_decoder_says_so():
-    cfg = load_preset("tiny").model
-    with pytest.raises(ValueError, match="no decoder"):
-        PersonaeModel(cfg).lm_logits(None, torch.zeros(1, 3, dtype=torch.long))
+def test_token_shift_mixes_in_exactly_the_previous_tokens():
+    """With shift 2, position t's q, k, v = sum_s mix[s] * qkv(x[t-s]); at init only mix[0] = 1."""
+    from personae.models.decoder import CausalSelfAttention
 
-
-def test_too_long_sequence_is_a_clear_error(model):
-    with pytest.raises(ValueError, match="exceeds model.decoder.max_len=128"):
-        model.lm_logits(torch.randn(1, 3, 64, 64), torch.zeros(1, 120, dtype=torch.long))
+    torch.manual_seed(3)
+    attn, plain = CausalSelfAttention(16, 2, shift=2), CausalSelfAttention(16, 2)
+    plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "shift_mix"})
+    x = torch.randn(1, 5, 16)
+    torch.testing.assert_close(attn(x, None), plain(x, None))  # the identity at init
+    torch.nn.init.normal_(attn.shift_mix)
+    qkv = attn.qkv(x)  # (1, 5, 48)
+    mixed = qkv * attn.shift_mix[0]
+    mixed[:, 1:] += qkv[:, :-1] * attn.shift_mix[1]
+    mixed[:, 2:] += qkv[:, :-2] * attn.shift_mix[2]
+    q, k, v = mixed.view(1, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attn(x, None), attn.proj(y.transpose(1, 2).reshape(1, 5, 16)))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import DecoderCfg
-from personae.models.copy_attention import CopyAttention
+from personae.models.copy_attention import CopyAttention, previous_slots
 from personae.models.layers import MLP
 
 
@@ -17,8 +17,10 @@ from personae.models.layers import MLP
 class KVCache:
     """Pre-allocated keys and values of every layer: (layers, B, H, max_len, d), filled up to `length`.
 
-    With copy attention on, the last layer is the copy layer's (its values: the normalised input
-    embeddings); every operation on the cache treats all layers alike.
+    With copy attention on, the layer after the blocks' is the copy layer's (its values: the
+    normalised input embeddings). With `decoder.shift`, one more layer per block follows, whose keys
+    hold that block's normalised attention inputs (what the token shift reads back for the previous
+    tokens). Every operation on the cache treats all layers alike.
     """
 
     keys: torch.Tensor
@@ -37,20 +39,37 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Fused-QKV causal attention on SDPA that reads and extends a KV cache when given one."""
+    """Fused-QKV causal attention on SDPA that reads and extends a KV cache when given one.
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+    With `shift` > 0 each position's queries, keys and values are a learned per-channel mix of its
+    own and those of the `shift` previous tokens (a causal depthwise convolution over the sequence,
+    as in Primer's multi-dconv-head attention). A key then says which *pieces* led up to its token,
+    not only which token it follows, so copying a phrase keys on more than one sub-word piece. The
+    mix starts as the identity (the token's own projections only).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, shift: int = 0) -> None:
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.shift = heads, dropout, shift
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        if shift:
+            self.shift_mix = nn.Parameter(torch.zeros(shift + 1, 3 * dim))  # [own, previous, one before, ...]
+            with torch.no_grad():
+                self.shift_mix[0] = 1.0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0, is_causal: bool = True) -> torch.Tensor:
+                layer: int = 0, is_causal: bool = True, real: torch.Tensor | None = None,
+                shift_layer: int = 0) -> torch.Tensor:
         """x (B, T, D); mask (B, 1, T, S) bool (True = may attend), or None with is_causal saying
-        whether plain causal attention (from position 0) or full attention (one new token) applies."""
+        whether plain causal attention (from position 0) or full attention (one new token) applies.
+        real (B, S) marks the real cache slots (None: all); shift_layer is the cache layer that
+        holds this block's inputs when `shift` is on."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
+        qkv = self.qkv(x)  # (B, T, 3D)
+        if self.shift:
+            qkv = self._shifted(x, qkv, cache, real, shift_layer)
+        q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
         if cache is not None:
             start = cache.length
             cache.keys[layer, :, :, start : start + T] = k
@@ -62,21 +81,44 @@ class CausalSelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
+    def _shifted(self, x: torch.Tensor, qkv: torch.Tensor, cache: KVCache | None, real: torch.Tensor | None,
+                 shift_layer: int) -> torch.Tensor:
+        """qkv (B, T, 3D) mixed with the projections of each position's `shift` previous real tokens."""
+        B, T, D = x.shape
+        mixed = qkv * self.shift_mix[0]
+        if cache is None and real is None:  # a whole sequence: the previous tokens are the previous rows
+            for s in range(1, self.shift + 1):
+                mixed = mixed + F.pad(qkv, (0, 0, s, 0))[:, :T] * self.shift_mix[s]
+            return mixed
+        start = 0 if cache is None else cache.length
+        inputs = x
+        if cache is not None:  # earlier inputs come back from the cache (batching may leave gaps)
+            cache.keys[shift_layer, :, :, start : start + T] = x.view(B, T, self.heads, -1).transpose(1, 2)
+            inputs = cache.keys[shift_layer, :, :, : start + T].transpose(1, 2).reshape(B, start + T, D)
+        before_all = previous_slots(0, start + T, real, B, x.device)  # (B, S): previous real slot or -1
+        before = before_all[:, start:]  # (B, T)
+        for s in range(1, self.shift + 1):
+            found = before >= 0
+            previous = inputs.gather(1, before.clamp(min=0)[..., None].expand(B, T, D))  # (B, T, D)
+            mixed = mixed + self.qkv(previous) * found[..., None] * self.shift_mix[s]
+            before = torch.where(found, before_all.gather(1, before.clamp(min=0)), -1)
+        return mixed
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm causal block (same parameter layout as layers.Block, so encoder weights can seed it)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, shift: int = 0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.attn = CausalSelfAttention(dim, heads, dropout, shift)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
-                is_causal: bool = True) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, is_causal))
+                is_causal: bool = True, real: torch.Tensor | None = None, shift_layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, is_causal, real, shift_layer))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -97,7 +139,7 @@ class Decoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_len, cfg.width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.image_proj = nn.Sequential(nn.Linear(image_width, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.width))
-        self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio, dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.mlp_ratio, dropout, cfg.shift)
                                     for _ in range(cfg.depth))
         self.copy = CopyAttention(cfg.width, cfg.heads) if cfg.copy else None
         self.ln_f = nn.LayerNorm(cfg.width)
@@ -109,9 +151,13 @@ class Decoder(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, *, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> KVCache:
         """An empty cache for `batch` sequences of up to max_len (default cfg.max_len) positions."""
-        layers = len(self.blocks) + (self.copy is not None)
+        layers = self._shift_layer(len(self.blocks))  # the blocks', copy's and the shifted inputs'
         return KVCache.empty(layers, batch, self.cfg.heads, max_len or self.cfg.max_len, self.head_dim,
                              device=device, dtype=dtype)
+
+    def _shift_layer(self, block: int) -> int:
+        """The cache layer holding block's inputs for the token shift (past the blocks' and copy's)."""
+        return len(self.blocks) + (self.copy is not None) + (block if self.cfg.shift else 0)
 
     def embed(self, input_ids: torch.Tensor, image_regions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and optional (B, R, Dv) regions -> (B, R+T, D) input embeddings."""
@@ -136,7 +182,7 @@ class Decoder(nn.Module):
         x = embeddings + self.pos_embed[0, positions]  # (B, T, D)
         mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer, is_causal)
+            x = block(x, mask, cache, layer, is_causal, attention_mask, self._shift_layer(layer))
         if self.copy is not None:
             x = x + self.copy(x, embeddings, mask, is_causal, cache, len(self.blocks), attention_mask)
         if cache is not None:

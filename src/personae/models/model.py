@@ -136,8 +136,9 @@ class PersonaeModel(nn.Module):
             if decoder.tok_embed.weight.shape == self.text.tok_embed.weight.shape:
                 decoder.tok_embed.weight.copy_(self.text.tok_embed.weight)
             for target, source in zip(decoder.blocks, self.text.blocks):
-                if all(a.shape == b.shape for a, b in zip(target.parameters(), source.parameters())):
-                    target.load_state_dict(source.state_dict())
+                own, seed = target.state_dict(), source.state_dict()
+                if all(key in own and own[key].shape == value.shape for key, value in seed.items()):
+                    target.load_state_dict(seed, strict=False)  # a token shift's mix keeps its identity start
 
     def image_prefix_length(self) -> int:
         """How many decoder positions the image takes (cls + the pooled patch grid)."""
