@@ -174,7 +174,7 @@ def _add_adapt_parser(sub: argparse._SubParsersAction) -> None:
     adapt.add_argument("--card", required=True, type=Path, help="the character's card (JSON or PNG)")
     adapt.add_argument("--examples", required=True, type=Path, help="JSONL of example conversations (dialogue rows)")
     adapt.add_argument("-k", type=int, default=5, help="use the first k conversations (default 5)")
-    adapt.add_argument("--steps", type=int, default=10, help="inner SGD steps (default 10)")
+    adapt.add_argument("--steps", type=int, default=10, help="inner steps, with the run's meta.inner_optimizer (default 10)")
     adapt.add_argument("--lr", type=float, default=None, help="inner rate (default: the run's meta.inner_lr or "
                                                                  "its learned Meta-SGD rates)")
     adapt.add_argument("--params", default=None, choices=["auto", "all", "head", "lora"],

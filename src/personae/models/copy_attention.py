@@ -19,7 +19,7 @@ initialised like every other layer (N(0, 0.02)) and learns to copy within a few 
 The values in the KV cache are the normalised input embeddings themselves, so the embedding before
 a newly decoded token is read from the cache at that row's previous real slot: batching, padding
 gaps and prefix caching need nothing from callers. Off by default (`model.decoder.copy`); what it
-does and does not change in adaptation is measured in docs/meta-learning.md ("Beyond 0.7").
+does and does not change in adaptation is measured in docs/meta-learning-experiments.md ("Beyond 0.7").
 """
 
 from __future__ import annotations
