@@ -59,16 +59,16 @@ class CausalSelfAttention(nn.Module):
                 self.shift_mix[0] = 1.0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0, is_causal: bool = True, real: torch.Tensor | None = None,
+                layer: int = 0, is_causal: bool = True, previous: torch.Tensor | None = None,
                 shift_layer: int = 0) -> torch.Tensor:
         """x (B, T, D); mask (B, 1, T, S) bool (True = may attend), or None with is_causal saying
         whether plain causal attention (from position 0) or full attention (one new token) applies.
-        real (B, S) marks the real cache slots (None: all); shift_layer is the cache layer that
-        holds this block's inputs when `shift` is on."""
+        For the token shift: previous (B, S) is each slot's previous real slot (-1: none; None when
+        the T positions are a whole unpadded sequence), shift_layer the cache layer of the inputs."""
         B, T, D = x.shape
         qkv = self.qkv(x)  # (B, T, 3D)
         if self.shift:
-            qkv = self._shifted(x, qkv, cache, real, shift_layer)
+            qkv = self._shifted(x, qkv, cache, previous, shift_layer)
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
         if cache is not None:
             start = cache.length
@@ -81,12 +81,12 @@ class CausalSelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
-    def _shifted(self, x: torch.Tensor, qkv: torch.Tensor, cache: KVCache | None, real: torch.Tensor | None,
+    def _shifted(self, x: torch.Tensor, qkv: torch.Tensor, cache: KVCache | None, previous: torch.Tensor | None,
                  shift_layer: int) -> torch.Tensor:
         """qkv (B, T, 3D) mixed with the projections of each position's `shift` previous real tokens."""
         B, T, D = x.shape
         mixed = qkv * self.shift_mix[0]
-        if cache is None and real is None:  # a whole sequence: the previous tokens are the previous rows
+        if previous is None:  # a whole sequence: the previous tokens are the previous rows
             for s in range(1, self.shift + 1):
                 mixed = mixed + F.pad(qkv, (0, 0, s, 0))[:, :T] * self.shift_mix[s]
             return mixed
@@ -95,13 +95,12 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # earlier inputs come back from the cache (batching may leave gaps)
             cache.keys[shift_layer, :, :, start : start + T] = x.view(B, T, self.heads, -1).transpose(1, 2)
             inputs = cache.keys[shift_layer, :, :, : start + T].transpose(1, 2).reshape(B, start + T, D)
-        before_all = previous_slots(0, start + T, real, B, x.device)  # (B, S): previous real slot or -1
-        before = before_all[:, start:]  # (B, T)
+        before = previous[:, start:]  # (B, T)
         for s in range(1, self.shift + 1):
             found = before >= 0
-            previous = inputs.gather(1, before.clamp(min=0)[..., None].expand(B, T, D))  # (B, T, D)
-            mixed = mixed + self.qkv(previous) * found[..., None] * self.shift_mix[s]
-            before = torch.where(found, before_all.gather(1, before.clamp(min=0)), -1)
+            earlier = inputs.gather(1, before.clamp(min=0)[..., None].expand(B, T, D))  # (B, T, D)
+            mixed = mixed + self.qkv(earlier) * found[..., None] * self.shift_mix[s]
+            before = torch.where(found, previous.gather(1, before.clamp(min=0)), -1)
         return mixed
 
 
@@ -117,8 +116,8 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
-                is_causal: bool = True, real: torch.Tensor | None = None, shift_layer: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, is_causal, real, shift_layer))
+                is_causal: bool = True, previous: torch.Tensor | None = None, shift_layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, is_causal, previous, shift_layer))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -151,13 +150,13 @@ class Decoder(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None, *, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> KVCache:
         """An empty cache for `batch` sequences of up to max_len (default cfg.max_len) positions."""
-        layers = self._shift_layer(len(self.blocks))  # the blocks', copy's and the shifted inputs'
+        layers = len(self.blocks) * (2 if self.cfg.shift else 1) + (self.copy is not None)
         return KVCache.empty(layers, batch, self.cfg.heads, max_len or self.cfg.max_len, self.head_dim,
                              device=device, dtype=dtype)
 
     def _shift_layer(self, block: int) -> int:
         """The cache layer holding block's inputs for the token shift (past the blocks' and copy's)."""
-        return len(self.blocks) + (self.copy is not None) + (block if self.cfg.shift else 0)
+        return len(self.blocks) + (self.copy is not None) + block
 
     def embed(self, input_ids: torch.Tensor, image_regions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and optional (B, R, Dv) regions -> (B, R+T, D) input embeddings."""
@@ -181,8 +180,11 @@ class Decoder(nn.Module):
             positions = torch.arange(start, start + T, device=embeddings.device).expand(B, T)
         x = embeddings + self.pos_embed[0, positions]  # (B, T, D)
         mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
+        previous = None  # the token shift's previous real slots, unless the T positions are all there is
+        if self.cfg.shift and (cache is not None or attention_mask is not None):
+            previous = previous_slots(0, start + T, attention_mask, B, embeddings.device)  # (B, S)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer, is_causal, attention_mask, self._shift_layer(layer))
+            x = block(x, mask, cache, layer, is_causal, previous, self._shift_layer(layer))
         if self.copy is not None:
             x = x + self.copy(x, embeddings, mask, is_causal, cache, len(self.blocks), attention_mask)
         if cache is not None:
