@@ -27,7 +27,9 @@ def random_model(bundle: RunBundle, *overrides: str) -> PersonaeModel:
     return model
 
 
-VARIANTS = {"plain": [], "copy": ["model.decoder.copy=true"], "shift": ["model.decoder.shift=2"]}
+# the micro config inherits the tiny preset's token shift: "plain" and "copy" turn it off
+VARIANTS = {"plain": ["model.decoder.shift=0"], "copy": ["model.decoder.copy=true", "model.decoder.shift=0"],
+            "shift": ["model.decoder.shift=2"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -158,7 +160,7 @@ def test_scheduler_thread_serves_holds_and_stops(bundle: RunBundle) -> None:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_prefix_cached_heads_give_the_same_replies(bundle: RunBundle, variant: str) -> None:
-    model = random_model(bundle, *VARIANTS[variant]) if VARIANTS[variant] else bundle.model
+    model = random_model(bundle, *VARIANTS[variant])
     head = bundle.tokenizer.encode("You are a chef in Lyon who loves markets and talks about food", add_cls=False,
                                    add_eos=False)
     tails = prompts(bundle)
