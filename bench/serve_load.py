@@ -50,9 +50,9 @@ def build_run(cache: Path, preset: str) -> Path:
     if (run / "model.safetensors").exists():
         return run
     from personae.config import apply_overrides, load_preset
-    from personae.data.world import build_world
     from personae.train.finetune import run_finetune
-    from personae.train.stages import run_pretrain
+    from personae.train.pretrain import run_pretrain
+    from personae.world import build_world
 
     note(f"building a {preset} fine-tuned run under {cache} (once)")
     cfg = apply_overrides(load_preset(preset), ["train.steps=2", "train.warmup_steps=1", "train.batch_size=16"])

@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def pretrained_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A micro model pretrained for a few steps on the small world (enough to fine-tune from)."""
-    from personae.train.stages import run_pretrain
+    from personae.train.pretrain import run_pretrain
 
     run = tmp_path_factory.mktemp("pretrained")
     run_pretrain(small_world, run, micro_config("train.steps=3"), progress=False)
@@ -48,7 +48,7 @@ def pretrained_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 300-scene world at 32 px, built once."""
-    from personae.data.world import build_world
+    from personae.world import build_world
 
     out = tmp_path_factory.mktemp("world")
     build_world(out, seed=0, scenes=300, image_size=32, progress=False)

@@ -131,7 +131,7 @@ class FinetuneCfg:
     # personae.models.sampling.loop_breakers)
     max_repeats: int = 3
     # scene worlds: this fraction of the conversations speaks with freshly drawn markers (in card and
-    # replies alike, personae.data.persona_swap), so the model learns to take a voice from the card
+    # replies alike, personae.world.persona_swap), so the model learns to take a voice from the card
     persona_swap: float = 0.0
 
 
@@ -160,7 +160,7 @@ class MetaCfg:
     randomness: str = "different"
     lora_rank: int = 4  # the adapters meta-train adds for lora-maml (recorded in model.lora_rank)
     lora_alpha: float = 8.0
-    # scene worlds: each episode's character speaks with freshly drawn markers (personae.data.persona_swap),
+    # scene worlds: each episode's character speaks with freshly drawn markers (personae.world.persona_swap),
     # so that tasks are as new to the model as held-out characters are
     persona_swap: bool = False
 

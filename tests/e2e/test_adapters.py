@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from personae.chat.session import load_run_for_character
 from personae.data.episodes import examples_file
-from personae.data.world.characters import load_characters
 from personae.models.sampling import SamplingParams, generate
 from personae.serve.adapters import ServerAdapters
 from personae.serve.app import create_app, load_run
@@ -21,6 +20,7 @@ from personae.serve.scheduler import Scheduler
 from personae.serve.schemas import ChatCompletionRequest
 from personae.serve.settings import ServeSettings
 from personae.train.adapt import adapt_character
+from personae.world.characters import load_characters
 from tests.e2e.helpers import CHARACTER, data_url, png_bytes
 from tests.e2e.test_scheduler import run_until_idle
 
@@ -76,7 +76,7 @@ def _wait(client: TestClient, character: str, job: str) -> dict:
 
 
 def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: Path, tmp_path: Path) -> None:
-    from personae.commands import serve_adapt_fn
+    from personae.app.commands import serve_adapt_fn
 
     run = Path(shutil.copytree(adapted_run, tmp_path / "run"))
     (run / "adapters" / "captain-saltbeard.safetensors").write_bytes(b"not an adapter")

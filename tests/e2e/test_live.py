@@ -6,12 +6,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai  # noqa: E402  (a dev dependency)
 import pytest
 
 from personae.serve.server import ServerThread
 from tests.e2e.helpers import CHARACTER, chat_body, data_url, png_bytes
 
-import openai  # noqa: E402  (a dev dependency)
 MODEL = f"personae/{CHARACTER}"
 
 

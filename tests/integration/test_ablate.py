@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from personae.ablate import COLUMNS, VARIANT_NAMES, format_cell, markdown_table, run_ablation, select_variants, summarise
-from personae.budgets import AblationBudget
+from personae.app.ablate import (
+    COLUMNS,
+    VARIANT_NAMES,
+    format_cell,
+    markdown_table,
+    run_ablation,
+    select_variants,
+    summarise,
+)
+from personae.app.budgets import AblationBudget
 from personae.errors import PersonaeError
 from personae.eval.report import write_report
 from tests.conftest import MICRO

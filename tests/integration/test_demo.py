@@ -3,11 +3,10 @@
 import json
 from html.parser import HTMLParser
 
-from personae.budgets import Budget
-from personae.demo import run_demo
+from personae.app.budgets import Budget
+from personae.app.demo import run_demo
 from personae.eval.report import SECTIONS
 from tests.conftest import MICRO
-
 
 MICRO_DEMO = Budget("micro", scenes=300, pretrain_steps=3, finetune_steps=3, meta_steps=2, roleplay_limit=4,
                     adapt_ks=(1, 5), adapt_steps=(0, 1, 10), adapt_query=1)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from personae.app.cli import main
 from personae.chat.session import load_run_for_character
-from personae.cli import main
 from personae.config import apply_overrides, load_preset
 from personae.data.cards import load_card
 from personae.data.episodes import examples_file

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from personae.cli import main
+from personae.app.cli import main
 from personae.models import PersonaeModel
 from personae.models.io import load_model
 from personae.train.checkpoint import save_checkpoint
-from personae.train.stages import run_pretrain
+from personae.train.pretrain import run_pretrain
 from tests.conftest import MICRO, micro_config
 
 

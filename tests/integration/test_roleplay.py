@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from personae.app.cli import main
 from personae.chat.session import CharacterNotFound, ChatSession, find_character, run_terminal_chat
-from personae.cli import main
 from personae.models.io import load_model
 from personae.train.finetune import run_finetune
 

@@ -9,15 +9,31 @@ from pathlib import Path
 
 import pytest
 
-from personae.data.world import OBJECTS, POSITION_PHRASES, SETTINGS, categories, parse_mentions
-from personae.data.world.catalog import NUMBER_WORDS
-from personae.data.world.characters import (CHARACTERS, Character, Quirk, Style, character_card,
-                                            character_from_card, characters_in, load_characters,
-                                            write_characters)
-from personae.data.world.dialogues import QUESTIONS
-from personae.data.world.styles import (NEGATIVE_CUES, NEUTRAL_CUES, NO_WORDS, POSITIVE_CUES,
-                                        SELF_INTRO_CUES, YES_WORDS, all_templates, card_greetings,
-                                        mes_example)
+from personae.world import OBJECTS, POSITION_PHRASES, SETTINGS, categories, parse_mentions
+from personae.world.catalog import NUMBER_WORDS
+from personae.world.characters import (
+    CHARACTERS,
+    Character,
+    Quirk,
+    Style,
+    character_card,
+    character_from_card,
+    characters_in,
+    load_characters,
+    write_characters,
+)
+from personae.world.dialogues import QUESTIONS
+from personae.world.styles import (
+    NEGATIVE_CUES,
+    NEUTRAL_CUES,
+    NO_WORDS,
+    POSITIVE_CUES,
+    SELF_INTRO_CUES,
+    YES_WORDS,
+    all_templates,
+    card_greetings,
+    mes_example,
+)
 
 TRAIN, HELDOUT = characters_in("train"), characters_in("heldout")
 POSITION_WORDS = ("top", "middle", "bottom", "left", "right", "centre", "center", "row", "column",

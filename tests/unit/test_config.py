@@ -2,7 +2,17 @@
 
 import pytest
 
-from personae.config import Config, ConfigError, apply_overrides, from_dict, list_presets, load_config, load_preset, save_config, to_dict
+from personae.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    list_presets,
+    load_config,
+    load_preset,
+    save_config,
+    to_dict,
+)
 
 
 def test_presets_load_and_round_trip(tmp_path):

@@ -9,13 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from personae.data.world import build_world, load_scenes
-from personae.data.world.build import assign_splits, scene_id_for
-from personae.data.world.characters import CHARACTERS, characters_in
-from personae.data.world.dialogues import (EXAMPLE_TYPES, QUESTION_TYPES, Dialogue,
-                                           generate_dialogues, heldout_examples, load_dialogues,
-                                           make_turn)
-from personae.data.world.scene import Placed, Scene, sample_scene
+from personae.world import build_world, load_scenes
+from personae.world.build import assign_splits, scene_id_for
+from personae.world.characters import CHARACTERS, characters_in
+from personae.world.dialogues import (
+    EXAMPLE_TYPES,
+    QUESTION_TYPES,
+    Dialogue,
+    generate_dialogues,
+    heldout_examples,
+    load_dialogues,
+    make_turn,
+)
+from personae.world.scene import Placed, Scene, sample_scene
 
 N_SCENES = 60
 HELDOUT = characters_in("heldout")

@@ -6,22 +6,14 @@ import pytest
 import torch
 
 from personae.data.dialogues import load_character_cards, read_dialogues
-from personae.data.episodes import (
-    Episode,
-    EpisodeCollator,
-    EpisodeSampler,
-    examples_file,
-    heldout_episodes,
-    pad_values,
-)
+from personae.data.episodes import Episode, EpisodeCollator, EpisodeSampler, examples_file, heldout_episodes, pad_values
 from personae.data.roleplay import RolePlayDataset
 from personae.data.tokenizer import train_tokenizer
 from personae.errors import DataError
 from personae.meta import MetaCfg, build_meta, stack_tasks
 from personae.models.model import PersonaeModel
-from personae.train.finetune import RolePlayTask
+from personae.tasks import RolePlayTask
 from tests.conftest import micro_config
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,6 @@ from personae.models.lora import (
 from personae.models.model import PersonaeModel
 from tests.conftest import micro_config
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

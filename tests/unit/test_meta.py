@@ -8,19 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import DecoderCfg
-from personae.meta import (
-    META,
-    MetaCfg,
-    StackError,
-    adapt,
-    build_meta,
-    inner_trajectory,
-    meta_loss,
-    stack_tasks,
-)
+from personae.meta import META, MetaCfg, StackError, adapt, build_meta, inner_trajectory, meta_loss, stack_tasks
 from personae.models.decoder import Decoder
 from personae.models.lora import add_lora
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,16 +5,28 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from personae.data.world.build import assign_splits, scene_id_for
-from personae.data.world.characters import CHARACTERS, characters_in
-from personae.data.world.dialogues import Turn, generate_dialogues, heldout_examples
-from personae.data.world.scene import Placed, Scene, sample_scene
-from personae.eval.roleplay_metrics import (METRICS, aggregate, foreign_markers,
-                                            image_text_relevance, instruction_adherence,
-                                            knowledge_consistency, parse_count, parse_mood,
-                                            parse_position, parse_yes_no, persona_consistency,
-                                            quirk_holds, relevance_scores, response_accuracy,
-                                            score_dialogue, score_reply)
+from personae.world.build import assign_splits, scene_id_for
+from personae.world.characters import CHARACTERS, characters_in
+from personae.world.dialogues import Turn, generate_dialogues, heldout_examples
+from personae.world.metrics import (
+    METRICS,
+    aggregate,
+    foreign_markers,
+    image_text_relevance,
+    instruction_adherence,
+    knowledge_consistency,
+    parse_count,
+    parse_mood,
+    parse_position,
+    parse_yes_no,
+    persona_consistency,
+    quirk_holds,
+    relevance_scores,
+    response_accuracy,
+    score_dialogue,
+    score_reply,
+)
+from personae.world.scene import Placed, Scene, sample_scene
 
 PIRATE, ROBOT = CHARACTERS["captain-saltbeard"], CHARACTERS["gizmotron"]
 GRANNY, DETECTIVE = CHARACTERS["granny-marigold"], CHARACTERS["inspector-holloway"]

@@ -3,13 +3,19 @@
 import pytest
 import torch
 
-from personae.models.sampling import (
-    SamplingParams, _Row, apply_repetition_penalty, ban_loops, filter_top_k_top_p, generate, loop_breakers,
-    stream_batch,
-)
 from personae.config import load_preset
 from personae.data.tokenizer import train_tokenizer
 from personae.models import PersonaeModel
+from personae.models.sampling import (
+    SamplingParams,
+    _Row,
+    apply_repetition_penalty,
+    ban_loops,
+    filter_top_k_top_p,
+    generate,
+    loop_breakers,
+    stream_batch,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from personae.data.world import (CAPTION_TEMPLATES, OBJECTS, POSITION_PHRASES, RELATION_PHRASES,
-                                 SETTINGS, SPLITS, Placed, Scene, SceneRenderer, build_world,
-                                 caption_scene, caption_templates, categories, load_scenes,
-                                 parse_mentions, relation_holds, sample_scene)
-from personae.data.world.captions import applicable_templates
-from personae.data.world.catalog import ASSETS_DIR, load_atlas
-from personae.data.world.scene import BACKGROUND_VARIANTS
+from personae.world import (
+    CAPTION_TEMPLATES,
+    OBJECTS,
+    POSITION_PHRASES,
+    RELATION_PHRASES,
+    SETTINGS,
+    SPLITS,
+    Placed,
+    Scene,
+    SceneRenderer,
+    build_world,
+    caption_scene,
+    caption_templates,
+    categories,
+    load_scenes,
+    parse_mentions,
+    relation_holds,
+    sample_scene,
+)
+from personae.world.captions import applicable_templates
+from personae.world.catalog import ASSETS_DIR, load_atlas
+from personae.world.scene import BACKGROUND_VARIANTS
 
 SIZE = 48
 N_SCENES = 50
@@ -34,6 +49,17 @@ def worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         build_world(root / name, seed=seed, scenes=N_SCENES, image_size=SIZE, progress=False)
         out[name] = root / name
     return out
+
+
+def render_script():
+    """tools/render_assets.py, the asset render script (a developer tool, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "render_assets.py"
+    spec = importlib.util.spec_from_file_location("render_assets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -94,7 +120,7 @@ def test_catalog_records_codepoints_and_unicode_names() -> None:
 
 
 def test_objects_json_matches_the_render_script_table() -> None:
-    from personae.data.world.render_assets import catalog_entries  # no font needed for the table
+    catalog_entries = render_script().catalog_entries  # no font needed for the table
 
     on_disk = json.loads((ASSETS_DIR / "objects.json").read_text(encoding="utf-8"))
     assert on_disk == catalog_entries()
@@ -348,8 +374,7 @@ def test_load_scenes_reports_file_and_line(tmp_path: Path) -> None:
 
 def test_render_script_reproduces_the_committed_asset_pack(tmp_path: Path) -> None:
     """The committed atlas is exactly what the script makes from the font (.ci/run installs it)."""
-    from personae.data.world import render_assets
-
+    render_assets = render_script()
     if not render_assets.DEFAULT_FONT.is_file():
         pytest.fail(f"the emoji font is missing: apt-get install fonts-noto-color-emoji ({render_assets.DEFAULT_FONT})")
     render_assets.main(["--out", str(tmp_path)])

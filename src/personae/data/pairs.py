@@ -19,13 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from personae.data.image_cache import ImageCache
-from personae.data.images import (
-    DEFAULT_MAX_PIXELS,
-    IMAGE_MEAN,
-    IMAGE_STD,
-    load_image,
-    normalize_pixels,
-)
+from personae.data.images import DEFAULT_MAX_PIXELS, IMAGE_MEAN, IMAGE_STD, load_image, normalize_pixels
 from personae.data.manifest import PairManifest
 from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.errors import DataError

@@ -21,7 +21,7 @@ from typing import Any
 
 from personae.eval import plots
 from personae.eval.plots import Curve
-from personae.eval.roleplay_metrics import METRICS
+from personae.world.metrics import METRICS
 
 STAGE_ORDER = ("pretrain", "roleplay", "meta", "multitask")
 SECTIONS = {"training": "Training curves", "retrieval": "Retrieval", "roleplay": "Role-play",

@@ -23,13 +23,13 @@ from personae.data.images import normalize_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
-from personae.data.world.characters import load_characters
-from personae.data.world.scene import Scene
-from personae.data.world.build import load_scenes
-from personae.eval.roleplay_metrics import METRICS, aggregate, score_reply
 from personae.models.model import PersonaeModel
 from personae.models.sampling import SamplingParams, generate
 from personae.objectives.masked_lm import IGNORE_INDEX
+from personae.world.build import load_scenes
+from personae.world.characters import load_characters
+from personae.world.metrics import METRICS, aggregate, score_reply
+from personae.world.scene import Scene
 
 CHARACTER_SPLITS = ("train", "heldout")
 

@@ -31,7 +31,12 @@ from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.model import PersonaeModel
 from personae.models.sampling import (
-    Generation, SamplingParams, apply_repetition_penalty, ban_loops, choose_tokens, stream_piece,
+    Generation,
+    SamplingParams,
+    apply_repetition_penalty,
+    ban_loops,
+    choose_tokens,
+    stream_piece,
 )
 from personae.serve.adapters import ServerAdapters
 from personae.serve.batch import DecodeBatch, RowInput

@@ -41,7 +41,8 @@ from personae.meta.maml import ADAPT_CHOICES
 from personae.models.io import load_model
 from personae.models.lora import add_lora, apply_adapter, lora_settings, save_adapter
 from personae.models.model import PersonaeModel
-from personae.train.meta import HEAD, dense_roleplay_task, learned_rates
+from personae.tasks import dense_roleplay_task
+from personae.train.meta import HEAD, learned_rates
 
 ADAPTERS_DIR = "adapters"
 TASK_PREFIX = "model."  # RolePlayTask holds the model as .model; adapter files use the model's own names
@@ -89,7 +90,7 @@ class Adaptation:
             torch.manual_seed(spec.seed)
             add_lora(model, targets=("decoder",), rank=spec.lora_rank, alpha=spec.lora_alpha)
             self.added_lora = True
-        self.task = dense_roleplay_task(model, cfg)
+        self.task = dense_roleplay_task(model, cfg.finetune)
         self.loss_fn = module_loss(self.task)
         self.names = select_names(self.task, spec.mode, HEAD)
         self.lr: float | dict[str, torch.Tensor] = spec.lr

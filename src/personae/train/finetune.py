@@ -7,32 +7,17 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from personae.config import Config, FinetuneCfg, apply_overrides
+from personae.config import Config, apply_overrides
 from personae.data.dialogues import load_character_cards, read_dialogues, require_cards
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.errors import PersonaeError
-from personae.models.model import PersonaeModel
-from personae.objectives import LanguageModelling
 from personae.models.io import CheckpointError, load_model
+from personae.models.model import PersonaeModel
+from personae.tasks import RolePlayTask
 from personae.train.distributed import init_distributed
-from personae.train.stages import wrap_ddp
+from personae.train.pretrain import wrap_ddp
 from personae.train.trainer import Trainer, TrainerState
-
-
-class RolePlayTask(nn.Module):
-    """Reply-only causal LM loss of the decoder over [image prefix; prompt; replies]."""
-
-    def __init__(self, model: PersonaeModel, cfg: FinetuneCfg) -> None:
-        super().__init__()
-        self.model, self.cfg = model, cfg
-        self.lm = LanguageModelling()
-
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.model.lm_hidden(batch.get("pixel_values"), batch["input_ids"])  # (B, T, D)
-        metrics = self.lm(hidden, batch["labels"], self.model.lm_head)
-        return {"loss": metrics["loss_lm"], **metrics}
 
 
 def model_with_decoder(run: Path, overrides: list[str] | None = None) -> tuple[PersonaeModel, Config, object]:
@@ -84,7 +69,7 @@ def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) ->
     """finetune.persona_swap: that fraction of the conversations rewritten with fresh markers (index -> variant)."""
     if not cfg.finetune.persona_swap:
         return {}
-    from personae.data.persona_swap import PersonaSwap, swap_conversations
+    from personae.world.persona_swap import PersonaSwap, swap_conversations
 
     swap = PersonaSwap.of_world(data_dir, cfg.finetune.train.seed, "finetune.persona_swap")
     return swap_conversations(records, cards, swap, cfg.finetune.persona_swap, cfg.finetune.train.seed)

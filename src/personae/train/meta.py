@@ -31,9 +31,9 @@ from personae.errors import PersonaeError
 from personae.meta import MetaLearner, build_meta
 from personae.models.lora import add_lora, lora_settings
 from personae.models.model import PersonaeModel
-from personae.objectives import LanguageModelling
+from personae.tasks import dense_roleplay_task
 from personae.train.distributed import init_distributed
-from personae.train.finetune import RolePlayTask, _copy_cards, model_with_decoder
+from personae.train.finetune import _copy_cards, model_with_decoder
 from personae.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,6 @@ class MetaStep(nn.Module):
 
     def forward(self, tasks: list, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         return {"loss": self.learner.meta_loss(tasks)}
-
-
-def dense_roleplay_task(model: PersonaeModel, cfg: Config) -> RolePlayTask:
-    """RolePlayTask with the dense reply loss: the same mean, and no data-dependent shapes (vmap needs that)."""
-    task = RolePlayTask(model, cfg.finetune)
-    task.lm = LanguageModelling(dense=True)
-    return task
 
 
 def adapts_lora(cfg: Config) -> bool:
@@ -80,7 +73,7 @@ def ensure_lora(model: PersonaeModel, cfg: Config, seed: int) -> bool:
 
 def build_learner(model: PersonaeModel, cfg: Config, pad_id: int) -> MetaLearner:
     """The meta-learner of cfg.meta around the dense role-play task of `model`."""
-    return build_meta(dense_roleplay_task(model, cfg), cfg.meta, head=HEAD, pad_values=pad_values(pad_id))
+    return build_meta(dense_roleplay_task(model, cfg.finetune), cfg.meta, head=HEAD, pad_values=pad_values(pad_id))
 
 
 def meta_lrs_by_name(path: Path) -> dict[str, torch.Tensor]:
@@ -124,7 +117,7 @@ def _episode_batches(cfg: Config, data_dir: Path, sampler: EpisodeSampler, datas
     if not cfg.meta.persona_swap:
         collator = EpisodeCollator(dataset, pad_id)
         return lambda micro_step: collator.meta_batch(sampler.meta_batch(micro_step, n))
-    from personae.data.persona_swap import PersonaSwap, SwappedEpisodeCollator
+    from personae.world.persona_swap import PersonaSwap, SwappedEpisodeCollator
 
     swap = PersonaSwap.of_world(data_dir, cfg.meta.train.seed, "meta.persona_swap")
     swapped = SwappedEpisodeCollator(dataset, pad_id, swap, cards, max_tokens=max_tokens,

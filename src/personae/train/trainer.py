@@ -19,12 +19,7 @@ from tqdm.auto import tqdm
 from personae.config import Config, TrainCfg
 from personae.data.tokenizer import Tokenizer
 from personae.models.io import require_file
-from personae.train.checkpoint import (
-    TrainerState,
-    latest_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
+from personae.train.checkpoint import TrainerState, latest_checkpoint, load_training_state, save_checkpoint
 from personae.train.distributed import DistInfo, all_reduce_mean
 
 KEEP_CHECKPOINTS = 2

@@ -3,7 +3,7 @@
 Each conversation is 1-4 turns about one scene with one character. A user turn asks one of
 ``QUESTION_TYPES`` (several phrasings each); the reply states the exact answer from the scene graph
 in the character's voice (see ``styles.py``), and the turn keeps a ``target`` with the answer so
-that ``personae.eval.roleplay_metrics`` can score any reply without a judge.
+that ``personae.world.metrics`` can score any reply without a judge.
 
 Character pools: train scenes get train characters only; val/test scenes get conversations with
 both train (seen) and held-out characters, alternating, so evaluation covers both on unseen scenes.
@@ -23,13 +23,19 @@ from typing import Any
 import numpy as np
 
 from personae.data.jsonl import read_records, write_records
-from personae.data.world.catalog import OBJECTS
-from personae.data.world.characters import (CHARACTER_SPLITS, CHARACTERS_DIR, Character,
-                                            characters_in)
-from personae.data.world.scene import Scene
-from personae.data.world.styles import (compose_reply, count_content, describe_content,
-                                        exists_content, expected_mood, feel_content,
-                                        where_content, who_content)
+from personae.world.catalog import OBJECTS
+from personae.world.characters import CHARACTER_SPLITS, CHARACTERS_DIR, Character, characters_in
+from personae.world.scene import Scene
+from personae.world.styles import (
+    compose_reply,
+    count_content,
+    describe_content,
+    exists_content,
+    expected_mood,
+    feel_content,
+    where_content,
+    who_content,
+)
 
 QUESTION_TYPES = ("describe", "count", "exists", "where", "feel", "who")
 TYPE_WEIGHTS = {"describe": 0.2, "count": 0.2, "exists": 0.2, "where": 0.15, "feel": 0.12,

@@ -1,6 +1,6 @@
 """Render the scene-world emoji asset pack (atlas PNG + objects.json) from Noto Color Emoji.
 
-Run ``python -m personae.data.world.render_assets`` on a machine with the font installed
+Run ``python tools/render_assets.py`` on a machine with the font installed
 (Debian/Ubuntu: ``apt-get install fonts-noto-color-emoji``). The package itself only reads the
 committed output in ``assets/``, so nobody needs the font to use it.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from personae.data.world.catalog import ASSETS_DIR, ATLAS_FILE, GLYPH_PX, OBJECTS_FILE
+from personae.world.catalog import ASSETS_DIR, ATLAS_FILE, GLYPH_PX, OBJECTS_FILE
 
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 ATLAS_COLUMNS = 16

@@ -31,10 +31,10 @@ from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord, DialogueTurn
 from personae.data.prompt import PromptBuilder, PromptTooLong, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
-from personae.data.world.catalog import OBJECTS
-from personae.data.world.characters import Character, load_characters
-from personae.data.world.styles import NEGATIVE_CUES, NEUTRAL_CUES, NO_WORDS, POSITIVE_CUES, SELF_INTRO_CUES, YES_WORDS
 from personae.errors import PersonaeError
+from personae.world.catalog import OBJECTS
+from personae.world.characters import Character, load_characters
+from personae.world.styles import NEGATIVE_CUES, NEUTRAL_CUES, NO_WORDS, POSITIVE_CUES, SELF_INTRO_CUES, YES_WORDS
 
 log = logging.getLogger(__name__)
 

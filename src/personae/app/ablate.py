@@ -1,6 +1,6 @@
 """The ablation table: `personae ablate` trains variants at equal compute over several seeds.
 
-Two groups of variants, every one trained with the same budget (`personae.budgets.ABLATION_BUDGETS`):
+Two groups of variants, every one trained with the same budget (`personae.app.budgets.ABLATION_BUDGETS`):
 
 * **pretraining** -- what multimodal pretraining and its parts buy role-play: the full recipe
   (ITC + ITM + MLM, cross-modal fusion), no pretraining at all (role-play fine-tuning from random
@@ -32,8 +32,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from personae.budgets import AblationBudget, ablation_budget
+from personae.app.budgets import AblationBudget, ablation_budget
 from personae.errors import PersonaeError
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -122,7 +123,7 @@ def _train_pretraining_row(job: RowJob, overrides: list[str]) -> tuple[Path, Pat
     """Pretrain (or only initialise) then fine-tune; the fine-tuned run, the pretrained one, and the seconds."""
     from personae.config import apply_overrides, load_preset
     from personae.train.finetune import run_finetune
-    from personae.train.stages import run_pretrain
+    from personae.train.pretrain import run_pretrain
 
     pre, fine = job.folder / "pretrain", job.folder / "roleplay"
     cfg = apply_overrides(load_preset("tiny"), overrides + ([] if job.variant.pretrain else ["train.steps=0"]))
@@ -154,11 +155,11 @@ def _train_adaptation_row(job: RowJob, overrides: list[str]) -> tuple[Path, floa
 
 def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, Any]:
     from personae.data.manifest import read_pairs
-    from personae.data.world.characters import load_characters
     from personae.eval.adaptation import evaluate_adapted
     from personae.eval.retrieval import evaluate_retrieval
     from personae.eval.roleplay import evaluate_roleplay
     from personae.models.io import load_model
+    from personae.world.characters import load_characters
 
     row: dict[str, Any] = {"retrieval_r1": None}
     if pretrained is not None:
@@ -286,7 +287,7 @@ def run_ablation(out: Path, *, budget: AblationBudget | str = "quick", seeds: in
     if not (world / "world.json").is_file():
         if data is not None:
             raise PersonaeError(f"{world} is not a scene world (no world.json): build one with `personae world build`")
-        from personae.data.world import build_world
+        from personae.world import build_world
 
         build_world(world, seed=0, scenes=budget.scenes, progress=progress)
     workers = max(1, jobs)

@@ -1,4 +1,4 @@
-"""Training stages: each combines the model's features with objectives and runs the Trainer."""
+"""Pretraining stage: ITC + ITM + MLM on image-text pairs, driven by the Trainer."""
 
 from __future__ import annotations
 
@@ -9,53 +9,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from personae.config import Config, PretrainCfg
+from personae.config import Config
 from personae.data.dialogues import load_character_cards, read_dialogues
 from personae.data.manifest import read_pairs
 from personae.data.pairs import PairDataset, collate_pairs
 from personae.data.tokenizer import Tokenizer, train_tokenizer
 from personae.models.model import PersonaeModel
-from personae.objectives import ContrastiveLoss, ImageTextMatching, MaskedLanguageModelling, mask_tokens
+from personae.tasks import PretrainTask
 from personae.train.checkpoint import latest_checkpoint
 from personae.train.distributed import DistInfo, init_distributed
 from personae.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
-
-
-class PretrainTask(nn.Module):
-    """ITC + ITM (hard negatives from the ITC similarities) + image-conditioned MLM on one batch.
-
-    The whole loss is one module so that DDP sees every parameter use inside its forward.
-    """
-
-    def __init__(self, model: PersonaeModel, tokenizer: Tokenizer, cfg: PretrainCfg, dist: DistInfo) -> None:
-        super().__init__()
-        self.model, self.cfg = model, cfg
-        self.itc = ContrastiveLoss(dist.rank, dist.world_size)
-        self.itm = ImageTextMatching()
-        self.mlm = MaskedLanguageModelling()
-        self.special_ids = sorted(tokenizer.special_ids)
-        self.mask_id, self.vocab_size = tokenizer.mask_id, tokenizer.vocab_size
-
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        out = self.model(batch["pixel_values"], ids, mask)
-        metrics = self.itc(out.image_embed, out.text_embed, out.logit_scale)
-        loss = self.cfg.itc_weight * metrics["loss_itc"]
-        if self.cfg.itm_weight > 0:
-            metrics |= self.itm(self.model, out.regions, out.words, mask, metrics["sim_i2t"], metrics["sim_t2i"],
-                                batch.get("group"), generator)
-            loss = loss + self.cfg.itm_weight * metrics["loss_itm"]
-        if self.cfg.mlm_weight > 0:
-            masked_ids, labels = mask_tokens(ids, mask, special_ids=self.special_ids, mask_id=self.mask_id,
-                                             vocab_size=self.vocab_size, mask_prob=self.cfg.mask_prob,
-                                             generator=generator)
-            fused = self.model.fuse(out.regions, self.model.encode_text(masked_ids, mask), mask)
-            metrics |= self.mlm(fused.words, labels, self.model.mlm_logits)
-            loss = loss + self.cfg.mlm_weight * metrics["loss_mlm"]
-        metrics.pop("sim_i2t"), metrics.pop("sim_t2i")
-        return {"loss": loss, **metrics}
 
 
 def training_texts(data_dir: Path, captions: list[str]) -> list[str]:
@@ -103,7 +68,7 @@ def run_pretrain(data_dir: Path, out_dir: Path, cfg: Config, *, resume: bool = F
     model = PersonaeModel(cfg.model).to(dist.device)
     dataset = PairDataset(manifest, tokenizer, image_size=cfg.model.vision.image_size,
                           max_text_len=cfg.model.text.max_len, progress=progress)
-    task = wrap_ddp(PretrainTask(model, tokenizer, cfg.pretrain, dist), dist)
+    task = wrap_ddp(PretrainTask(model, tokenizer, cfg.pretrain, dist.rank, dist.world_size), dist)
     if cfg.train.compile:
         task = torch.compile(task)
     trainer = Trainer(task, model, dataset, partial(collate_pairs, pad_id=tokenizer.pad_id), cfg,

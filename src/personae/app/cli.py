@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from personae.budgets import DEMO_BUDGETS
+from personae.app.budgets import DEMO_BUDGETS
 from personae.config import ConfigError, apply_overrides, list_presets, load_preset
 from personae.errors import PersonaeError
 
@@ -15,7 +15,7 @@ OVERRIDE_HELP = "config overrides like --train.lr=3e-4 --model.fusion.kind=singl
 
 
 def _world_build(args: argparse.Namespace) -> None:
-    from personae.data.world import build_world
+    from personae.world import build_world
 
     summary = build_world(Path(args.out), seed=args.seed, scenes=args.scenes, image_size=args.image_size,
                           progress=not args.quiet)
@@ -23,7 +23,7 @@ def _world_build(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
-    from personae.train.stages import run_pretrain
+    from personae.train.pretrain import run_pretrain
 
     cfg = apply_overrides(load_preset(args.preset), overrides)
     state = run_pretrain(Path(args.data), Path(args.out), cfg, resume=args.resume, tokenizer_dir=args.tokenizer,
@@ -42,42 +42,42 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _eval_retrieval(args: argparse.Namespace) -> None:
-    from personae.commands import evaluate_run
+    from personae.app.commands import evaluate_run
 
     evaluate_run(Path(args.run), Path(args.data), split=args.split, out=args.json, batch_size=args.batch_size,
                  progress=not args.quiet)
 
 
 def _eval_roleplay(args: argparse.Namespace) -> None:
-    from personae.commands import evaluate_roleplay_run
+    from personae.app.commands import evaluate_roleplay_run
 
     evaluate_roleplay_run(Path(args.run), Path(args.data), split=args.split, out=args.json, limit=args.limit,
                           batch_size=args.batch_size, progress=not args.quiet)
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from personae.commands import chat
+    from personae.app.commands import chat
 
     chat(Path(args.run), args.character, image=args.image, temperature=args.temperature, top_p=args.top_p,
          max_tokens=args.max_tokens, seed=args.seed, user=args.user)
 
 
 def _meta_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from personae.commands import meta_train
+    from personae.app.commands import meta_train
 
     meta_train(Path(args.run), Path(args.data), Path(args.out), algo=args.algo, overrides=overrides,
                resume=args.resume, progress=not args.quiet)
 
 
 def _adapt(args: argparse.Namespace) -> None:
-    from personae.commands import adapt
+    from personae.app.commands import adapt
 
     adapt(Path(args.run), args.card, args.examples, k=args.k, steps=args.steps, lr=args.lr, params=args.params,
           progress=not args.quiet)
 
 
 def _eval_adaptation(args: argparse.Namespace) -> None:
-    from personae.commands import evaluate_adaptation_run
+    from personae.app.commands import evaluate_adaptation_run
 
     evaluate_adaptation_run(Path(args.run), Path(args.data), baseline=args.baseline, none=args.none, ks=args.k,
                             steps=args.steps, generate_ks=args.generate_k, generate_steps=args.generate_steps,
@@ -86,21 +86,21 @@ def _eval_adaptation(args: argparse.Namespace) -> None:
 
 
 def _shakespeare_build(args: argparse.Namespace) -> None:
-    from personae.commands import shakespeare_build
+    from personae.app.commands import shakespeare_build
 
     shakespeare_build(Path(args.out), min_speeches=args.min_speeches, heldout=args.heldout, examples=args.examples,
                       seed=args.seed)
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> None:
-    from personae.demo import run_demo
+    from personae.app.demo import run_demo
 
     run_demo(Path(args.out), budget=args.budget, scenes=args.scenes, steps=args.steps, finetune_steps=args.finetune_steps,
              fresh=args.fresh, overrides=overrides, progress=not args.quiet)
 
 
 def _ablate(args: argparse.Namespace, overrides: list[str]) -> None:
-    from personae.ablate import run_ablation
+    from personae.app.ablate import run_ablation
 
     run_ablation(Path(args.out), budget=args.budget, seeds=args.seeds, variants=args.variants, data=args.data,
                  jobs=args.jobs, overrides=overrides, progress=not args.quiet)
@@ -113,7 +113,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from personae.commands import serve_adapt_fn
+    from personae.app.commands import serve_adapt_fn
     from personae.serve import serve
 
     limits = {"adapt_fn": serve_adapt_fn, "max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
@@ -284,8 +284,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     """The `personae ablate` command line."""
-    from personae.ablate import VARIANT_NAMES
-    from personae.budgets import ABLATION_BUDGETS
+    from personae.app.ablate import VARIANT_NAMES
+    from personae.app.budgets import ABLATION_BUDGETS
 
     abl = sub.add_parser("ablate", help="train the ablation variants at equal compute over seeds; write the table",
                          epilog=OVERRIDE_HELP)

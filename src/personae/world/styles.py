@@ -4,7 +4,7 @@ A reply is built in two layers. The *content* is one of the shared answer templa
 from the scene graph (so it is true), and the only character-specific word in it is the seeing
 phrase. The *voice* then adds a greeting and/or sign-off and applies the quirk (title, sentence
 tag, prefix, capitals or lower case). The answer vocabulary (yes/no words, mood cues, self-intro
-cues) is defined here once and reused by ``personae.eval.roleplay_metrics`` to parse replies back.
+cues) is defined here once and reused by ``personae.world.metrics`` to parse replies back.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from personae.data.world.captions import join_words, position_phrases_for
-from personae.data.world.catalog import OBJECTS
-from personae.data.world.scene import Placed, Scene
-from personae.data.world.settings import SETTINGS
+from personae.world.captions import join_words, position_phrases_for
+from personae.world.catalog import OBJECTS
+from personae.world.scene import Placed, Scene
+from personae.world.settings import SETTINGS
 
 if TYPE_CHECKING:
-    from personae.data.world.characters import Character
+    from personae.world.characters import Character
 
 Sentence = tuple[str, str]  # (text without its end mark, end mark)
 Template = tuple[Sentence, ...]

@@ -6,7 +6,7 @@ characters -> adapters for every held-out character -> report.html and a summary
 
 Each stage writes its output under OUT and is skipped when that output already exists (unless
 --fresh), so an interrupted demo picks up where it stopped. How long each stage trains is the
-budget's (`personae.budgets`); `quick` is what `make demo` runs.
+budget's (`personae.app.budgets`); `quick` is what `make demo` runs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from personae.budgets import Budget, demo_budget
-from personae.commands import evaluate_adaptation_run, evaluate_roleplay_run, evaluate_run
+from personae.app.budgets import Budget, demo_budget
+from personae.app.commands import evaluate_adaptation_run, evaluate_roleplay_run, evaluate_run
 from personae.config import Config, apply_overrides, load_preset
 from personae.eval.report import environment_info, write_report
 
@@ -82,10 +82,10 @@ def demo_config(budget: Budget, overrides: list[str]) -> Config:
 
 
 def _stages(paths: DemoPaths, budget: Budget, cfg: Config, extra: list[str], progress: bool) -> list[Stage]:
-    from personae.data.world import build_world
     from personae.train.finetune import run_finetune
     from personae.train.meta import multitask_overrides, run_meta_train
-    from personae.train.stages import run_pretrain
+    from personae.train.pretrain import run_pretrain
+    from personae.world import build_world
 
     world, pre, fine, meta, multitask = paths.world, paths.pretrain, paths.roleplay, paths.meta, paths.multitask
     return [
@@ -120,8 +120,8 @@ def adapt_heldout(run: Path, world: Path, *, k: int = ADAPT_K, steps: int = ADAP
     from tqdm.auto import tqdm
 
     from personae.data.episodes import examples_file
-    from personae.data.world.characters import load_characters
     from personae.train.adapt import adapt_character
+    from personae.world.characters import load_characters
 
     characters = sorted(load_characters(world, split="heldout"))
     tick = time.perf_counter()

@@ -13,13 +13,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from personae.data.jsonl import read_records, write_records
-from personae.data.world.captions import caption_scene, caption_templates
-from personae.data.world.catalog import OBJECTS, categories
-from personae.data.world.characters import CHARACTERS_FILE, write_characters
-from personae.data.world.dialogues import DIALOGUES_FILE, write_dialogues
-from personae.data.world.scene import (BACKGROUND_VARIANTS, MIN_IMAGE_SIZE, Scene, SceneRenderer,
-                                       sample_scene)
-from personae.data.world.settings import SETTINGS
+from personae.world.captions import caption_scene, caption_templates
+from personae.world.catalog import OBJECTS, categories
+from personae.world.characters import CHARACTERS_FILE, write_characters
+from personae.world.dialogues import DIALOGUES_FILE, write_dialogues
+from personae.world.scene import BACKGROUND_VARIANTS, MIN_IMAGE_SIZE, Scene, SceneRenderer, sample_scene
+from personae.world.settings import SETTINGS
 
 WORLD_VERSION = 1
 SPLITS = ("train", "val", "test")

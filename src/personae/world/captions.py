@@ -8,10 +8,19 @@ from typing import Any
 
 import numpy as np
 
-from personae.data.world.catalog import NUMBER_WORDS, OBJECTS
-from personae.data.world.scene import (CELL_NAMES, COLUMN_NAMES, GRID, RELATIONS, ROW_NAMES, Cell,
-                                       Placed, Scene, relation_holds)
-from personae.data.world.settings import SETTINGS
+from personae.world.catalog import NUMBER_WORDS, OBJECTS
+from personae.world.scene import (
+    CELL_NAMES,
+    COLUMN_NAMES,
+    GRID,
+    RELATIONS,
+    ROW_NAMES,
+    Cell,
+    Placed,
+    Scene,
+    relation_holds,
+)
+from personae.world.settings import SETTINGS
 
 # Caption patterns by name; each {slot} is filled by _Slots below. A pattern is used only when
 # the scene has what its slots need (a true relation, an object with copies, ...).

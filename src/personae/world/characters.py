@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personae.data.world.catalog import categories
-from personae.data.world.personas import HELDOUT_ROWS, TRAIN_ROWS
+from personae.world.catalog import categories
+from personae.world.personas import HELDOUT_ROWS, TRAIN_ROWS
 
 CHARACTER_SPLITS = ("train", "heldout")
 QUIRK_KINDS = ("capitals", "lowercase", "prefix", "tag", "title")
@@ -178,7 +178,7 @@ def as_character_map(characters: Mapping[str, Character] | Sequence[Character] |
 
 def character_card(character: Character) -> dict[str, Any]:
     """The character as a Tavern character card V2 (a JSON-ready dict)."""
-    from personae.data.world.styles import card_greetings, mes_example  # styles imports us
+    from personae.world.styles import card_greetings, mes_example  # styles imports us
 
     first, *alternates = card_greetings(character)
     c, style = character, character.style

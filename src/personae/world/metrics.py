@@ -43,14 +43,20 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from personae.data.world.captions import (POSITION_PHRASES, parse_mentions,
-                                          position_phrases_for)
-from personae.data.world.catalog import NUMBER_WORDS, OBJECTS
-from personae.data.world.characters import Character, as_character_map
-from personae.data.world.dialogues import QUESTION_TYPES, Dialogue, Turn
-from personae.data.world.scene import COLUMN_NAMES, ROW_NAMES, Cell, Scene
-from personae.data.world.styles import (NEGATIVE_CUES, NEUTRAL_CUES, NO_WORDS, POSITIVE_CUES,
-                                        SELF_INTRO_CUES, YES_WORDS, expected_mood)
+from personae.world.captions import POSITION_PHRASES, parse_mentions, position_phrases_for
+from personae.world.catalog import NUMBER_WORDS, OBJECTS
+from personae.world.characters import Character, as_character_map
+from personae.world.dialogues import QUESTION_TYPES, Dialogue, Turn
+from personae.world.scene import COLUMN_NAMES, ROW_NAMES, Cell, Scene
+from personae.world.styles import (
+    NEGATIVE_CUES,
+    NEUTRAL_CUES,
+    NO_WORDS,
+    POSITIVE_CUES,
+    SELF_INTRO_CUES,
+    YES_WORDS,
+    expected_mood,
+)
 
 METRICS = ("response_accuracy", "image_text_relevance", "relevance_precision",
            "relevance_recall", "instruction_adherence", "persona_consistency",

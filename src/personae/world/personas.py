@@ -3,7 +3,7 @@
 Each row gives a persona's facts (name, role, home), its checkable style (greetings, a "seeing"
 phrase that introduces what it sees, a sign-off, a favourite and a disliked object category, one
 verbal quirk) and free text for its card (personality, a one-line bio). ``characters.py`` turns the
-rows into :class:`~personae.data.world.characters.Character` objects and validates them; the unit
+rows into :class:`~personae.world.characters.Character` objects and validates them; the unit
 tests check that every marker is distinctive and never collides with the answer vocabulary.
 
 Quirks: ``"capitals"`` (the whole reply in capitals), ``"lowercase"`` (no capital letters),

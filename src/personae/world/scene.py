@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from personae.data.world.catalog import OBJECTS, glyphs_at
-from personae.data.world.settings import SETTINGS
+from personae.world.catalog import OBJECTS, glyphs_at
+from personae.world.settings import SETTINGS
 
 GRID = 3
 ROW_NAMES = ("top", "middle", "bottom")

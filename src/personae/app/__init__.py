@@ -1,0 +1,1 @@
+"""personae.app: the command-line application (parse, then call the library); nothing imports it."""
