@@ -3,7 +3,7 @@
 For every held-out character (support: the first k rows of `characters/<id>.examples.jsonl`, so
 the k = 1 set is inside the k = 5 one; query: its test conversations, all or q of them drawn with
 the seed, the same q for every k), each run adapts with the *same* adaptation (the first run's
-:class:`~personae.train.adapt.AdaptSpec`: which parameters, inner rate, LoRA rank; a run without
+:class:`~personae.meta.adapt.AdaptSpec`: which parameters, inner rate, LoRA rank; a run without
 LoRA gets fresh, no-op adapters) and we record
 
 * the query loss (mean reply-token NLL; its exp is the perplexity) after each number of inner
@@ -39,11 +39,10 @@ from personae.data.image_cache import ImageCache
 from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.eval.roleplay import _score_rows, generate_all, pending_replies
+from personae.meta.adapt import Adaptation, AdaptSpec, learned_rates
 from personae.models.io import CONFIG_FILE, load_model, require_file
 from personae.models.sampling import SamplingParams
 from personae.objectives.masked_lm import IGNORE_INDEX
-from personae.train.adapt import Adaptation, AdaptSpec
-from personae.train.meta import learned_rates
 from personae.world.metrics import aggregate
 
 KS = (1, 5, 10)
@@ -175,7 +174,7 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
     result: dict[str, Any] = {
         "data": str(data_dir), "characters": [e.character for e in episodes], "ks": ks, "steps": steps,
         "query_conversations": {e.character: len(e.query) for e in episodes},
-        "adaptation": {"params": spec.mode, "lr": spec.lr, "optimizer": spec.optimizer, "lora_rank": spec.lora_rank,
+        "adaptation": {"inner_params": spec.inner_params, "lr": spec.lr, "optimizer": spec.optimizer, "lora_rank": spec.lora_rank,
                        "lora_alpha": spec.lora_alpha},
         "runs": {**{label: str(path) for label, path in runs.items()}, NONE: str(none_run)},
         "query_loss": {}, "perplexity": {}, "per_character": {}, "metrics": {}, "samples": {},
@@ -202,23 +201,23 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
 
 
 def evaluate_adapted(run: Path, data_dir: Path, *, k: int = 5, steps: int = 10, query: int | None = None,
-                     seed: int = 0, characters: Sequence[str] | None = None, params: str | None = None,
+                     seed: int = 0, characters: Sequence[str] | None = None, inner_params: str | None = None,
                      progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """One run adapted its own way (its `AdaptSpec`) to each held-out character of a scene world.
 
     Returns the mean query loss before and after `steps` inner steps on the first k examples, and the
-    exact metrics of greedy replies after adaptation: the ablation's held-out column. `params`
+    exact metrics of greedy replies after adaptation: the ablation's held-out column. `inner_params`
     (all | head | lora) overrides what adapts.
     """
     world = _load_world(Path(data_dir))
     if world is None:
         raise PersonaeError(f"{data_dir} is not a scene world: the exact role-play metrics need one")
     pool, episodes = heldout_episodes(Path(data_dir), k=k, q=query, seed=seed, characters=characters)
-    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)), mode=params)
+    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)), inner_params)
     entry = _evaluate_run("adapted", Path(run), spec, [k], sorted({0, steps}), {(k, steps)}, adapts=True,
                           pool=pool, cards=world["cards"], episodes=episodes, world=world,
                           device=torch.device(device), progress=progress)
-    return {"k": k, "steps": steps, "params": spec.mode, "query_loss_before": entry["query_loss"][k][0],
+    return {"k": k, "steps": steps, "inner_params": spec.inner_params, "query_loss_before": entry["query_loss"][k][0],
             "query_loss_after": entry["query_loss"][k][steps], "metrics": entry["metrics"][k][steps]}
 
 

@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA) on the decoder's Linear layers, and adapter files in safetensors.
 
-`add_lora(model)` swaps the decoder's attention and MLP projections (`attn.qkv`, `attn.proj`,
+`add_decoder_lora(model, rank, alpha)` (through `add_lora`) swaps the decoder's attention and MLP projections (`attn.qkv`, `attn.proj`,
 `mlp.fc`, `mlp.proj`) for :class:`LoRALinear` in place, so parameter names stay predictable::
 
     decoder.blocks.0.attn.qkv.base.weight   (the frozen-or-not base Linear, renamed under .base)
@@ -123,6 +123,18 @@ def add_lora(model: nn.Module, targets: Iterable[str] = ("decoder",), rank: int 
     for name in chosen:
         _set_child(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
     return chosen
+
+
+def add_decoder_lora(model: nn.Module, rank: int, alpha: float, *, seed: int | None = None) -> list[str]:
+    """Give the model's decoder LoRA adapters of rank `rank` (B = 0: a no-op at first); the wrapped names.
+
+    The one way the library adds adapters (meta-training, adaptation, loading a run or an adapter
+    file). `seed` seeds the global RNG first so that A's draw is reproducible (adaptation and
+    meta-training record it); the adapters are made on the decoder's device.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return add_lora(model, targets=("decoder",), rank=rank, alpha=alpha)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

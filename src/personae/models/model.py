@@ -13,7 +13,7 @@ from personae.config import ModelCfg
 from personae.models.decoder import Decoder, KVCache
 from personae.models.fusion import FusionOutput, build_fusion
 from personae.models.layers import init_weights
-from personae.models.lora import add_lora
+from personae.models.lora import add_decoder_lora
 from personae.models.text import TextEncoder
 from personae.models.vision import VisionEncoder, pool_regions
 
@@ -62,8 +62,6 @@ class PersonaeModel(nn.Module):
         self.mlm_head = MLMHead(width, cfg.text.vocab_size)
         self.decoder = None
         if cfg.decoder.enabled:
-            if cfg.decoder.conditioning != "prefix":
-                raise ValueError(f"unknown model.decoder.conditioning '{cfg.decoder.conditioning}'; choose: prefix")
             self.decoder = Decoder(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
@@ -71,7 +69,7 @@ class PersonaeModel(nn.Module):
             if self.decoder is None:
                 raise ValueError("model.lora_rank > 0 puts LoRA adapters on the decoder, but model.decoder.enabled "
                                  "is false")
-            add_lora(self, targets=("decoder",), rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+            add_decoder_lora(self, cfg.lora_rank, cfg.lora_alpha)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1+N, Dv) image regions."""
