@@ -37,7 +37,7 @@ from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.meta.maml import inner_trajectory, module_loss, select_names
-from personae.models.lora import add_decoder_lora, apply_adapter, lora_settings
+from personae.models.lora import add_decoder_lora, apply_adapter, lora_settings, reset_decoder_lora
 from personae.models.model import PersonaeModel
 from personae.tasks import dense_roleplay_task
 
@@ -78,17 +78,20 @@ class AdaptSpec:
 class Adaptation:
     """A model ready to adapt: its dense reply loss, the names the inner loop adapts, and their rate.
 
-    `added_lora` says whether fresh adapters were put on the model (it had none). The model is
-    switched to eval mode (no dropout while adapting) and is not modified by `steps`.
+    `added_lora` says whether the adapted LoRA layers are fresh ones (the run carries none of its
+    own): they are added to a model without LoRA, or, where a server has put no-op placeholders on
+    the model, those are drawn afresh the same way. The model is switched to eval mode (no dropout
+    while adapting) and is not modified by `steps`.
     """
 
     def __init__(self, model: PersonaeModel, cfg: Config, spec: AdaptSpec,
                  learned_lrs: Mapping[str, torch.Tensor] | None = None) -> None:
         self.model, self.spec = model.eval(), spec
-        self.added_lora = False
-        if spec.inner_params == "lora" and lora_settings(model) is None:
+        self.added_lora = spec.inner_params == "lora" and not cfg.model.lora_rank  # the run has no LoRA of its own
+        if self.added_lora and lora_settings(model) is None:
             add_decoder_lora(model, spec.lora_rank, spec.lora_alpha, seed=spec.seed)
-            self.added_lora = True
+        elif self.added_lora:  # no-op placeholders (a server's): start from the same fresh draw
+            reset_decoder_lora(model, spec.seed)
         self.task = dense_roleplay_task(model, cfg.finetune)
         self.loss_fn = module_loss(self.task)
         self.names = select_names(self.task, spec.inner_params, HEAD)

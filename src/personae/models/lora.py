@@ -61,10 +61,16 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / rank
         weight = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.reset_adapter()
         # set by AdapterBank.route: (A bank (n, r, in), B bank (n, out, r), slot per row or one slot)
         self.routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor | int] | None = None
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A drawn afresh from the global RNG, B = 0: the adapter is a no-op again."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+        self.lora_B.zero_()
 
     @property
     def in_features(self) -> int:
@@ -135,6 +141,19 @@ def add_decoder_lora(model: nn.Module, rank: int, alpha: float, *, seed: int | N
     if seed is not None:
         torch.manual_seed(seed)
     return add_lora(model, targets=("decoder",), rank=rank, alpha=alpha)
+
+
+def reset_decoder_lora(model: nn.Module, seed: int) -> int:
+    """Start every LoRA layer afresh, exactly as add_decoder_lora(..., seed=seed) starts them; how many.
+
+    For a model whose adapters are no-op placeholders (a server adds them to mix adapters per
+    row), so that adapting it starts where adapting a LoRA-free copy of the run would.
+    """
+    torch.manual_seed(seed)
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for layer in layers:  # model order, as add_lora wraps them: the same draws
+        layer.reset_adapter()
+    return len(layers)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
