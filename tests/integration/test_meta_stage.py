@@ -17,7 +17,7 @@ from personae.config import apply_overrides, load_preset
 from personae.data.cards import load_card
 from personae.data.episodes import examples_file
 from personae.errors import DataError, PersonaeError
-from personae.meta.adapt import Adaptation, AdaptSpec, learned_rates, support_batch
+from personae.meta.adapt import Adaptation, AdaptSpec, adapt_to_character, learned_rates, support_batch
 from personae.models.io import load_model
 from personae.models.lora import load_adapter, lora_settings
 from personae.train.adapt import adapt_character, read_examples
@@ -158,6 +158,26 @@ def test_adapter_reloads_to_identical_outputs_and_zero_steps_is_a_no_op(meta_run
     adapt_character(out, card_path, examples, k=5, steps=0, progress=False)
     unadapted = load_run_for_character(out, HELDOUT)[0]
     assert torch.equal(_logits(unadapted, batch), _logits(load_model(out)[0], batch))
+
+
+def test_adapting_in_memory_gives_the_tensors_personae_adapt_writes(meta_run, small_world, tmp_path):
+    """The library function on a loaded model (images, learned rates) = the file wrapper, and it writes nothing."""
+    out, _ = meta_run
+    run = shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("adapters", "checkpoints"))
+    card_path, examples = _card_and_examples(small_world)
+    model, cfg, tokenizer = load_model(run)
+    card = load_card(card_path)
+    records = read_examples(examples, HELDOUT, card, 3)
+    assert records[0].image is not None
+    files_before = sorted(p for p in run.rglob("*"))
+    adapter = adapt_to_character(model, cfg, tokenizer, card, records, character_id=HELDOUT, steps=2,
+                                 learned_lrs=learned_rates(run))
+    assert sorted(p for p in run.rglob("*")) == files_before
+    assert adapter.metadata["lr"] == "learned" and adapter.metadata["inner_params"] == "lora"
+    tensors, metadata = load_adapter(adapt_character(run, card_path, examples, k=3, steps=2, progress=False))
+    assert tensors.keys() == adapter.tensors.keys()
+    assert all(torch.equal(tensors[k], adapter.tensors[k]) for k in tensors)
+    assert metadata == {k: str(v) for k, v in adapter.metadata.items()}
 
 
 def test_adapting_lowers_the_query_loss_of_a_heldout_character(multitask_run, small_world):

@@ -82,3 +82,19 @@ def test_persona_swapped_finetuning_trains_on_other_text_and_needs_a_scene_world
     with pytest.raises(PersonaeError, match="persona_swap needs a scene world"):
         run_finetune(pretrained_run, data, tmp_path / "out", apply_overrides(run_config(pretrained_run),
                      ["finetune.persona_swap=0.5"]), progress=False)
+
+
+def test_each_stage_reads_its_own_compile_key(pretrained_run, small_world, tmp_path, monkeypatch):
+    import torch
+
+    from personae.tasks import RolePlayTask
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    base = ["finetune.train.steps=1", "finetune.train.save_every=1", "train.compile=true"]
+    run_finetune(pretrained_run, small_world, tmp_path / "plain", apply_overrides(run_config(pretrained_run), base),
+                 progress=False)
+    assert compiled == []  # train.compile is pretraining's, not fine-tuning's
+    cfg = apply_overrides(run_config(pretrained_run), [*base, "finetune.train.compile=true"])
+    run_finetune(pretrained_run, small_world, tmp_path / "compiled", cfg, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], RolePlayTask)
