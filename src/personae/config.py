@@ -278,7 +278,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split 'train.lr=3e-4' (a leading '--' is allowed) into (['train', 'lr'], parsed value)."""
-    body = text[2:] if text.startswith("--") else text
+    body = text.removeprefix("--")
     if "=" not in body:
         raise ConfigError(f"override '{text}' must look like --section.key=value")
     key, raw = body.split("=", 1)

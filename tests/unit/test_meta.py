@@ -10,7 +10,7 @@ from torch import nn
 from personae.config import DecoderCfg
 from personae.meta import META, MetaCfg, StackError, adapt_task, build_meta, inner_trajectory, meta_loss, stack_tasks
 from personae.models.decoder import Decoder
-from personae.models.lora import add_lora
+from personae.models.lora import add_decoder_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -243,7 +243,7 @@ def test_reptile_update_equals_the_hand_computed_one():
 def test_lora_maml_adapts_only_the_adapters_and_learns_the_base_weights():
     torch.manual_seed(0)
     model = TinyLM().eval()
-    add_lora(model, targets=("decoder",), rank=2, alpha=4)
+    add_decoder_lora(model, 2, 4.0)
     learner = build_meta(model, MetaCfg(algo="lora-maml", inner_steps=2, inner_lr=0.5))
     assert learner.names and all(n.endswith(("lora_A", "lora_B")) for n in learner.names)
     learner.meta_loss([lm_task(0, 8), lm_task(1, 8)]).backward()
