@@ -13,11 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from personae.data.cards import CharacterCard, load_card, save_card_png
-from personae.data.images import load_image_bytes
+from personae.data.images import load_image_bytes, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.models.sampling import SamplingParams, generate
 from personae.serve.app import RunBundle
-from personae.serve.characters import image_pixels
 from tests.e2e.helpers import CHARACTER, chat_body, data_url, png_bytes, sse_events, streamed_texts
 
 
@@ -48,7 +47,7 @@ def test_completion_is_what_generate_writes_for_the_same_prompt(client: TestClie
     prompt = PromptBuilder(bundle.tokenizer).build(card, [Turn("What is in the picture?")], max_tokens=budget,
                                                    include_examples=bundle.include_examples)
     size = bundle.model.cfg.vision.image_size
-    pixels = image_pixels(load_image_bytes(image, size=size), size)[None]
+    pixels = model_pixels(image, size)[None]
     expected = generate(bundle.model, bundle.tokenizer, [prompt.ids], pixels,
                         SamplingParams(max_new_tokens=10, temperature=0.9, seed=11))[0]
     assert answer["object"] == "chat.completion" and answer["model"] == f"personae/{CHARACTER}"
