@@ -20,6 +20,7 @@ from personae.config import Config, TrainCfg
 from personae.data.tokenizer import Tokenizer
 from personae.files import atomic_path
 from personae.models.io import require_file
+from personae.models.model import PersonaeModel
 from personae.train.checkpoint import TrainerState, latest_checkpoint, load_training_state, save_checkpoint
 from personae.train.distributed import DistInfo, all_reduce_mean
 
@@ -193,6 +194,8 @@ class Trainer:
         if self.cfg.clip_grad_norm > 0:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm))
         self.optimizer.step()
+        if isinstance(self.model, PersonaeModel):
+            self.model.clamp_logit_scale_()  # the temperature's bound lives on the parameter, not in the forward
         self.optimizer.zero_grad(set_to_none=True)
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         return sums
