@@ -213,6 +213,7 @@ def test_openapi_names_the_response_model_of_each_route(client: TestClient, meth
     for errors in ("4XX", "5XX"):
         schema = operation["responses"][errors]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "422" not in operation["responses"]  # bad requests are answered 400 with an ErrorResponse
 
 
 def test_answers_are_exactly_their_response_models(client: TestClient) -> None:
