@@ -24,7 +24,8 @@ class ContrastiveTask(nn.Module):
         super().__init__()
         self.model, self.itc = model, ContrastiveLoss()
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor],
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         out = self.model(batch["pixel_values"], batch["input_ids"])
         metrics = self.itc(out.image_embed, out.text_embed, out.logit_scale)
         return metrics | {"loss": metrics["loss_itc"]}
