@@ -36,13 +36,13 @@ from personae.config import load_config
 from personae.data.dialogues import DialogueRecord, load_character_cards
 from personae.data.episodes import Episode, EpisodeCollator, heldout_episodes
 from personae.data.image_cache import ImageCache
+from personae.data.labels import IGNORE_INDEX
 from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.eval.roleplay import _score_rows, generate_all, pending_replies
 from personae.meta.adapt import Adaptation, AdaptSpec, learned_rates
 from personae.models.io import CONFIG_FILE, load_model, require_file
 from personae.models.sampling import SamplingParams
-from personae.objectives.masked_lm import IGNORE_INDEX
 from personae.world.metrics import aggregate
 
 KS = (1, 5, 10)

@@ -21,6 +21,7 @@ from typing import Any
 
 from personae.eval import plots
 from personae.eval.plots import Curve
+from personae.files import write_text_atomic
 from personae.world.metrics import METRICS
 
 STAGE_ORDER = ("pretrain", "roleplay", "meta", "multitask")
@@ -483,11 +484,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write RUN_DIR/report.html (or OUT) for a run folder and return its path."""
     run = load_run(Path(run_dir))
     target = Path(out) if out is not None else run.root / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".tmp")
-    staging.write_text(render_report(run), encoding="utf-8")
-    staging.replace(target)  # a browser never sees half a report
-    return target
+    return write_text_atomic(target, render_report(run))  # a browser never sees half a report
 
 
 def report_command(run_dir: Path, out: Path | None = None) -> Path:

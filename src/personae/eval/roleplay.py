@@ -20,12 +20,12 @@ from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord, load_character_cards, read_dialogues
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
+from personae.data.labels import IGNORE_INDEX
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.models.model import PersonaeModel
 from personae.models.sampling import SamplingParams, generate
-from personae.objectives.masked_lm import IGNORE_INDEX
 from personae.world.build import load_scenes
 from personae.world.characters import load_characters
 from personae.world.metrics import METRICS, aggregate, score_reply

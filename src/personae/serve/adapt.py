@@ -33,7 +33,7 @@ import torch
 from personae.config import Config
 from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord, DialogueTurn
-from personae.data.images import load_image_bytes
+from personae.data.images import square_pixels
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.meta.adapt import AdaptSpec, CharacterAdapter, adapt_to_character, learned_rates
@@ -100,8 +100,7 @@ def example_records(task: AdaptTask, image_size: int,
         header, _, body = example["image"].partition(",")
         if not header.startswith("data:") or ";base64" not in header:
             raise PersonaeError(f"examples[{number}].image must be a base64 data: URL")
-        array = load_image_bytes(base64.b64decode(body), size=image_size, name=f"examples[{number}].image", **limit)
-        pixels.append(torch.from_numpy(array).permute(2, 0, 1))  # (3, S, S) uint8
+        pixels.append(square_pixels(base64.b64decode(body), image_size, name=f"examples[{number}].image", **limit))
     return records, torch.stack(pixels)
 
 

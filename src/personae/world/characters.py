@@ -11,13 +11,13 @@ object category, and one :class:`Quirk`. ``CHARACTERS`` holds the built-in cast 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personae.files import write_text_atomic
 from personae.world.catalog import categories
 from personae.world.personas import HELDOUT_ROWS, TRAIN_ROWS
 
@@ -224,13 +224,6 @@ def character_from_card(card: Mapping[str, Any]) -> Character:
                      block.get("bio", ""))
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically (temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def card_path(character_id: str) -> str:
     """Where a character's card lives, relative to the world folder."""
     return f"{CHARACTERS_DIR}/{character_id}.json"
@@ -245,11 +238,11 @@ def write_characters(out_dir: Path | str,
     for character in (characters or CHARACTERS).values():
         path = out_dir / card_path(character.id)
         card = character_card(character)
-        _write_text(path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
         written.append(path)
         index.append(json.dumps({"id": character.id, "name": character.name,
                                  "split": character.split, "card": card_path(character.id)}))
-    _write_text(out_dir / CHARACTERS_FILE, "\n".join(index) + "\n")
+    write_text_atomic(out_dir / CHARACTERS_FILE, "\n".join(index) + "\n")
     return written
 
 
