@@ -276,3 +276,16 @@ def test_meta_config_round_trips_and_takes_yaml_words_as_strings():
                                                 "meta.first_order=on"])
     assert cfg.meta.vmap == "off" and cfg.meta.algo == "anil" and cfg.meta.first_order is True
     assert cfg.meta.train.lr == 1e-4 and cfg.model.lora_rank == 0
+
+
+def test_the_adapt_command_takes_inner_params_and_no_other_name(meta_run, small_world, tmp_path, capsys):
+    out, _ = meta_run
+    run = shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("adapters", "checkpoints"))
+    card_path, examples = _card_and_examples(small_world)
+    argv = ["-q", "adapt", str(run), "--card", str(card_path), "--examples", str(examples), "-k", "2", "--steps", "1"]
+    assert main([*argv, "--inner-params", "head"]) == 0
+    tensors, metadata = load_adapter(run / "adapters" / f"{HELDOUT}.safetensors")
+    assert metadata["inner_params"] == "head" and set(tensors) == {"decoder.ln_f.weight", "decoder.ln_f.bias"}
+    with pytest.raises(SystemExit):
+        main([*argv, "--params", "head"])
+    assert "unrecognised arguments: --params" in capsys.readouterr().err
