@@ -175,8 +175,8 @@ def adapt_to_character(model: PersonaeModel, cfg: Config, tokenizer: Tokenizer, 
                        step_guard: Callable[[], contextlib.AbstractContextManager] | None = None) -> CharacterAdapter:
     """Adapt a loaded model to a character from its example conversations; nothing is read or written.
 
-    `spec` defaults to the run's own (AdaptSpec.of(cfg)); `learned_lrs` are used when they cover
-    the adapted names and `spec` was not given a rate of its own by the caller. The model's
+    `spec` defaults to the run's own (AdaptSpec.of(cfg)); `learned_lrs` (a run's Meta-SGD rates,
+    see learned_rates) replace spec.lr when they cover exactly the adapted names. The model's
     weights are not changed, except that a LoRA-free model that adapts LoRA gets fresh no-op
     adapters (metadata "lora_added"). `step_guard()` is entered around every inner step (the
     server passes the lock its decoding thread holds, since the inner loop swaps the module's

@@ -36,7 +36,7 @@ from personae.data.dialogues import DialogueRecord, DialogueTurn
 from personae.data.images import square_pixels
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
-from personae.meta.adapt import AdaptSpec, CharacterAdapter, adapt_to_character, learned_rates
+from personae.meta.adapt import AdaptSpec, CharacterAdapter, adapt_to_character
 from personae.models.lora import save_adapter
 from personae.models.model import PersonaeModel
 
@@ -62,6 +62,7 @@ class ServedRun:
     tokenizer: Tokenizer
     lock: contextlib.AbstractContextManager
     max_image_pixels: int | None = None  # the uploads' pixel limit (None: the image loader's default)
+    learned_lrs: dict[str, torch.Tensor] | None = None  # the run's Meta-SGD rates (read once, at start)
 
 
 @dataclass
@@ -114,7 +115,7 @@ def adapt_in_memory(task: AdaptTask, progress: Callable[[float, str], None]) -> 
     spec = AdaptSpec.of(cfg, task.options.get("inner_params"))
     return adapt_to_character(served.model, cfg, served.tokenizer, task.card, records,
                               character_id=task.character_id, steps=int(task.options.get("steps") or DEFAULT_STEPS),
-                              spec=spec, learned_lrs=learned_rates(task.run_dir), images=images,
+                              spec=spec, learned_lrs=served.learned_lrs, images=images,
                               on_progress=progress, step_guard=lambda: served.lock)
 
 

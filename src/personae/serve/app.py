@@ -40,7 +40,7 @@ from personae import __version__
 from personae.config import Config
 from personae.data.cards import CardError
 from personae.data.tokenizer import Tokenizer
-from personae.meta.adapt import CharacterAdapter
+from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
 from personae.serve.adapters import ServerAdapters
@@ -112,7 +112,7 @@ class ServerContext:
                                    adapters=self.adapters)
         self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=self._adapted)
         self.served = ServedRun(bundle.model, bundle.config, bundle.tokenizer, self.adapters.lock,
-                                settings.max_image_pixels)
+                                settings.max_image_pixels, learned_rates(self.run_dir))
         self.started = time.time()
 
     def _adapted(self, task: AdaptTask, adapter: CharacterAdapter) -> None:
