@@ -158,6 +158,12 @@ def test_adaptation_is_501_until_a_hook_is_plugged_in(client: TestClient) -> Non
     assert misspelt.status_code == 400 and "params" in misspelt.json()["error"]["message"]
     bad = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"inner_params": "most"})
     assert bad.status_code == 400 and "'auto', 'all', 'head' or 'lora'" in bad.json()["error"]["message"]
+    mixed = [{"user": "hi", "reply": "yo", "image": data_url(png_bytes((9, 9, 9)))}, {"user": "hi", "reply": "yo"}]
+    response = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": mixed})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "mixed_examples"
+    broken = [{"user": "hi", "reply": "yo", "image": "data:image/png;base64,@@@"}]
+    response = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": broken})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "examples[0].image"
     response = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": [{"user": "hi", "reply": "yo"}]})
     assert response.status_code == 501
     assert response.json()["error"]["code"] == "adaptation_unavailable"

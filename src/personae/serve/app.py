@@ -361,7 +361,11 @@ def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
         if not examples:
             raise ApiError(400, f"'{entry.id}' has no example dialogues; send 'examples' to adapt from",
                            param="examples", code="missing_examples")
-        for number, example in enumerate(examples):  # bad images are a 400 now, not a failed job later
+        pictured = [bool(example.get("image")) for example in examples]
+        if any(pictured) and not all(pictured):  # bad examples are a 400 now, not a failed job later
+            raise ApiError(400, "some examples have an image and some do not: send images with all of them or none",
+                           param="examples", code="mixed_examples")
+        for number, example in enumerate(examples):
             if example.get("image"):
                 decode_data_url(example["image"], f"examples[{number}].image", context.settings.max_image_bytes)
         options = {"steps": body.steps, "inner_params": body.inner_params}
