@@ -188,7 +188,8 @@ class MetaCfg:
     # auto: vmap over the tasks when they stack; on: always (error if they do not); off: loop over them
     # (on a CPU the loop can be faster)
     vmap: str = choice("auto", VMAP_MODES)
-    randomness: str = choice("different", RANDOMNESS_MODES)  # dropout under vmap: one mask per task, one for all, or refuse
+    # dropout under vmap: different (a mask per task) | same (one for all) | error (refuse)
+    randomness: str = choice("different", RANDOMNESS_MODES)
     lora_rank: int = 4  # rank of the adapters added when LoRA adapts (recorded in model.lora_rank)
     lora_alpha: float = 8.0  # scale of those adapters (recorded in model.lora_alpha)
     # scene worlds: each episode's character speaks with freshly drawn markers (personae.world.persona_swap),

@@ -131,7 +131,8 @@ def test_persona_swap_needs_a_scene_world(pretrained_run, small_world, tmp_path)
     data = tmp_path / "plain"
     shutil.copytree(small_world, data, ignore=shutil.ignore_patterns("world.json"))
     with pytest.raises(PersonaeError, match="persona_swap needs a scene world"):
-        run_meta_train(pretrained_run, data, tmp_path / "out", settings(pretrained_run, META + ["meta.persona_swap=true"]),
+        run_meta_train(pretrained_run, data, tmp_path / "out",
+                       settings(pretrained_run, META + ["meta.persona_swap=true"]),
                        progress=False)
 
 

@@ -71,7 +71,8 @@ def test_persona_swapped_finetuning_trains_on_other_text_and_needs_a_scene_world
 
     runs = {}
     for fraction in (0.0, 1.0):
-        cfg = apply_overrides(run_config(pretrained_run), ["finetune.train.steps=2", f"finetune.persona_swap={fraction}"])
+        swap = ["finetune.train.steps=2", f"finetune.persona_swap={fraction}"]
+        cfg = apply_overrides(run_config(pretrained_run), swap)
         runs[fraction] = run_finetune(pretrained_run, small_world, tmp_path / f"swap{fraction}", cfg, progress=True)
     assert "conversations speak with fresh markers" in capsys.readouterr().out
     plain, swapped = ([row["loss"] for row in runs[f].history] for f in (0.0, 1.0))

@@ -174,7 +174,8 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
     result: dict[str, Any] = {
         "data": str(data_dir), "characters": [e.character for e in episodes], "ks": ks, "steps": steps,
         "query_conversations": {e.character: len(e.query) for e in episodes},
-        "adaptation": {"inner_params": spec.inner_params, "lr": spec.lr, "optimizer": spec.optimizer, "lora_rank": spec.lora_rank,
+        "adaptation": {"inner_params": spec.inner_params, "lr": spec.lr, "optimizer": spec.optimizer,
+                       "lora_rank": spec.lora_rank,
                        "lora_alpha": spec.lora_alpha},
         "runs": {**{label: str(path) for label, path in runs.items()}, NONE: str(none_run)},
         "query_loss": {}, "perplexity": {}, "per_character": {}, "metrics": {}, "samples": {},

@@ -46,6 +46,6 @@ def build_meta(module: nn.Module, cfg: MetaCfg, loss_fn: LossFn | None = None, *
 
 __all__ = [
     "ANIL", "FOMAML", "MAML", "META", "LoRAMAML", "LossFn", "MetaCfg", "MetaLearner", "Params", "Reptile",
-    "StackError", "Task", "TaskBatch", "adapt_task", "adapt_tasks", "build_meta", "inner_loop", "inner_trajectory", "meta_loss",
-    "module_loss", "reptile_direction", "select_names", "stack_tasks", "task_query_losses",
+    "StackError", "Task", "TaskBatch", "adapt_task", "adapt_tasks", "build_meta", "inner_loop", "inner_trajectory",
+    "meta_loss", "module_loss", "reptile_direction", "select_names", "stack_tasks", "task_query_losses",
 ]

@@ -1,7 +1,8 @@
 """Low-rank adapters (LoRA) on the decoder's Linear layers, and adapter files in safetensors.
 
-`add_decoder_lora(model, rank, alpha)` (through `add_lora`) swaps the decoder's attention and MLP projections (`attn.qkv`, `attn.proj`,
-`mlp.fc`, `mlp.proj`) for :class:`LoRALinear` in place, so parameter names stay predictable::
+`add_decoder_lora(model, rank, alpha)` (through `add_lora`) swaps the decoder's attention and MLP
+projections (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`) for :class:`LoRALinear` in place, so
+parameter names stay predictable::
 
     decoder.blocks.0.attn.qkv.base.weight   (the frozen-or-not base Linear, renamed under .base)
     decoder.blocks.0.attn.qkv.lora_A        (rank, in_features)

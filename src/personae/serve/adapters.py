@@ -66,9 +66,10 @@ class ServerAdapters:
 
     def add(self, character: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
             path: Path | None = None) -> bool:
-        """Apply adapter tensors made in memory (written to `path` too); False (and a problem) if they cannot be."""
+        """Apply adapter tensors made in memory (and written to `path`); False, with a problem noted, if not."""
         try:
-            self._apply(character, tensors, {str(k): str(v) for k, v in metadata.items()}, f"the adapter of {character}")
+            as_saved = {str(key): str(value) for key, value in metadata.items()}  # what the file's metadata reads
+            self._apply(character, tensors, as_saved, f"the adapter of {character}")
         except AdapterError as error:
             self.problems[character] = str(error)
             log.warning("adapter of %s is not applied by the server: %s", character, error)
