@@ -130,7 +130,10 @@ def walk_config(cls: type, prefix: str, comments: dict, presets: dict[str, dict]
         problem = f"config.py:{line}: {cls.__name__}.{item.name} has no comment"
         if meaning is None and problem not in missing:  # a class used twice (TrainCfg) is named once
             missing.append(problem)
-        keys.append(ConfigKey(dotted, type_name(hint), lookup(defaults, dotted),
+        kind = type_name(hint)
+        if item.metadata.get("choices"):  # a choice-valued key (config.choice) lists its values
+            kind += ", one of " + ", ".join(f"`{value}`" for value in item.metadata["choices"])
+        keys.append(ConfigKey(dotted, kind, lookup(defaults, dotted),
                               {name: lookup(values, dotted) for name, values in presets.items()},
                               meaning or MISSING))
     return [ConfigSection(prefix.rstrip("."), cls, keys)] + nested
