@@ -96,6 +96,7 @@ class ConfigSection:
     name: str
     cls: type
     keys: list[ConfigKey]
+    comment: str | None = None  # the comment on the field that holds this section, if any
 
 
 def type_name(hint: Any) -> str:
@@ -115,7 +116,7 @@ def lookup(data: dict[str, Any], dotted: str) -> Any:
 
 
 def walk_config(cls: type, prefix: str, comments: dict, presets: dict[str, dict],
-                defaults: dict[str, Any], missing: list[str]) -> list[ConfigSection]:
+                defaults: dict[str, Any], missing: list[str], comment: str | None = None) -> list[ConfigSection]:
     """The sections under `cls`, depth first; keys without a comment are added to `missing`."""
     hints = typing.get_type_hints(cls)
     keys: list[ConfigKey] = []
@@ -123,10 +124,10 @@ def walk_config(cls: type, prefix: str, comments: dict, presets: dict[str, dict]
     for item in dataclasses.fields(cls):
         dotted = f"{prefix}{item.name}"
         hint = hints[item.name]
-        if dataclasses.is_dataclass(hint):
-            nested += walk_config(hint, dotted + ".", comments, presets, defaults, missing)
-            continue
         line, meaning = comments.get(cls.__name__, {}).get(item.name, (0, None))
+        if dataclasses.is_dataclass(hint):
+            nested += walk_config(hint, dotted + ".", comments, presets, defaults, missing, meaning)
+            continue
         problem = f"config.py:{line}: {cls.__name__}.{item.name} has no comment"
         if meaning is None and problem not in missing:  # a class used twice (TrainCfg) is named once
             missing.append(problem)
@@ -136,7 +137,7 @@ def walk_config(cls: type, prefix: str, comments: dict, presets: dict[str, dict]
         keys.append(ConfigKey(dotted, kind, lookup(defaults, dotted),
                               {name: lookup(values, dotted) for name, values in presets.items()},
                               meaning or MISSING))
-    return [ConfigSection(prefix.rstrip("."), cls, keys)] + nested
+    return [ConfigSection(prefix.rstrip("."), cls, keys, comment)] + nested
 
 
 def config_sections(missing: list[str]) -> list[ConfigSection]:
@@ -195,7 +196,8 @@ def render_config(missing: list[str]) -> str:
     for section in config_sections(missing):
         title = f"`{section.name}`" if section.name else "top level"
         doc = inspect.cleandoc(section.cls.__doc__ or "")
-        lines += [f"## {title} ({section.cls.__name__})", "", doc, ""]
+        lead = [section.comment[:1].upper() + section.comment[1:].rstrip(".") + ".", ""] if section.comment else []
+        lines += [f"## {title} ({section.cls.__name__})", "", *lead, doc, ""]
         if section.keys:
             lines += section_table(section, preset_names) + [""]
     return "\n".join(lines).rstrip() + "\n"
