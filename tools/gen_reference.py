@@ -265,7 +265,7 @@ def render_command(words: list[str], help_text: str, parser: argparse.ArgumentPa
                          f"{cell(action.help or '')} |")
         lines.append("")
     if parser.epilog:
-        lines += [parser.epilog[:1].upper() + parser.epilog[1:] + " (see [config.md](config.md)).", ""]
+        lines += [parser.epilog[:1].upper() + parser.epilog[1:].rstrip(".") + ". Every key: [config.md](config.md).", ""]
     return lines
 
 
