@@ -9,12 +9,12 @@ import torch
 from personae.data.cards import load_card
 from personae.data.dialogues import load_character_cards, read_dialogues
 from personae.data.episodes import Episode, EpisodeCollator
+from personae.data.marker_swap import SwappedEpisodeCollator, rewrite, swap_card, swap_conversations, swap_record
 from personae.data.roleplay import RolePlayDataset
 from personae.data.tokenizer import train_tokenizer
 from personae.errors import PersonaeError
 from personae.world.characters import load_characters
 from personae.world.metrics import persona_consistency
-from personae.data.marker_swap import SwappedEpisodeCollator, rewrite, swap_card, swap_conversations, swap_record
 from personae.world.persona_swap import PersonaSwap, forbidden_words
 
 

@@ -85,11 +85,11 @@ def _stages(paths: DemoPaths, budget: Budget, cfg: Config, extra: list[str], pro
     from personae.train.finetune import run_finetune
     from personae.train.meta import multitask_overrides, run_meta_train
     from personae.train.pretrain import run_pretrain
-    from personae.world import build_world
+    from personae.world import WORLD_FILE, build_world
 
     world, pre, fine, meta, multitask = paths.world, paths.pretrain, paths.roleplay, paths.meta, paths.multitask
     return [
-        Stage("build the scene world", world / "world.json",
+        Stage("build the scene world", world / WORLD_FILE,
               lambda: build_world(world, seed=0, scenes=budget.scenes, progress=progress)),
         Stage("pretrain (ITC + ITM + MLM)", pre / "model.safetensors",
               lambda: run_pretrain(world, pre, cfg, resume=True, progress=progress)),
@@ -120,10 +120,10 @@ def adapt_heldout(run: Path, world: Path, *, k: int = ADAPT_K, steps: int = ADAP
     from tqdm.auto import tqdm
 
     from personae.data.episodes import examples_file
+    from personae.data.kinds import open_data
     from personae.train.adapt import adapt_character
-    from personae.world.characters import load_characters
 
-    characters = sorted(load_characters(world, split="heldout"))
+    characters = open_data(world).characters("heldout")
     tick = time.perf_counter()
     adapters = {}
     for character in tqdm(characters, desc="adapting", unit="character", disable=not progress):

@@ -21,7 +21,6 @@ from typing import Any
 
 from personae.eval import plots
 from personae.eval.plots import Curve
-from personae.world.metrics import METRICS
 
 STAGE_ORDER = ("pretrain", "roleplay", "meta", "multitask")
 SECTIONS = {"training": "Training curves", "retrieval": "Retrieval", "roleplay": "Role-play",
@@ -209,9 +208,20 @@ def retrieval_section(run: RunData) -> str:
     return _section("retrieval", note + table + extra + _img(plots.retrieval_bars(result), "retrieval recall"))
 
 
+# the fields of a scored reply row (eval.roleplay.score_rows, adaptation samples) that are not metrics
+ROW_FIELDS = frozenset({"dialogue", "turn", "type", "character", "character_split", "user", "reference", "reply",
+                        "k", "steps"})
+
+
+def _metric_names(blocks: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The metrics of the data kind's scorer, in its order, read from the result's rows or means."""
+    return list(dict.fromkeys(key for block in blocks for key in block if key not in ROW_FIELDS and key != "n"))
+
+
 def _roleplay_table(metrics: Mapping[str, Any]) -> str:
     splits = [s for s in ("train", "heldout") if s in metrics] + [s for s in metrics if s not in SPLIT_NAMES]
-    names = [m for m in METRICS if any(metrics[s]["overall"].get(m) is not None for s in splits)]
+    names = [m for m in _metric_names(metrics[s]["overall"] for s in splits)
+             if any(metrics[s]["overall"].get(m) is not None for s in splits)]
     head = (f"<tr><th rowspan=2>question type</th><th colspan={len(splits)}>turns</th>"
             + "".join(f"<th colspan={len(splits)}>{escape(SHORT.get(m, m))}</th>" for m in names) + "</tr><tr>"
             + "".join(f"<th>{escape(SPLIT_NAMES.get(s, s))}</th>" for _ in range(len(names) + 1) for s in splits)
@@ -242,7 +252,7 @@ def roleplay_section(run: RunData) -> str:
                            [[f"<td>{escape(SPLIT_NAMES.get(s, s))}</td>", _td(v)] for s, v in fluency.items()])
     overall = {SPLIT_NAMES.get(s, s): block["overall"] for s, block in metrics.items()}
     return _section("roleplay", note + _roleplay_table(metrics) + fluency_table
-                    + _img(plots.split_bars(METRICS, overall), "role-play metrics, seen vs held-out"))
+                    + _img(plots.split_bars(_metric_names(overall.values()), overall), "role-play metrics, seen vs held-out"))
 
 
 def find_curves(data: Any, path: tuple[str, ...] = (), steps: list[float] | None = None) -> list[Curve]:
@@ -370,7 +380,7 @@ def _badge(metric: str, value: Any) -> str:
 def _turn_html(sample: Mapping[str, Any]) -> str:
     accuracy = sample.get("response_accuracy")
     verdict = "" if accuracy is None else " good" if accuracy >= 0.999 else " bad"
-    badges = "".join(_badge(m, sample.get(m)) for m in METRICS if m in sample)
+    badges = "".join(_badge(m, sample.get(m)) for m in _metric_names([sample]))
     return (f'<div class="turn"><div><span class="who">user</span> <span class="muted">'
             f'({escape(str(sample.get("type") or "?"))})</span>: {escape(str(sample.get("user", "")))}</div>'
             f'<div class="reply{verdict}"><span class="who">{escape(str(sample.get("character", "")))}</span>: '

@@ -31,8 +31,8 @@ from personae.world.captions import (
                                        position_phrases_for,
                                        true_relations,
 )
-from personae.world.catalog import OBJECTS, WorldObject, categories, number_word
 from personae.world.cards import character_card, write_characters
+from personae.world.catalog import OBJECTS, WorldObject, categories, number_word
 from personae.world.characters import CHARACTERS, Character, Quirk, Style, characters_in, load_characters
 from personae.world.dialogues import (
                                        QUESTION_TYPES,
