@@ -87,7 +87,7 @@ class DataKind:
 
     def persona_swap(self, seed: int, setting: str) -> MarkerSwap:
         """Fresh markers for the characters (drawn with SEED); SETTING, the config key asking, names the error."""
-        raise DataError(f"{setting} needs a data kind that knows its characters' markers (a scene world); "
+        raise DataError(f"{setting} needs a scene world (a data kind that knows its characters' markers); "
                         f"{self.root} is a {self.name}", self.root)
 
     def __repr__(self) -> str:
