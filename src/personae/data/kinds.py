@@ -87,8 +87,8 @@ class DataKind:
 
     def persona_swap(self, seed: int, setting: str) -> MarkerSwap:
         """Fresh markers for the characters (drawn with SEED); SETTING, the config key asking, names the error."""
-        raise DataError(f"{setting} needs a scene world (a data kind that knows its characters' markers); "
-                        f"{self.root} is a {self.name}", self.root)
+        raise DataError(f"{setting} needs a scene world (a data kind that knows its characters' markers); this "
+                        f"folder is a {self.name}: turn {setting} off", self.root)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
