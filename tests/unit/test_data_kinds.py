@@ -27,6 +27,9 @@ def test_a_scene_world_opens_as_its_kind(small_world: Path) -> None:
     kind = open_data(small_world)
     assert isinstance(kind, SceneWorld) and DATA_KINDS["scene-world"] is SceneWorld
     assert kind.metrics == METRICS
+    summary = kind.summary()
+    assert summary["scenes"] == 300 and summary["image_size"] == 32 and summary["seed"] == 0
+    assert sum(summary["splits"].values()) == 300 and summary["dialogues"]["characters"] == 40
     assert kind.characters("heldout") == sorted(load_characters(small_world, split="heldout"))
     assert len(kind.characters("train")) == 32 and len(kind.characters("heldout")) == 8
     with pytest.raises(ValueError, match="train"):
@@ -61,7 +64,7 @@ def test_the_world_swaps_markers_of_its_own_characters(small_world: Path) -> Non
 
 def test_a_folder_without_world_json_is_a_plain_role_play_folder(plain_folder: Path, small_world: Path) -> None:
     kind = open_data(plain_folder)
-    assert type(kind) is DataKind and kind.metrics == ()
+    assert type(kind) is DataKind and kind.metrics == () and kind.summary() == {}
     assert kind.reply_scorer("test") is None
     records = read_dialogues(plain_folder / "dialogues.jsonl", character_split="heldout")
     assert kind.characters("heldout") == sorted({r.character for r in records})

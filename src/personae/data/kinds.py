@@ -9,6 +9,7 @@ files is what a :class:`DataKind` says:
 * ``metrics`` and ``reply_scorer(split)``: exact metrics that score a generated reply against the
   reference turn and whatever else the data set knows (the scene world checks replies against
   its scene graphs); ``None`` when it has none, and evaluation then reports fluency and loss only;
+* ``summary()``: what a report shows about it (the scene world: scenes, image size, splits, seed);
 * ``persona_swap(seed, setting)``: a :class:`~personae.data.marker_swap.MarkerSwap` that draws
   fresh markers for a character (``finetune.persona_swap`` / ``meta.persona_swap``), when the
   data set knows which words are its characters' markers.
@@ -89,6 +90,10 @@ class DataKind:
         """Fresh markers for the characters (drawn with SEED); SETTING, the config key asking, names the error."""
         raise DataError(f"{setting} needs a scene world (a data kind that knows its characters' markers); this "
                         f"folder is a {self.name}: turn {setting} off", self.root)
+
+    def summary(self) -> dict[str, Any]:
+        """What a report shows about the data set (sizes, seed, ...); nothing for a plain folder."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"

@@ -19,6 +19,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from personae.data.kinds import open_data
 from personae.eval import plots
 from personae.eval.plots import Curve
 
@@ -438,11 +439,12 @@ def environment_info() -> dict[str, Any]:
             "device": device}
 
 
-def _world_summary(world: Path | None) -> dict[str, Any]:
-    if world is None or not (world / "world.json").is_file():
-        return {}
-    info = read_json(world / "world.json")
-    return {key: info[key] for key in ("scenes", "image_size", "grid", "splits", "dialogues", "seed") if key in info}
+def _data_summary(data: Path | None) -> tuple[str, dict[str, Any]]:
+    """The data kind's name and what it says about itself (nothing for a plain folder)."""
+    if data is None:
+        return "", {}
+    kind = open_data(data)
+    return kind.name.replace("-", " "), kind.summary()
 
 
 def _key_value_table(title: str, values: Mapping[str, Any]) -> str:
@@ -465,9 +467,9 @@ def config_section(run: RunData) -> str:
     parts = [f"<h3>Wall time per stage</h3>{timing}",
              f"<h3>Environment</h3><p class='muted'>Environment {source}.</p>"
              + _key_value_table("environment", environment)]
-    world = _world_summary(run.world)
-    if world:
-        parts.append("<h3>World</h3>" + _key_value_table("scene world", world))
+    name, summary = _data_summary(run.world)
+    if summary:
+        parts.append("<h3>World</h3>" + _key_value_table(name, summary))
     for stage in run.stages:
         if stage.config is not None:
             text = escape(json.dumps(stage.config, indent=2, sort_keys=False))

@@ -8,6 +8,7 @@ world's modules.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from personae.world.characters import Character, load_characters
 from personae.world.metrics import METRICS, aggregate, score_reply
 from personae.world.persona_swap import PersonaSwap
 from personae.world.scene import Scene
+
+SUMMARY_KEYS = ("scenes", "image_size", "grid", "splits", "dialogues", "seed")  # of world.json, for reports
 
 
 class SceneScorer:
@@ -56,6 +59,11 @@ class SceneWorld(DataKind):
         """Exact metrics against the scene graphs of SPLIT (train / val / test)."""
         scenes = {scene.scene_id: scene for scene in load_scenes(self.root, split=split)}
         return SceneScorer(scenes, load_characters(self.root))
+
+    def summary(self) -> dict[str, Any]:
+        """The sizes and seed recorded in world.json."""
+        info = json.loads((self.root / WORLD_FILE).read_text(encoding="utf-8"))
+        return {key: info[key] for key in SUMMARY_KEYS if key in info}
 
     def persona_swap(self, seed: int, setting: str) -> PersonaSwap:
         """Fresh markers for the world's characters, drawn with SEED."""
