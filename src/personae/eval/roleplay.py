@@ -139,8 +139,8 @@ def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path
         model, tokenizer, records, cards, scorer, batch_size=batch_size, max_new_tokens=max_new_tokens,
         include_examples=include_examples, max_repeats=max_repeats, progress=progress)
     with_image = records[0].image is not None
-    result: dict[str, Any] = {"split": split, "conversations": len(records), "turns": sum(len(r.turns) for r in records), "metrics": {},
-                              "fluency_perplexity": {}}
+    result: dict[str, Any] = {"split": split, "conversations": len(records),
+                              "turns": sum(len(r.turns) for r in records), "metrics": {}, "fluency_perplexity": {}}
     for character_split in CHARACTER_SPLITS:
         chosen = [r for r in records if r.character_split == character_split]
         if not chosen:
