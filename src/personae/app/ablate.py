@@ -288,7 +288,8 @@ def run_ablation(out: Path, *, budget: AblationBudget | str = "quick", seeds: in
 
     if not SceneWorld.marks(world):
         if data is not None:
-            raise PersonaeError(f"{world} is not a scene world (no {WORLD_FILE}): build one with `personae world build`")
+            raise PersonaeError(f"{world} is not a scene world (no {WORLD_FILE}): "
+                                "build one with `personae world build`")
         build_world(world, seed=0, scenes=budget.scenes, progress=progress)
     workers = max(1, jobs)
     if workers == 1:  # rows run in this process, with its threads

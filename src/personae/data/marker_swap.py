@@ -34,6 +34,9 @@ SWAPPED_CARD_FIELDS = ("description", "personality", "scenario", "first_mes", "m
                        "post_history_instructions")
 
 
+Batch = dict[str, torch.Tensor]
+
+
 class MarkerSwap(Protocol):
     """Draws, for one character and one key (a conversation index or a meta step), marker -> fresh phrase."""
 
@@ -127,7 +130,7 @@ class SwappedEpisodeCollator:
             items.append(item)
         return items
 
-    def episode(self, episode: Any, key: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def episode(self, episode: Any, key: int) -> tuple[Batch, Batch]:
         """(support, query) batches of one episode under the swap drawn for `key`.
 
         If the fresh phrases make a prompt too long for the budget, the whole episode keeps its own
@@ -142,12 +145,12 @@ class SwappedEpisodeCollator:
                             "(further ones are counted, not logged)", episode.character, self.max_tokens)
             return self._batches(episode, {})
 
-    def _batches(self, episode: Any, mapping: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _batches(self, episode: Any, mapping: Mapping[str, str]) -> tuple[Batch, Batch]:
         card = swap_card(self.cards[episode.character], mapping)
         return (collate_roleplay(self._items(episode.support, mapping, card), self.pad_id),
                 collate_roleplay(self._items(episode.query, mapping, card), self.pad_id))
 
-    def meta_batch(self, episodes: Sequence[Any], key: int) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    def meta_batch(self, episodes: Sequence[Any], key: int) -> list[tuple[Batch, Batch]]:
         """[(support, query), ...] for a meta-step; every task gets its own swap."""
         return [self.episode(episode, key) for episode in episodes]
 
