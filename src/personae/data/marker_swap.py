@@ -34,7 +34,7 @@ SWAPPED_CARD_FIELDS = ("description", "personality", "scenario", "first_mes", "m
                        "post_history_instructions")
 
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]  # one collated batch: input_ids, labels, pixel_values, ...
 
 
 class MarkerSwap(Protocol):
