@@ -112,3 +112,39 @@ def test_a_kind_needs_a_marker_and_its_own_name(monkeypatch: pytest.MonkeyPatch)
         register_data_kind(Unmarked)
     with pytest.raises(ValueError, match="'quiz' is already registered"):
         register_data_kind(Impostor)
+
+
+SOURCE = Path(__file__).resolve().parents[2] / "src" / "personae"
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, at module level?) for every import statement of a source file."""
+    import ast
+
+    found = []
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, id(node) in top_level))
+    return found
+
+
+def test_generic_code_reaches_the_world_only_through_its_package() -> None:
+    """Outside personae.world, nothing names a world module; data/ (upstream of the world) not even the package."""
+    for path in sorted(SOURCE.rglob("*.py")):
+        package = path.relative_to(SOURCE).parts[0]
+        if package == "world":
+            continue
+        for module, _ in _imports(path):
+            assert not module.startswith("personae.world."), (path, module)
+            assert not (package == "data" and module.startswith("personae.world")), (path, module)
+
+
+def test_world_modules_import_at_the_top_only() -> None:
+    """No deferred (or TYPE_CHECKING-only) import in the world, so none can hide a cycle."""
+    for path in sorted((SOURCE / "world").glob("*.py")):
+        late = [module for module, top in _imports(path) if not top]
+        assert late == [], (path, late)
