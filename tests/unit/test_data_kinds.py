@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
@@ -119,8 +120,6 @@ SOURCE = Path(__file__).resolve().parents[2] / "src" / "personae"
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(imported module, at module level?) for every import statement of a source file."""
-    import ast
-
     found = []
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top_level = {id(node) for node in tree.body}
