@@ -4,7 +4,7 @@ A card is read from a JSON file or from a PNG whose ``tEXt`` (or ``zTXt``/``iTXt
 (V3) or ``chara`` (V2/V1) holds the base64 of the card's JSON; ``ccv3`` wins when both exist.
 Fields we do not model are kept in ``card.unknown`` so that load -> save gives back the same JSON.
 Only :data:`PROMPT_FIELDS` may reach a model prompt; ``creator_notes`` is for humans and never does.
-See ``docs/cards.md``.
+See ``docs/guide/cards.md``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One JSON object per line::
 
     {"image": "images/s000123.png", "caption": "a dog on the beach", "scene_id": "s000123", "split": "train"}
 
-Rules (see docs/data-format.md):
+Rules (see docs/guide/data-format.md):
 
 * ``image`` (required): path relative to the manifest's folder, or absolute.
 * ``caption`` (required): a string with at least one non-space character.

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible chat completions, models, character management, and the web page.
 
 ``create_app(run_dir, settings)`` loads a fine-tuned run, starts the batching scheduler and returns
-the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/api.md has examples):
+the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/guide/api.md has examples):
 
     GET  /                                  the chat page (static/)
     GET  /health                            liveness, no key needed
@@ -213,7 +213,7 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
         context.adapt_jobs.stop()
 
     app = FastAPI(title="personae", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible role-play server; see docs/api.md", responses=ERROR_RESPONSES)
+                  description="OpenAI-compatible role-play server; see docs/guide/api.md", responses=ERROR_RESPONSES)
     app.state.context = context
     context.scheduler.start()  # also without the lifespan (e.g. a TestClient used outside `with`)
     install_error_handlers(app)
