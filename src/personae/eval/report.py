@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from personae.data.kinds import open_data
+from personae.data.images import IMAGE_FORMATS
 from personae.eval import plots
 from personae.eval.plots import Curve
 from personae.files import write_text_atomic
@@ -346,7 +347,7 @@ def _image_uri(path: Path) -> str | None:
     if len(data) > 200_000 or path.suffix.lower() != ".png":
         from PIL import Image
 
-        with Image.open(path) as image:
+        with Image.open(path, formats=list(IMAGE_FORMATS)) as image:  # only the formats personae reads
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="PNG")
