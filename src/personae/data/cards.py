@@ -13,10 +13,12 @@ import base64
 import binascii
 import colorsys
 import copy
+import hashlib
 import io
 import json
 import re
 import struct
+import unicodedata
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from personae.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
+from personae.data.jsonl import JsonError, check_json_value, strict_json_loads
 from personae.errors import DataError
 from personae.files import write_bytes_atomic
 
@@ -40,6 +43,7 @@ __all__ = [
     "save_card_png",
     "default_avatar",
     "parse_mes_example",
+    "character_id",
     "PROMPT_FIELDS",
     "SPEC_V2",
     "SPEC_V3",
@@ -154,6 +158,15 @@ def _check_fields(values: dict[str, Any], where: Where, prefix: str) -> None:
             raise CardError(f"'{prefix}{key}' must be {expected}, got {_describe(value)}", where)
     if not values["name"].strip():
         raise CardError(f"'{prefix}name' is empty: every card needs a character name", where)
+    _check_plain_json(values, where, prefix.rstrip("."))
+
+
+def _check_plain_json(values: Any, where: Where, at: str) -> None:
+    """Every accepted card can be written back: no lone surrogates, NaN, or too-deep nesting."""
+    try:
+        check_json_value(values, where=at)
+    except JsonError as exc:
+        raise CardError(str(exc), where) from None
 
 
 @dataclass
@@ -199,6 +212,7 @@ class CharacterCard:
         parts_ok = all(isinstance(part, dict) for part in self.unknown.values())
         if set(self.unknown) != {"root", "data"} or not parts_ok:
             raise CardError("'unknown' must be {'root': {...}, 'data': {...}}")
+        _check_plain_json(self.unknown, None, "unknown")
         _check_fields({key: getattr(self, key) for key in _V2_KEYS + _V3_KEYS}, None, "")
 
     @classmethod
@@ -289,8 +303,11 @@ class CharacterCard:
 
 
 def _check_spec(spec: Any, where: Where) -> None:
+    if not isinstance(spec, str):  # a list or object is not even hashable: say what it is
+        raise CardError(f"'spec' must be a string ('chara_card_v2' or 'chara_card_v3'), got {_json_type(spec)}",
+                        where)
     if spec not in _SPEC_VERSIONS:
-        raise CardError(f"unsupported spec {spec!r}; expected 'chara_card_v2' or 'chara_card_v3'", where)
+        raise CardError(f"unsupported spec {spec[:40]!r}; expected 'chara_card_v2' or 'chara_card_v3'", where)
 
 
 _MACRO = re.compile(r"\{\{\s*(char|user)\s*\}\}|<(bot|char|user)>", re.IGNORECASE)
@@ -326,6 +343,29 @@ def _split_turns(block: str, prefix: re.Pattern[str]) -> list[tuple[str, str]]:
         end = matches[index + 1].start() if index + 1 < len(matches) else len(block)
         turns.append(("user" if match.group("user") else "char", block[match.end() : end].strip()))
     return [(who, said) for who, said in turns if said]
+
+
+def character_id(name: str, max_length: int = 48) -> str:
+    """A file- and URL-safe id for any character name; distinct names never share an id by accident.
+
+    A name that folds to ASCII without losing a letter or digit ("Chef Baptiste!", "Zoë") gives
+    its slug ("chef-baptiste", "zoe"), so names that differ only in case, accents or punctuation
+    are the same character. A name with letters that do not fold ("Ωμέγα", "李白", "Dr. 李") or one
+    longer than ``max_length`` gets the slug of what folds plus 8 hex digits of the SHA-256 of the
+    NFC name ("Ωμέγα" -> "c-59b35e54", "Dr. 李" -> "dr-5608a35a"): stable across runs, and a collision needs two names
+    with equal hashes.
+    """
+    normal = unicodedata.normalize("NFC", name.strip())
+    folded = unicodedata.normalize("NFKD", normal).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
+    kept = sum(ch.isalnum() for ch in folded)
+    # NFKD splits "é" into "e" + a combining accent; only the base letters count
+    letters = sum(ch.isalnum() for ch in unicodedata.normalize("NFKD", normal) if not unicodedata.combining(ch))
+    if slug and kept == letters and len(slug) <= max_length:
+        return slug
+    digest = hashlib.sha256(normal.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    stem = slug[: max_length - 9].strip("-") or "c"
+    return f"{stem}-{digest}"
 
 
 # --------------------------------------------------------------------------- reading
@@ -370,24 +410,15 @@ def _read_source(source: str | PathLike[str] | bytes, name: str | None, limit: i
 
 
 def _parse_json(raw: bytes, where: Where, what: str) -> Any:
-    """Decode UTF-8 JSON (a BOM is allowed) into Python, with CardErrors that say what broke."""
+    """Decode UTF-8 JSON (a BOM is allowed) strictly (see ``data/jsonl.py``), with CardErrors."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CardError(f"{what} is not UTF-8 text: {exc}", where) from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        message = f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        raise CardError(message, where) from None
-    except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
+        return strict_json_loads(text)
+    except JsonError as exc:
         raise CardError(f"{what} is not valid JSON: {exc}", where) from None
-    except RecursionError:
-        raise CardError(f"{what} JSON is nested too deeply", where) from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def _load_png(raw: bytes, where: str, max_json_bytes: int, max_pixels: int) -> CharacterCard:

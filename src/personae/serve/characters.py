@@ -12,9 +12,7 @@ A character's id is its card file's stem (trained) or a slug of its name (upload
 from __future__ import annotations
 
 import io
-import re
 import threading
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +24,7 @@ from PIL import Image
 from personae.data.cards import (
     MAX_AVATAR_PIXELS,
     CharacterCard,
+    character_id,
     default_avatar,
     load_card,
     save_card_json,
@@ -76,10 +75,8 @@ class CharacterEntry:
 
 
 def slugify(name: str) -> str:
-    """A file- and URL-safe id from a character name ("Chef Baptiste!" -> "chef-baptiste")."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:48].strip("-")
-    return slug or "character"
+    """A file- and URL-safe id from a character name ("Chef Baptiste!" -> "chef-baptiste"; any script)."""
+    return character_id(name)
 
 
 class CharacterRegistry:
