@@ -19,8 +19,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from personae.data.kinds import open_data
 from personae.data.images import IMAGE_FORMATS
+from personae.data.kinds import open_data
 from personae.eval import plots
 from personae.eval.plots import Curve
 from personae.files import write_text_atomic
