@@ -139,9 +139,11 @@ def test_resume_of_a_finished_run_is_a_no_op_that_says_so(tmp_path: Path, tokeni
     first = _trainer(tmp_path / "run", tokenizer)[0].fit()
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     weights = (tmp_path / "run" / MODEL_FILE).read_bytes()
+    (tmp_path / ".run.a1b2c3d4.tmp").mkdir()  # a final save that was killed: cleared even here
     trainer, task = _trainer(tmp_path / "run", tokenizer)
     with caplog.at_level(logging.WARNING):
         again = trainer.fit(resume=True)
+    assert not (tmp_path / ".run.a1b2c3d4.tmp").exists()
     assert task.calls == 0 and again.step == 6 and _losses(again) == _losses(first)
     assert "already finished (step 6 of 6); nothing to do" in caplog.text
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics

@@ -155,13 +155,14 @@ class Trainer:
         Before the first step the output folder is checked: staging left by interrupted saves is
         removed, and a read-only or full folder is an error now rather than at the first save.
         """
+        if self.dist.is_primary:
+            remove_stale_staging(self.run_dir)
         if resume and (done := finished_state(self.run_dir, self.stage, self.cfg.steps)) is not None:
             logger.warning("%s: the %s run already finished (step %d of %d); nothing to do",
                            self.run_dir, self.stage, done.step, self.cfg.steps)
             self.state = done
             return done
         if self.dist.is_primary:
-            remove_stale_staging(self.run_dir)
             check_writable(self.run_dir, 3 * tensor_bytes(self.model, *self.aux.values()))  # weights + Adam's two
         if not (resume and self.resume()):  # a fresh start begins a fresh log
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
