@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from personae.chat.session import load_run_for_character
 from personae.data.episodes import examples_file
-from personae.models.sampling import SamplingParams, generate
+from personae.models.generation import SamplingParams, generate
 from personae.serve.adapters import ServerAdapters
 from personae.serve.app import create_app, load_run
 from personae.serve.characters import CharacterRegistry

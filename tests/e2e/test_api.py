@@ -15,7 +15,7 @@ from PIL import Image
 from personae.data.cards import CharacterCard, load_card, save_card_png
 from personae.data.images import load_image_bytes
 from personae.data.prompt import PromptBuilder, Turn
-from personae.models.sampling import SamplingParams, generate
+from personae.models.generation import SamplingParams, generate
 from personae.serve.app import RunBundle
 from personae.serve.characters import image_pixels
 from tests.e2e.helpers import CHARACTER, chat_body, data_url, png_bytes, sse_events, streamed_texts

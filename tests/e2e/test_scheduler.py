@@ -9,7 +9,7 @@ import torch
 
 from personae.config import apply_overrides
 from personae.models.model import PersonaeModel
-from personae.models.sampling import SamplingParams, generate
+from personae.models.generation import SamplingParams, generate
 from personae.serve.app import RunBundle
 from personae.serve.scheduler import Done, Failed, GenerationJob, QueueFull, Scheduler, SchedulerStopped
 from tests.conftest import micro_config

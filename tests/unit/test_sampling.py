@@ -6,7 +6,7 @@ import torch
 from personae.config import load_preset
 from personae.data.tokenizer import train_tokenizer
 from personae.models import PersonaeModel
-from personae.models.sampling import (
+from personae.models.generation import (
     SamplingParams,
     _Row,
     apply_repetition_penalty,

@@ -23,7 +23,7 @@ from personae.errors import PersonaeError
 from personae.models.io import load_model
 from personae.models.lora import LORA_MARKERS, AdapterError, add_lora, apply_adapter, load_adapter, lora_settings
 from personae.models.model import PersonaeModel
-from personae.models.sampling import SamplingParams, stream_batch
+from personae.models.generation import SamplingParams, stream_batch
 
 HELP = """commands:
   /image PATH   look at another image          /card    show the character card

@@ -1,0 +1,126 @@
+"""The next-token pipeline, vectorised over rows with per-row settings, and streaming hold-back.
+
+Each stage takes (B, V) logits and per-row (B,) settings, so a batch mixing sampling settings
+needs no grouping and no Python work per row (except the draw from each sampled row's generator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MAX_LOOP_NGRAM = 8  # loop breaking looks at n-grams of up to this many tokens
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
+    """CTRL-style: logits of already generated tokens are divided (if > 0) or multiplied by penalty.
+
+    seen (B, V) bool; penalty a float or (B,) per row (1.0 leaves a row unchanged).
+    """
+    if not isinstance(penalty, torch.Tensor):
+        penalty = torch.tensor([penalty], dtype=logits.dtype)
+    penalty = penalty.to(logits.dtype)[:, None]  # (B or 1, 1)
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def ban_loops(logits: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, max_repeats: torch.Tensor,
+              max_ngram: int = MAX_LOOP_NGRAM) -> torch.Tensor:
+    """(B, V) logits with every token that would start one more copy of an n-gram already repeated
+    `max_repeats` times in a row set to -inf.
+
+    history (B, W) holds each row's last W generated ids, newest last (-1 before the first);
+    lengths (B,) how many ids each row generated; max_repeats (B,) per row (0: off). W must be at
+    least max_ngram * max(max_repeats).
+
+    Greedy decoding of a small model falls into loops ("ho-ho-ho-ho-...", "land-dweller,
+    land-dweller, ..."); a character's own words may repeat ("Hmmm", "blub blub", "La la la"), so
+    a repeat is allowed `max_repeats` times and only the next one is refused. Unlike a repetition
+    penalty, words used earlier in the reply (a sign-off after a tag) are not touched.
+    """
+    B, W = history.shape
+    if W == 0:
+        return logits
+    n = torch.arange(1, max_ngram + 1)  # (N,) n-gram lengths
+    back = torch.arange(W)  # (W,) how far back from the newest id
+    newer = (W - 1 - back)[None].expand(max_ngram, W)  # (N, W) slot of the id `back` from the newest
+    older = (newer - n[:, None]).clamp(min=0)  # the id one n-gram earlier
+    periodic_at = history[:, newer] == history[:, older]  # (B, N, W)
+    # the last n * r ids repeat one n-gram r times: each of the newest n * (r - 1) equals the one n before it
+    needed = back[None, None] < (n[None, :, None] * (max_repeats[:, None, None] - 1))
+    periodic = (periodic_at | ~needed).all(-1)  # (B, N)
+    ban = periodic & (lengths[:, None] >= n[None] * max_repeats[:, None]) & (max_repeats[:, None] > 0)
+    ban &= n[None] <= W
+    rows, grams = ban.nonzero(as_tuple=True)
+    if len(rows) == 0:
+        return logits
+    first = history[rows, (W - n[grams]).clamp(min=0)]  # the n-gram's first id starts the next copy
+    logits = logits.clone()
+    logits[rows, first] = float("-inf")
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
+                       top_p: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set with mass >= top_p.
+
+    top_k (B,) or an int (0: off), top_p (B,) or a float (1.0: off), per row.
+    """
+    B, V = logits.shape
+    top_k = torch.as_tensor(top_k, dtype=torch.long).expand(B)
+    top_p = torch.as_tensor(top_p, dtype=torch.float32).expand(B)
+    k_on = (top_k > 0) & (top_k < V)
+    if bool(k_on.any()):
+        sorted_logits = logits.sort(dim=-1, descending=True).values
+        kth = sorted_logits.gather(1, (top_k.clamp(min=1, max=V) - 1)[:, None])  # (B, 1)
+        logits = logits.masked_fill((logits < kth) & k_on[:, None], float("-inf"))
+    p_on = top_p < 1.0
+    if bool(p_on.any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p[:, None].to(probs.dtype)  # mass before it already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) & p_on[:, None]
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  generators: Sequence[torch.Generator], sampled: Sequence[int]) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, Gumbel-max for `sampled` rows.
+
+    Each sampled row draws its noise from its own CPU generator, so its reply does not depend on
+    the other rows or the device.
+    """
+    tokens = logits.argmax(-1)
+    if not sampled:
+        return tokens
+    index = torch.tensor(sampled)
+    scaled = logits[index] / temperature[index, None]
+    scaled = filter_top_k_top_p(scaled, top_k[index], top_p[index])
+    noise = torch.stack([torch.rand(logits.shape[-1], generator=generators[i]) for i in sampled])
+    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+    tokens[index] = (scaled + gumbel.to(scaled.dtype)).argmax(-1)  # a sample from softmax(scaled)
+    return tokens
+
+
+def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) -> tuple[str, int]:
+    """(the text after `emitted` that may be sent now, the new emitted offset).
+
+    While a reply is unfinished, a trailing half character (U+FFFD from a split UTF-8 sequence)
+    and a tail that could be the start of a stop string are held back.
+    """
+    safe = len(text)
+    if not finished:
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        for stop in stops:
+            for k in range(min(len(stop) - 1, safe - emitted), 0, -1):
+                if text[safe - k : safe] == stop[:k]:
+                    safe -= k
+                    break
+    return text[emitted:safe], max(emitted, safe)
+
+
+__all__ = ["MAX_LOOP_NGRAM", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
+           "stream_piece"]
