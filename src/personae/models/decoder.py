@@ -23,6 +23,9 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     """
     B, T, C = qkv.shape
     shift = mix.shape[0] - 1
+    if real is None and T == 1 and recent is not None:  # a cached decode step: few ops, it runs every token
+        mixed = qkv * mix[0] + (recent * mix[1:].flip(0)).sum(1, keepdim=True)  # recent is oldest first
+        return mixed, torch.cat([recent[:, 1:], qkv], dim=1)
     recent = qkv.new_zeros(B, shift, C) if recent is None else recent
     seq = torch.cat([recent, qkv], dim=1)  # (B, shift+T, C)
     mixed = qkv * mix[0]
@@ -105,7 +108,8 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
                 is_causal: bool = True, real: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), mask, cache, layer, is_causal, real))
+        attended = self.attn(self.ln_1(x), mask, cache, layer, is_causal, real)
+        x = x + (self.drop(attended) if self.training else attended)  # no dropout call per decoded token
         return x + self.mlp(self.ln_2(x))
 
 

@@ -245,7 +245,7 @@ class DecodeBatch:
     def sample(self) -> torch.Tensor:
         """Choose each row's next token from the pending logits and push it to the row; (B,) tokens."""
         logits = self.logits.float().cpu()
-        if self._ignore_eos.any():
+        if self._any_ignore_eos:
             logits[self._ignore_eos, self.tokenizer.eos_id] = float("-inf")
         if self._penalised:
             logits = apply_repetition_penalty(logits, self.seen, self._penalty)
@@ -253,10 +253,12 @@ class DecodeBatch:
             logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
         tokens = choose_tokens(logits, self._temperature, self._top_k, self._top_p,
                                [row.generator for row in self.rows], self._sampled)
-        self.seen[torch.arange(len(tokens)), tokens] = True
+        # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
+        if self._penalised:
+            self.seen[torch.arange(len(tokens)), tokens] = True
         if self._loops:
             self.history = torch.cat([self.history[:, 1:], tokens[:, None]], dim=1)
-        self.generated += 1
+            self.generated += 1
         for row, token in zip(self.rows, tokens.tolist()):
             row.push(token)
         self.tokens = tokens
@@ -371,6 +373,7 @@ class DecodeBatch:
         self._penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
         self._max_repeats = torch.tensor([p.max_repeats for p in params], dtype=torch.long)
         self._ignore_eos = torch.tensor([row.request.ignore_eos for row in self.rows], dtype=torch.bool)
+        self._any_ignore_eos = any(row.request.ignore_eos for row in self.rows)
         self._sampled = [i for i, p in enumerate(params) if p.temperature > 0]
         self._penalised = any(p.repetition_penalty != 1.0 for p in params)
         self._loops = any(p.max_repeats > 0 for p in params)
