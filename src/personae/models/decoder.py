@@ -11,8 +11,8 @@ from personae.models.cache import KVCache
 from personae.models.layers import MLP
 
 
-def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | None,
-                real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | None, real: torch.Tensor | None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each position's q/k/v projections with those of its `shift` previous real tokens.
 
     qkv (B, T, C) projections of the new positions; mix (shift+1, C) = [own, previous, one before,
@@ -29,10 +29,13 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     recent = qkv.new_zeros(B, shift, C) if recent is None else recent
     seq = torch.cat([recent, qkv], dim=1)  # (B, shift+T, C)
     mixed = qkv * mix[0]
-    if real is None:  # contiguous: position t's s-th previous token is row t - s of seq's tail
+    if real is None or lengths is not None:  # real positions are contiguous: t's s-th previous is t - s
         for s in range(1, shift + 1):
             mixed = mixed + seq[:, shift - s : shift - s + T] * mix[s]
-        return mixed, seq[:, T:]
+        if lengths is None:
+            return mixed, seq[:, T:]
+        tail = lengths[:, None] + torch.arange(shift, device=qkv.device)  # seq slots of the last `shift` real
+        return mixed, seq.gather(1, tail[..., None].expand(B, shift, C))
     # padding among the new positions: follow each position's chain of previous real slots
     slots = torch.arange(shift + T, device=qkv.device)
     real_seq = torch.cat([real.new_ones(B, shift), real.bool()], dim=1)  # the recent slots count as real
@@ -71,15 +74,17 @@ class CausalSelfAttention(nn.Module):
                 self.shift_mix[0] = 1.0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                layer: int = 0, is_causal: bool = True, real: torch.Tensor | None = None) -> torch.Tensor:
+                layer: int = 0, is_causal: bool = True, real: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D); mask (B, 1, T, S) bool (True = may attend), or None with is_causal saying
         whether plain causal attention (from position 0) or full attention (one new token) applies;
-        real (B, T) marks the real new positions for the token shift (None: all are real)."""
+        real (B, T) marks the real new positions for the token shift (None: all are real), and
+        lengths (B,) says they are right padding (see token_shift)."""
         B, T, D = x.shape
         qkv = self.qkv(x)  # (B, T, 3D)
         if self.shift:
             recent = cache.recent_qkv[layer] if cache is not None and cache.recent_qkv is not None else None
-            qkv, last = token_shift(qkv, self.shift_mix, recent, real)
+            qkv, last = token_shift(qkv, self.shift_mix, recent, real, lengths)
             if cache is not None and cache.recent_qkv is not None:
                 cache.recent_qkv[layer] = last
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
@@ -107,8 +112,9 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
-                is_causal: bool = True, real: torch.Tensor | None = None) -> torch.Tensor:
-        attended = self.attn(self.ln_1(x), mask, cache, layer, is_causal, real)
+                is_causal: bool = True, real: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.attn(self.ln_1(x), mask, cache, layer, is_causal, real, lengths)
         x = x + (self.drop(attended) if self.training else attended)  # no dropout call per decoded token
         return x + self.mlp(self.ln_2(x))
 
@@ -167,11 +173,14 @@ class Decoder(nn.Module):
             positions = torch.arange(start, start + T, device=embeddings.device).expand(B, T)
         x = embeddings + self.pos_embed[0, positions]  # (B, T, D)
         mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
-        real = None  # which new positions are real, for the token shift (None: all of them)
+        real = lengths = None  # which new positions are real, for the token shift (None: all of them)
         if self.cfg.shift and attention_mask is not None and T > 1:
-            real = attention_mask[:, start : start + T]
+            real = attention_mask[:, start : start + T].bool()
+            counts = real.sum(1)
+            if bool((torch.arange(T, device=real.device) < counts[:, None]).eq(real).all()):
+                lengths = counts  # right padding (the engine's prefill): no chain of previous slots to follow
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer, is_causal, real)
+            x = block(x, mask, cache, layer, is_causal, real, lengths)
         if cache is not None:
             cache.length = start + T
         return self.ln_f(x)

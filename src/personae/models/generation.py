@@ -36,8 +36,11 @@ from personae.models.next_token import (
     apply_repetition_penalty,
     ban_loops,
     choose_tokens,
+    gumbel_noise,
     stream_piece,
 )
+
+NOISE_STEPS = 8  # a sampling row draws its Gumbel noise this many steps at a time (one call, not one per step)
 
 
 class CausalLM(Protocol):
@@ -125,6 +128,7 @@ class Row:
         self.request, self.tokenizer, self.max_new = request, tokenizer, max_new
         self.params = request.params
         self.generator = torch.Generator().manual_seed(request.seed)
+        self.draws = 0  # samples drawn so far (the noise is drawn NOISE_STEPS at a time)
         self.ids: list[int] = []
         self.emitted, self.finish = 0, ""
         self._text: str | None = ""
@@ -224,6 +228,7 @@ class DecodeBatch:
         self.real, self.positions, self.logits = self.real[on_device], self.positions[on_device], self.logits[on_device]
         self.slots, self.tokens = self.slots[on_device], self.tokens[index]
         self.seen, self.history, self.generated = self.seen[index], self.history[index], self.generated[index]
+        self.noise = self.noise[index]
         self._settings_changed()
 
     def clear(self) -> None:
@@ -237,6 +242,7 @@ class DecodeBatch:
         self.seen = torch.zeros(0, 0, dtype=torch.bool)  # (B, V) tokens each row generated
         self.history = torch.zeros(0, 0, dtype=torch.long)  # (B, W) last W generated ids, newest last, -1 before
         self.generated = torch.zeros(0, dtype=torch.long)  # (B,) tokens each row generated
+        self.noise = torch.zeros(0, NOISE_STEPS, 0)  # (B, NOISE_STEPS, V) each sampling row's drawn noise
         self._settings_changed()
 
     # ---- a step ---------------------------------------------------------------------------------
@@ -251,8 +257,8 @@ class DecodeBatch:
             logits = apply_repetition_penalty(logits, self.seen, self._penalty)
         if self._loops:
             logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
-        tokens = choose_tokens(logits, self._temperature, self._top_k, self._top_p,
-                               [row.generator for row in self.rows], self._sampled)
+        tokens = choose_tokens(logits, self._temperature, self._top_k, self._top_p, self._sampled_index,
+                               self._noise_now(logits.shape[1]))
         # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
         if self._penalised:
             self.seen[torch.arange(len(tokens)), tokens] = True
@@ -263,6 +269,20 @@ class DecodeBatch:
             row.push(token)
         self.tokens = tokens
         return tokens
+
+    def _noise_now(self, vocab: int) -> torch.Tensor:
+        """(sampled rows, V) Gumbel noise of this step; a row whose drawn chunk is used up draws the next."""
+        if not self._sampled:
+            return torch.zeros(0, vocab)
+        phases = []
+        for i in self._sampled:
+            row = self.rows[i]
+            phase = row.draws % NOISE_STEPS
+            if phase == 0:
+                self.noise[i] = gumbel_noise(row.generator, NOISE_STEPS, vocab)
+            row.draws += 1
+            phases.append(phase)
+        return self.noise[self._sampled_index, torch.tensor(phases)]
 
     @torch.no_grad()
     def forward(self) -> None:
@@ -355,6 +375,11 @@ class DecodeBatch:
         self.seen = torch.cat([self.seen.reshape(-1, vocab), torch.zeros(fresh, vocab, dtype=torch.bool)])
         self.generated = torch.cat([self.generated, torch.zeros(fresh, dtype=torch.long)])
         self.tokens = torch.cat([self.tokens, torch.zeros(fresh, dtype=torch.long)])
+        if any(r.params.temperature > 0 for r in self.rows + rows):
+            old = self.noise if self.noise.shape[-1] == vocab else torch.zeros(len(self.rows), NOISE_STEPS, vocab)
+            self.noise = torch.cat([old, torch.zeros(fresh, NOISE_STEPS, vocab)])
+        else:
+            self.noise = torch.zeros(len(self.rows) + fresh, NOISE_STEPS, 0)
         self.rows = self.rows + rows
         width = MAX_LOOP_NGRAM * max(r.params.max_repeats for r in self.rows)
         history = torch.full((len(self.rows), width), -1, dtype=torch.long)
@@ -375,6 +400,7 @@ class DecodeBatch:
         self._ignore_eos = torch.tensor([row.request.ignore_eos for row in self.rows], dtype=torch.bool)
         self._any_ignore_eos = any(row.request.ignore_eos for row in self.rows)
         self._sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        self._sampled_index = torch.tensor(self._sampled, dtype=torch.long)
         self._penalised = any(p.repetition_penalty != 1.0 for p in params)
         self._loops = any(p.max_repeats > 0 for p in params)
         self._gapless = bool(self.real[:, : self.cache.length].all()) if self.cache is not None else True

@@ -85,22 +85,27 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  generators: Sequence[torch.Generator], sampled: Sequence[int]) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, Gumbel-max for `sampled` rows.
+def gumbel_noise(generator: torch.Generator, steps: int, vocab: int) -> torch.Tensor:
+    """(steps, vocab) Gumbel noise from one row's generator: the noise of its next `steps` draws."""
+    uniform = torch.rand(steps, vocab, generator=generator)
+    return -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
 
-    Each sampled row draws its noise from its own CPU generator, so its reply does not depend on
-    the other rows or the device.
+
+def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  sampled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, Gumbel-max for the `sampled` rows.
+
+    sampled (S,) indexes the rows with temperature > 0 and noise (S, V) is their Gumbel noise,
+    drawn from each row's own generator, so a row's reply depends neither on the other rows nor on
+    the device.
     """
+    if len(sampled) == len(logits):  # every row samples: no greedy pass needed
+        scaled = filter_top_k_top_p(logits / temperature[:, None], top_k, top_p)
+        return (scaled + noise.to(scaled.dtype)).argmax(-1)  # a sample from softmax(scaled)
     tokens = logits.argmax(-1)
-    if not sampled:
-        return tokens
-    index = torch.tensor(sampled)
-    scaled = logits[index] / temperature[index, None]
-    scaled = filter_top_k_top_p(scaled, top_k[index], top_p[index])
-    noise = torch.stack([torch.rand(logits.shape[-1], generator=generators[i]) for i in sampled])
-    gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
-    tokens[index] = (scaled + gumbel.to(scaled.dtype)).argmax(-1)  # a sample from softmax(scaled)
+    if len(sampled):
+        scaled = filter_top_k_top_p(logits[sampled] / temperature[sampled, None], top_k[sampled], top_p[sampled])
+        tokens[sampled] = (scaled + noise.to(scaled.dtype)).argmax(-1)
     return tokens
 
 
@@ -122,5 +127,5 @@ def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) 
     return text[emitted:safe], max(emitted, safe)
 
 
-__all__ = ["MAX_LOOP_NGRAM", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
+__all__ = ["MAX_LOOP_NGRAM", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p", "gumbel_noise",
            "stream_piece"]
