@@ -86,9 +86,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
 
 
 def gumbel_noise(generator: torch.Generator, steps: int, vocab: int) -> torch.Tensor:
-    """(steps, vocab) Gumbel noise from one row's generator: the noise of its next `steps` draws."""
-    uniform = torch.rand(steps, vocab, generator=generator)
-    return -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+    """(steps, vocab) Gumbel noise from one row's generator: the noise of its next `steps` draws.
+
+    -log(E) with E ~ Exp(1) is Gumbel(0, 1); E is clamped away from 0 so no noise is infinite.
+    """
+    exponential = torch.empty(steps, vocab).exponential_(generator=generator).clamp_(min=1e-20)
+    return exponential.log_().neg_()
 
 
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
