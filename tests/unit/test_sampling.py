@@ -8,7 +8,7 @@ from personae.config import load_preset
 from personae.data.tokenizer import train_tokenizer
 from personae.models import PersonaeModel
 from personae.models.generation import DecodeBatch, Row, RowRequest, SamplingParams, generate, stream_batch
-from personae.models.next_token import apply_repetition_penalty, ban_loops, filter_top_k_top_p
+from personae.models.next_token import apply_repetition_penalty, ban_loops, choose_tokens, filter_top_k_top_p
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,19 @@ def test_greedy_decoding_with_max_repeats_never_loops(setup):
 def test_bad_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_sampled_frequencies_follow_the_softmax():
+    """Inverse-CDF draws from a row's generator: each token as often as softmax(logits / T) says, never a filtered one."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    uniform = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    everyone = torch.arange(4000)
+    temperature, top_k, top_p = torch.full((4000,), 2.0), torch.zeros(4000, dtype=torch.long), torch.ones(4000)
+    tokens = choose_tokens(logits, temperature, top_k, top_p, everyone, uniform)
+    frequencies = torch.bincount(tokens, minlength=4).float() / 4000
+    torch.testing.assert_close(frequencies, (logits[0] / 2.0).softmax(-1), atol=0.02, rtol=0)
+    capped = choose_tokens(logits, temperature, torch.full((4000,), 2), top_p, everyone, uniform)
+    assert set(capped.tolist()) == {0, 1}
+    greedy_row = choose_tokens(logits[:2], torch.tensor([0.0, 2.0]), top_k[:2], top_p[:2], torch.tensor([1]),
+                               torch.tensor([0.999]))
+    assert greedy_row.tolist() == [0, 3]  # row 0 greedy; row 1's uniform lies in the last token's share

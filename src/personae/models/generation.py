@@ -12,7 +12,7 @@ lies before them is masked out (``real`` is False there); positions are per row.
   are gathered to the right, squeezing out the masked gaps.
 
 One next-token pipeline (:mod:`personae.models.next_token`) serves every row, vectorised over rows with per-row settings: ignore-eos,
-repetition penalty, loop breaking, temperature / top-k / top-p, and Gumbel-max sampling on each
+repetition penalty, loop breaking, temperature / top-k / top-p, and inverse-CDF sampling with each
 row's own seeded CPU generator (a prompt and seed give the same reply alone or batched, on any
 device). The model side is the small :class:`CausalLM` protocol, so a second decoder family plugs
 in without touching the engine.
@@ -36,11 +36,10 @@ from personae.models.next_token import (
     apply_repetition_penalty,
     ban_loops,
     choose_tokens,
-    gumbel_noise,
     stream_piece,
 )
 
-NOISE_STEPS = 8  # a sampling row draws its Gumbel noise this many steps at a time (one call, not one per step)
+DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 
 
 class CausalLM(Protocol):
@@ -128,7 +127,7 @@ class Row:
         self.request, self.tokenizer, self.max_new = request, tokenizer, max_new
         self.params = request.params
         self.generator = torch.Generator().manual_seed(request.seed)
-        self.draws = 0  # samples drawn so far (the noise is drawn NOISE_STEPS at a time)
+        self.draws = 0  # samples drawn so far (the uniforms are drawn DRAW_STEPS at a time)
         self.ids: list[int] = []
         self.emitted, self.finish = 0, ""
         self._text: str | None = ""
@@ -228,7 +227,7 @@ class DecodeBatch:
         self.real, self.positions, self.logits = self.real[on_device], self.positions[on_device], self.logits[on_device]
         self.slots, self.tokens = self.slots[on_device], self.tokens[index]
         self.seen, self.history, self.generated = self.seen[index], self.history[index], self.generated[index]
-        self.noise = self.noise[index]
+        self.uniform = self.uniform[index]
         self._settings_changed()
 
     def clear(self) -> None:
@@ -242,7 +241,7 @@ class DecodeBatch:
         self.seen = torch.zeros(0, 0, dtype=torch.bool)  # (B, V) tokens each row generated
         self.history = torch.zeros(0, 0, dtype=torch.long)  # (B, W) last W generated ids, newest last, -1 before
         self.generated = torch.zeros(0, dtype=torch.long)  # (B,) tokens each row generated
-        self.noise = torch.zeros(0, NOISE_STEPS, 0)  # (B, NOISE_STEPS, V) each sampling row's drawn noise
+        self.uniform = torch.zeros(0, DRAW_STEPS)  # (B, DRAW_STEPS) each sampling row's drawn uniforms
         self._settings_changed()
 
     # ---- a step ---------------------------------------------------------------------------------
@@ -258,7 +257,7 @@ class DecodeBatch:
         if self._loops:
             logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
         tokens = choose_tokens(logits, self._temperature, self._top_k, self._top_p, self._sampled_index,
-                               self._noise_now(logits.shape[1]))
+                               self._uniforms())
         # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
         if self._penalised:
             self.seen[torch.arange(len(tokens)), tokens] = True
@@ -270,19 +269,17 @@ class DecodeBatch:
         self.tokens = tokens
         return tokens
 
-    def _noise_now(self, vocab: int) -> torch.Tensor:
-        """(sampled rows, V) Gumbel noise of this step; a row whose drawn chunk is used up draws the next."""
-        if not self._sampled:
-            return torch.zeros(0, vocab)
+    def _uniforms(self) -> torch.Tensor:
+        """(sampled rows,) this step's U(0, 1) draw of each sampling row, from its own generator."""
         phases = []
         for i in self._sampled:
             row = self.rows[i]
-            phase = row.draws % NOISE_STEPS
+            phase = row.draws % DRAW_STEPS
             if phase == 0:
-                self.noise[i] = gumbel_noise(row.generator, NOISE_STEPS, vocab)
+                self.uniform[i] = torch.rand(DRAW_STEPS, generator=row.generator)
             row.draws += 1
             phases.append(phase)
-        return self.noise[self._sampled_index, torch.tensor(phases)]
+        return self.uniform[self._sampled_index, torch.tensor(phases, dtype=torch.long)]
 
     @torch.no_grad()
     def forward(self) -> None:
@@ -375,11 +372,7 @@ class DecodeBatch:
         self.seen = torch.cat([self.seen.reshape(-1, vocab), torch.zeros(fresh, vocab, dtype=torch.bool)])
         self.generated = torch.cat([self.generated, torch.zeros(fresh, dtype=torch.long)])
         self.tokens = torch.cat([self.tokens, torch.zeros(fresh, dtype=torch.long)])
-        if any(r.params.temperature > 0 for r in self.rows + rows):
-            old = self.noise if self.noise.shape[-1] == vocab else torch.zeros(len(self.rows), NOISE_STEPS, vocab)
-            self.noise = torch.cat([old, torch.zeros(fresh, NOISE_STEPS, vocab)])
-        else:
-            self.noise = torch.zeros(len(self.rows) + fresh, NOISE_STEPS, 0)
+        self.uniform = torch.cat([self.uniform, torch.zeros(fresh, DRAW_STEPS)])
         self.rows = self.rows + rows
         width = MAX_LOOP_NGRAM * max(r.params.max_repeats for r in self.rows)
         history = torch.full((len(self.rows), width), -1, dtype=torch.long)

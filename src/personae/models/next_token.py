@@ -1,7 +1,7 @@
 """The next-token pipeline, vectorised over rows with per-row settings, and streaming hold-back.
 
 Each stage takes (B, V) logits and per-row (B,) settings, so a batch mixing sampling settings
-needs no grouping and no Python work per row (except the draw from each sampled row's generator).
+needs no grouping and no Python work per row (except the draws from each sampled row's generator).
 """
 
 from __future__ import annotations
@@ -85,31 +85,31 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
     return logits
 
 
-def gumbel_noise(generator: torch.Generator, steps: int, vocab: int) -> torch.Tensor:
-    """(steps, vocab) Gumbel noise from one row's generator: the noise of its next `steps` draws.
-
-    -log(E) with E ~ Exp(1) is Gumbel(0, 1); E is clamped away from 0 so no noise is infinite.
-    """
-    exponential = torch.empty(steps, vocab).exponential_(generator=generator).clamp_(min=1e-20)
-    return exponential.log_().neg_()
-
-
 def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  sampled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, Gumbel-max for the `sampled` rows.
+                  sampled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, a draw for the `sampled` rows.
 
-    sampled (S,) indexes the rows with temperature > 0 and noise (S, V) is their Gumbel noise,
-    drawn from each row's own generator, so a row's reply depends neither on the other rows nor on
-    the device.
+    sampled (S,) indexes the rows with temperature > 0 and uniform (S,) holds one U(0, 1) number
+    per sampled row, drawn from the row's own generator; the token is where it falls in the
+    cumulative softmax(logits / temperature) after top-k / top-p (inverse-CDF sampling: one random
+    number per row and step, not one per vocabulary entry). So a row's reply depends neither on
+    the other rows nor on the device.
     """
     if len(sampled) == len(logits):  # every row samples: no greedy pass needed
-        scaled = filter_top_k_top_p(logits / temperature[:, None], top_k, top_p)
-        return (scaled + noise.to(scaled.dtype)).argmax(-1)  # a sample from softmax(scaled)
+        return _inverse_cdf(filter_top_k_top_p(logits / temperature[:, None], top_k, top_p), uniform)
     tokens = logits.argmax(-1)
     if len(sampled):
         scaled = filter_top_k_top_p(logits[sampled] / temperature[sampled, None], top_k[sampled], top_p[sampled])
-        tokens[sampled] = (scaled + noise.to(scaled.dtype)).argmax(-1)
+        tokens[sampled] = _inverse_cdf(scaled, uniform)
     return tokens
+
+
+def _inverse_cdf(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(S, V) logits and (S,) uniforms -> (S,) samples from softmax(scaled); -inf logits are never drawn."""
+    cdf = scaled.softmax(-1).cumsum(-1)  # (S, V)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    # the first entry whose cdf exceeds the target: a token of probability 0 never is (its cdf equals the one before)
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=scaled.shape[-1] - 1)
 
 
 def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) -> tuple[str, int]:
@@ -130,5 +130,5 @@ def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) 
     return text[emitted:safe], max(emitted, safe)
 
 
-__all__ = ["MAX_LOOP_NGRAM", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p", "gumbel_noise",
+__all__ = ["MAX_LOOP_NGRAM", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
            "stream_piece"]
