@@ -319,30 +319,36 @@ class DecodeBatch:
                 head_len = len(key[1][1])
                 head = self.prefixes.get(key[1], lambda: self._prefill_alone(rows[0].request, head_len))
                 suffixes = [r.request.prompt_ids[head_len:] for r in rows]
-                return self._prefill_ids(suffixes, None, head, slots)
+                return self._prefill_ids(suffixes, None, head, slots, self._headroom(rows))
             pixels = None
             if key[0] == "image":
                 pixels = torch.stack([r.request.pixel_values for r in rows]).to(self.device, self.dtype)
-            return self._prefill_ids([r.request.prompt_ids for r in rows], pixels, None, slots)
+            return self._prefill_ids([r.request.prompt_ids for r in rows], pixels, None, slots, self._headroom(rows))
 
     def _prefill_alone(self, request: RowRequest, head_len: int) -> KVCache:
         """The one-row cache of [image; the first head_len prompt tokens]."""
         pixels = request.pixel_values[None].to(self.device, self.dtype) if request.pixel_values is not None else None
         return self._prefill_ids([request.prompt_ids[:head_len]], pixels, None, self.slots[:0]).cache
 
+    def _headroom(self, rows: Sequence[Row]) -> int:
+        """The most tokens any of `rows` (and the running rows) may still generate."""
+        return max(r.max_new - len(r.ids) for r in [*self.rows, *rows])
+
     def _prefill_ids(self, prompts: Sequence[Sequence[int]], pixels: torch.Tensor | None, head: KVCache | None,
-                     slots: torch.Tensor) -> _Part:
-        """Right-padded prompts (on top of a one-row `head` cache, or from slot 0 with optional images)."""
+                     slots: torch.Tensor, headroom: int = 0) -> _Part:
+        """Right-padded prompts (on top of a one-row `head` cache, or from slot 0 with optional images),
+        into a cache with `headroom` free slots after them (so a batch that is only these rows needs no copy)."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (b,)
         b, width = len(prompts), int(lengths.max())
         ids = torch.full((b, width), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
         for i, prompt in enumerate(prompts):
             ids[i, : len(prompt)] = torch.tensor(list(prompt), device=self.device)
+        start = head.length if head is not None else self.model.image_prefix_length() if pixels is not None else 0
+        extra = max(0, min(headroom, self.max_len - start - width))
         if head is not None:
-            cache, start = head.repeat(b, width), head.length
+            cache = head.repeat(b, width + extra)
         else:
-            start = self.model.image_prefix_length() if pixels is not None else 0
-            cache = self.model.new_cache(b, start + width, device=self.device, dtype=self.dtype)
+            cache = self.model.new_cache(b, start + width + extra, device=self.device, dtype=self.dtype)
         real = torch.ones(b, start + width, dtype=torch.bool, device=self.device)
         real[:, start:] = torch.arange(width, device=self.device) < lengths[:, None]
         mask = None if bool((lengths == width).all()) else real  # right padding: only the shift needs to know
@@ -354,10 +360,13 @@ class DecodeBatch:
         """Stack the running rows and the prefilled parts into one cache, all ending at one slot."""
         if self.rows:
             parts = [_Part(self.cache, self.real, self.positions, self.logits, self.slots), *parts]  # type: ignore[arg-type]
-        headroom = max(r.max_new - len(r.ids) for r in self.rows + rows)
         length = max(p.cache.length for p in parts)
-        capacity = min(self.max_len, length + headroom)
-        self.cache, offsets = KVCache.join_right_aligned([p.cache for p in parts], capacity)
+        capacity = min(self.max_len, length + self._headroom(rows))
+        if len(parts) == 1 and parts[0].cache.capacity >= capacity:  # rows prefilled alone: their cache as it is
+            self.cache, offsets = parts[0].cache, [0]
+        else:
+            self.cache, offsets = KVCache.join_right_aligned([p.cache for p in parts], capacity)
+        capacity = self.cache.capacity
         self.real = torch.zeros(self.cache.rows, capacity, dtype=torch.bool, device=self.device)
         first = 0
         for part, offset in zip(parts, offsets):
