@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from personae.config import apply_overrides
-from personae.models.model import PersonaeModel
 from personae.models.generation import SamplingParams, generate
+from personae.models.model import PersonaeModel
 from personae.serve.app import RunBundle
 from personae.serve.scheduler import Done, Failed, GenerationJob, QueueFull, Scheduler, SchedulerStopped
 from tests.conftest import micro_config

@@ -9,8 +9,8 @@ from typing import Any
 from personae.data.manifest import read_pairs
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
-from personae.models.io import load_model
 from personae.models.generation import SamplingParams
+from personae.models.io import load_model
 from personae.train.distributed import pick_device
 
 

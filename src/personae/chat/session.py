@@ -20,10 +20,10 @@ from personae.data.images import load_image, normalize_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.models.generation import SamplingParams, stream_batch
 from personae.models.io import load_model
 from personae.models.lora import LORA_MARKERS, AdapterError, add_lora, apply_adapter, load_adapter, lora_settings
 from personae.models.model import PersonaeModel
-from personae.models.generation import SamplingParams, stream_batch
 
 HELP = """commands:
   /image PATH   look at another image          /card    show the character card

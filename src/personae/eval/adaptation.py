@@ -39,8 +39,8 @@ from personae.data.image_cache import ImageCache
 from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.eval.roleplay import _score_rows, generate_all, pending_replies
-from personae.models.io import CONFIG_FILE, load_model, require_file
 from personae.models.generation import SamplingParams
+from personae.models.io import CONFIG_FILE, load_model, require_file
 from personae.objectives.masked_lm import IGNORE_INDEX
 from personae.train.adapt import Adaptation, AdaptSpec
 from personae.train.meta import learned_rates

@@ -23,8 +23,8 @@ from personae.data.images import normalize_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
-from personae.models.model import PersonaeModel
 from personae.models.generation import SamplingParams, generate
+from personae.models.model import PersonaeModel
 from personae.objectives.masked_lm import IGNORE_INDEX
 from personae.world.build import load_scenes
 from personae.world.characters import load_characters

@@ -31,13 +31,7 @@ from torch import nn
 from personae.data.tokenizer import Tokenizer
 from personae.models.adapter_bank import AdapterBank
 from personae.models.cache import KVCache, PrefixCache, image_digest
-from personae.models.next_token import (
-    MAX_LOOP_NGRAM,
-    apply_repetition_penalty,
-    ban_loops,
-    choose_tokens,
-    stream_piece,
-)
+from personae.models.next_token import MAX_LOOP_NGRAM, apply_repetition_penalty, ban_loops, choose_tokens, stream_piece
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 

@@ -36,8 +36,8 @@ from personae.data.images import load_image_bytes
 from personae.data.prompt import PromptBuilder, PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
-from personae.models.model import PersonaeModel
 from personae.models.generation import Generation, SamplingParams
+from personae.models.model import PersonaeModel
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import CharacterRegistry, image_pixels
 from personae.serve.errors import ApiError, error_body

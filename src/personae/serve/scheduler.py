@@ -30,8 +30,8 @@ import torch
 
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
-from personae.models.model import PersonaeModel
 from personae.models.generation import DecodeBatch, Generation, Row, RowRequest, SamplingParams
+from personae.models.model import PersonaeModel
 from personae.serve.adapters import ServerAdapters
 
 log = logging.getLogger(__name__)
