@@ -10,15 +10,15 @@ The parts have names and each is read:
 
 :class:`PrefixCache` keeps the one-row caches of prompt heads that many requests share.
 
-Row operations (keep some rows, join rows right-aligned on a shared write slot, squeeze out the
-masked gaps) live here, so the generation engine never reaches inside the tensors.
+Row operations (views of the first rows, writing rows in at an offset, moving rows into holes,
+squeezing out the masked gaps) live here, so the generation engine never reaches inside the tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +58,6 @@ class KVCache:
         parts = [self.keys, self.values] + ([self.recent_qkv] if self.recent_qkv is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
-    def select(self, rows: torch.Tensor) -> KVCache:
-        """Keep only some rows ((B,) bool or indices)."""
-        recent = self.recent_qkv[:, rows] if self.recent_qkv is not None else None
-        return KVCache(self.keys[:, rows], self.values[:, rows], recent, self.length)
-
     def repeat(self, rows: int, extra_slots: int) -> KVCache:
         """This one-row cache copied to `rows` rows, with `extra_slots` free slots after `length`."""
         keys = F.pad(self.keys[:, :, :, : self.length], (0, 0, 0, extra_slots)).expand(-1, rows, -1, -1, -1)
@@ -75,23 +70,38 @@ class KVCache:
         pad = (0, 0, 0, capacity - self.capacity)
         return KVCache(F.pad(self.keys, pad), F.pad(self.values, pad), self.recent_qkv, self.length)
 
-    @staticmethod
-    def join_right_aligned(parts: Sequence[KVCache], capacity: int) -> tuple[KVCache, list[int]]:
-        """Stack the rows of `parts`, each shifted right so that all end at one shared write slot.
+    def first_rows(self, rows: int, length: int) -> KVCache:
+        """A view of the first `rows` rows (writes through it land here), filled up to `length`."""
+        recent = self.recent_qkv[:, :rows] if self.recent_qkv is not None else None
+        return KVCache(self.keys[:, :rows], self.values[:, :rows], recent, length)
 
-        Returns the joined cache and, per part, how many slots it moved right (its rows' slots
-        left of that are zeros, to be masked by the caller).
-        """
-        length = max(part.length for part in parts)
-        offsets = [length - part.length for part in parts]
-        keys = torch.cat([F.pad(p.keys[:, :, :, : p.length], (0, 0, o, capacity - length))
-                          for p, o in zip(parts, offsets)], dim=1)
-        values = torch.cat([F.pad(p.values[:, :, :, : p.length], (0, 0, o, capacity - length))
-                            for p, o in zip(parts, offsets)], dim=1)
+    def zeros_like(self, rows: int, capacity: int) -> KVCache:
+        """An empty (zero) cache of the same blocks and heads for `rows` rows of `capacity` slots."""
+        blocks, _, heads, _, head_dim = self.keys.shape
+        shape = (blocks, rows, heads, capacity, head_dim)
         recent = None
-        if parts[0].recent_qkv is not None:
-            recent = torch.cat([p.recent_qkv for p in parts], dim=1)  # type: ignore[misc]
-        return KVCache(keys, values, recent, length), offsets
+        if self.recent_qkv is not None:
+            recent = self.recent_qkv.new_zeros(blocks, rows, *self.recent_qkv.shape[2:])
+        return KVCache(self.keys.new_zeros(shape), self.values.new_zeros(shape), recent)
+
+    def write_rows(self, first: int, source: KVCache, offset: int) -> None:
+        """Copy `source`'s rows to rows first.. of this cache, its filled slots moved right by `offset`.
+
+        The slots left of `offset` keep what they held (zeros or a departed row's finite values):
+        the caller masks them out, and attention gives them weight 0.
+        """
+        rows, length = source.rows, source.length
+        self.keys[:, first : first + rows, :, offset : offset + length] = source.keys[:, :, :, :length]
+        self.values[:, first : first + rows, :, offset : offset + length] = source.values[:, :, :, :length]
+        if self.recent_qkv is not None and source.recent_qkv is not None:
+            self.recent_qkv[:, first : first + rows] = source.recent_qkv
+
+    def move_rows(self, targets: torch.Tensor, sources: torch.Tensor) -> None:
+        """Copy rows `sources` onto rows `targets` (filling the holes rows that left made)."""
+        self.keys[:, targets] = self.keys[:, sources]
+        self.values[:, targets] = self.values[:, sources]
+        if self.recent_qkv is not None:
+            self.recent_qkv[:, targets] = self.recent_qkv[:, sources]
 
     def compact(self, real: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Gather each row's real slots ((B, >= length) bool) to the right end of [0, new length).

@@ -6,8 +6,9 @@ write slot, so rows are *right-aligned*: a row's real slots end at the shared ``
 lies before them is masked out (``real`` is False there); positions are per row.
 
 * **join**: newcomers are prefilled as right-padded groups (rows continuing one cached head, rows
-  with an image, rows without), then stacked onto the running rows in one copy.
-* **leave**: finished or cancelled rows are dropped (``KVCache.select``).
+  with an image, rows without), then written into the cache's spare rows (or, when they do not
+  fit, all rows are copied once into a new cache).
+* **leave**: finished or cancelled rows are dropped; rows from the end move into their holes.
 * **room**: the cache grows when full, and when it reaches ``max_positions`` each row's real slots
   are gathered to the right, squeezing out the masked gaps.
 
@@ -173,8 +174,9 @@ class DecodeBatch:
     """The rows decoding together: one cache, one forward per step, one next-token pipeline."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, prefix_cache_bytes: int = 0,
-                 adapters: AdapterRouting | None = None) -> None:
+                 adapters: AdapterRouting | None = None, max_rows: int = 0) -> None:
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
+        self.max_rows = max_rows  # rows the cache keeps room for, so that joins up to it need no copy
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.max_len = model.max_positions
         parameter = next(model.parameters())
@@ -208,16 +210,25 @@ class DecodeBatch:
         return rows
 
     def leave(self, keep: Sequence[bool]) -> None:
-        """Drop the rows where `keep` is False."""
+        """Drop the rows where `keep` is False: kept rows from the end move into their holes (no full copy)."""
         if all(keep):
             return
         if not any(keep):
             self.clear()
             return
-        index = torch.tensor([i for i, k in enumerate(keep) if k])
+        count = sum(keep)
+        holes = [i for i in range(count) if not keep[i]]
+        movers = [i for i in range(count, len(keep)) if keep[i]]
+        order = list(range(count))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        assert self.store is not None and self.cache is not None
+        if holes:
+            self.store.move_rows(torch.tensor(holes, device=self.device), torch.tensor(movers, device=self.device))
+        self.cache = self.store.first_rows(count, self.cache.length)
+        index = torch.tensor(order)
         on_device = index.to(self.device)
-        self.rows = [self.rows[i] for i in index.tolist()]
-        self.cache = self.cache.select(on_device) if self.cache is not None else None
+        self.rows = [self.rows[i] for i in order]
         self.real, self.positions, self.logits = self.real[on_device], self.positions[on_device], self.logits[on_device]
         self.slots, self.tokens = self.slots[on_device], self.tokens[index]
         self.seen, self.history, self.generated = self.seen[index], self.history[index], self.generated[index]
@@ -227,6 +238,7 @@ class DecodeBatch:
     def clear(self) -> None:
         """Forget every row."""
         self.rows, self.cache = [], None
+        self.store: KVCache | None = None  # the allocated rows; `cache` is a view of the first len(rows)
         self.real = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # (B, capacity)
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) next position per row
         self.logits = torch.zeros(0, 0, device=self.device)  # (B, V) next-token logits, not yet sampled
@@ -351,22 +363,39 @@ class DecodeBatch:
         return _Part(cache, real, start + lengths, self.model.lm_head(last), slots)
 
     def _merge(self, parts: list[_Part], rows: list[Row]) -> None:
-        """Stack the running rows and the prefilled parts into one cache, all ending at one slot."""
+        """Add the prefilled parts to the running rows, all right-aligned on one shared write slot.
+
+        Newcomers that fit (no longer than the running rows, room left) are written into the spare
+        rows in place; otherwise one new cache is built, with spare rows up to `max_rows`.
+        """
         if self.rows:
             parts = [_Part(self.cache, self.real, self.positions, self.logits, self.slots), *parts]  # type: ignore[arg-type]
         length = max(p.cache.length for p in parts)
         capacity = min(self.max_len, length + self._headroom(rows))
-        if len(parts) == 1 and parts[0].cache.capacity >= capacity:  # rows prefilled alone: their cache as it is
-            self.cache, offsets = parts[0].cache, [0]
+        count = sum(p.cache.rows for p in parts)
+        offsets = [length - p.cache.length for p in parts]
+        if not self.rows and len(parts) == 1 and parts[0].cache.capacity >= capacity:
+            self.store = parts[0].cache  # rows prefilled alone: their cache as it is
+        elif (self.rows and self.store is not None and offsets[0] == 0 and self.store.capacity >= capacity
+              and self.store.rows >= count):
+            first = len(self.rows)
+            for part, offset in zip(parts[1:], offsets[1:]):
+                self.store.write_rows(first, part.cache, offset)
+                first += part.cache.rows
         else:
-            self.cache, offsets = KVCache.join_right_aligned([p.cache for p in parts], capacity)
-        capacity = self.cache.capacity
-        self.real = torch.zeros(self.cache.rows, capacity, dtype=torch.bool, device=self.device)
+            store = parts[0].cache.zeros_like(max(count, min(2 * count, self.max_rows)), capacity)
+            first = 0
+            for part, offset in zip(parts, offsets):
+                store.write_rows(first, part.cache, offset)
+                first += part.cache.rows
+            self.store = store
+        self.cache = self.store.first_rows(count, length)
+        self.real = torch.zeros(count, self.store.capacity, dtype=torch.bool, device=self.device)
         first = 0
         for part, offset in zip(parts, offsets):
-            count, filled = part.positions.shape[0], part.cache.length
-            self.real[first : first + count, offset : offset + filled] = part.real[:, :filled]
-            first += count
+            filled = part.cache.length
+            self.real[first : first + part.cache.rows, offset : offset + filled] = part.real[:, :filled]
+            first += part.cache.rows
         self.positions = torch.cat([p.positions for p in parts])
         self.logits = torch.cat([p.logits for p in parts])
         self.slots = torch.cat([p.slots for p in parts])
@@ -409,14 +438,16 @@ class DecodeBatch:
         capacity = self.cache.capacity
         if capacity < self.max_len:
             grown = min(self.max_len, 2 * capacity)
-            self.cache = self.cache.grow(grown)
+            self.store = self.cache.grow(grown)
+            self.cache = self.store.first_rows(self.store.rows, self.cache.length)
             self.real = torch.nn.functional.pad(self.real, (0, grown - capacity))
             return
         counts = self.real[:, : self.cache.length].sum(1)
         if int(counts.max()) >= self.max_len:
             raise RuntimeError(f"a row holds {int(counts.max())} real positions: no room left in "
                                f"max_positions={self.max_len}")
-        self.cache, self.real = self.cache.compact(self.real)
+        self.store, self.real = self.cache.compact(self.real)
+        self.cache = self.store.first_rows(self.store.rows, self.store.length)
         self.compactions += 1
         self._gapless = bool(self.real[:, : self.cache.length].all())
 

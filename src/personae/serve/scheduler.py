@@ -166,7 +166,8 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.batching, self.retry_after = max_batch, max_queue, batching, retry_after
-        self.batch = DecodeBatch(model, tokenizer, prefix_cache_bytes=prefix_cache_bytes, adapters=adapters)
+        self.batch = DecodeBatch(model, tokenizer, prefix_cache_bytes=prefix_cache_bytes, adapters=adapters,
+                                 max_rows=max_batch if batching else 1)
         self.stats = SchedulerStats()
         self._waiting: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
