@@ -24,8 +24,8 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     B, T, C = qkv.shape
     shift = mix.shape[0] - 1
     if real is None and T == 1 and recent is not None:  # a cached decode step: few ops, it runs every token
-        mixed = qkv * mix[0] + (recent * mix[1:].flip(0)).sum(1, keepdim=True)  # recent is oldest first
-        return mixed, torch.cat([recent[:, 1:], qkv], dim=1)
+        window = torch.cat([recent, qkv], dim=1)  # (B, shift+1, C), oldest first
+        return (window * mix.flip(0)).sum(1, keepdim=True), window[:, 1:]
     recent = qkv.new_zeros(B, shift, C) if recent is None else recent
     seq = torch.cat([recent, qkv], dim=1)  # (B, shift+T, C)
     mixed = qkv * mix[0]

@@ -191,7 +191,7 @@ class DecodeBatch:
         """How many tokens a row with this prompt may generate before it fills max_positions."""
         return self.max_len - (self.model.image_prefix_length() if with_image else 0) - prompt_len
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def join(self, requests: Sequence[RowRequest]) -> list[Row]:
         """Prefill `requests` and add them to the batch; their rows, in request order."""
         rows = []
@@ -209,6 +209,7 @@ class DecodeBatch:
         self._merge(parts, [row for group in groups.values() for row in group])
         return rows
 
+    @torch.inference_mode()
     def leave(self, keep: Sequence[bool]) -> None:
         """Drop the rows where `keep` is False: kept rows from the end move into their holes (no full copy)."""
         if all(keep):
@@ -252,7 +253,7 @@ class DecodeBatch:
 
     # ---- a step ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self) -> torch.Tensor:
         """Choose each row's next token from the pending logits and push it to the row; (B,) tokens."""
         logits = self.logits.float().cpu()
@@ -277,6 +278,8 @@ class DecodeBatch:
 
     def _uniforms(self) -> torch.Tensor:
         """(sampled rows,) this step's U(0, 1) draw of each sampling row, from its own generator."""
+        if not self._sampled:
+            return self.uniform[:0, 0]
         phases = []
         for i in self._sampled:
             row = self.rows[i]
@@ -287,7 +290,7 @@ class DecodeBatch:
             phases.append(phase)
         return self.uniform[self._sampled_index, torch.tensor(phases, dtype=torch.long)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self) -> None:
         """Feed each row's last sampled token and keep the next logits; makes room in the cache first."""
         assert self.cache is not None and self.rows, "forward() on an empty batch"
