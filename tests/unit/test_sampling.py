@@ -176,3 +176,35 @@ def test_sampled_frequencies_follow_the_softmax():
     greedy_row = choose_tokens(logits[:2], torch.tensor([0.0, 2.0]), top_k[:2], top_p[:2], torch.tensor([1]),
                                torch.tensor([0.999]))
     assert greedy_row.tolist() == [0, 3]  # row 0 greedy; row 1's uniform lies in the last token's share
+
+
+def test_rows_join_into_spare_rows_and_leave_in_place_with_exact_tokens(setup):
+    """A third row joins the running batch's spare cache rows (no new cache), rows leave by moving
+    the last row into the hole, and every row still gets exactly the tokens it gets alone."""
+    model, tok = setup
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    prompts = [tok.encode(t, max_length=20) for t in ("I spy two dogs on the beach", "ahoy there", "fair")]
+    lengths = [12, 3, 8]  # row 1 leaves first, while rows 0 and 2 go on
+    requests = [RowRequest(p, pixels[i], SamplingParams(max_new_tokens=lengths[i], temperature=1.0), seed=10 + i)
+                for i, p in enumerate(prompts)]
+    alone = [generate(model, tok, [p], pixels[i: i + 1], SamplingParams(max_new_tokens=lengths[i], temperature=1.0,
+                                                                      seed=10 + i))[0].token_ids
+             for i, p in enumerate(prompts)]
+    batch = DecodeBatch(model, tok, max_rows=8)
+    rows = batch.join(requests[:1])
+    batch.sample()
+    batch.forward()
+    rows += batch.join(requests[1:2])  # a new cache with spare rows
+    store = batch.store
+    batch.sample()
+    batch.forward()
+    rows += batch.join(requests[2:])  # fits: written into a spare row
+    assert batch.store is store and batch.store.rows > len(batch.rows)
+    while batch.rows:
+        batch.sample()
+        batch.leave([not row.finish for row in batch.rows])
+        assert batch.store is store or not batch.rows  # leaving copies no cache
+        if batch.rows:
+            batch.forward()
+    assert [row.ids for row in rows] == alone
+    assert [len(ids) for ids in alone] == lengths  # no end token cut a row short, so row 1 did leave first
