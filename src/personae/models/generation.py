@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,7 +32,15 @@ from torch import nn
 from personae.data.tokenizer import Tokenizer
 from personae.models.adapter_bank import AdapterBank
 from personae.models.cache import KVCache, PrefixCache, image_digest
-from personae.models.next_token import MAX_LOOP_NGRAM, apply_repetition_penalty, ban_loops, choose_tokens, stream_piece
+from personae.models.next_token import (
+    MAX_LOOP_NGRAM,
+    Generation,
+    SamplingParams,
+    apply_repetition_penalty,
+    ban_loops,
+    choose_tokens,
+    stream_piece,
+)
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 
@@ -62,42 +70,6 @@ class AdapterRouting(Protocol):
 
     lock: contextlib.AbstractContextManager
     bank: AdapterBank | None
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens; temperature 0 means greedy."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    max_repeats: int = 0  # > 0: no n-gram (n <= MAX_LOOP_NGRAM) repeats more than this many times in a row
-    stop: Sequence[str] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.max_repeats >= 0, "max_repeats must be >= 0 (0: off)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message} (got {self})")
-
-
-@dataclass
-class Generation:
-    """One finished reply: text (stop string excluded), token ids, and why it ended."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
 
 
 @dataclass
@@ -393,12 +365,7 @@ class DecodeBatch:
                 first += part.cache.rows
             self.store = store
         self.cache = self.store.first_rows(count, length)
-        self.real = torch.zeros(count, self.store.capacity, dtype=torch.bool, device=self.device)
-        first = 0
-        for part, offset in zip(parts, offsets):
-            filled = part.cache.length
-            self.real[first : first + part.cache.rows, offset : offset + filled] = part.real[:, :filled]
-            first += part.cache.rows
+        self.real = self._real_slots(parts, offsets, count)
         self.positions = torch.cat([p.positions for p in parts])
         self.logits = torch.cat([p.logits for p in parts])
         self.slots = torch.cat([p.slots for p in parts])
@@ -416,6 +383,16 @@ class DecodeBatch:
             history[: self.history.shape[0], width - kept :] = self.history[:, self.history.shape[1] - kept :]
         self.history = history
         self._settings_changed()
+
+    def _real_slots(self, parts: list[_Part], offsets: list[int], count: int) -> torch.Tensor:
+        """(count, capacity) real-slot mask of the joined rows: each part's, moved right by its offset."""
+        real = torch.zeros(count, self.store.capacity, dtype=torch.bool, device=self.device)  # type: ignore[union-attr]
+        first = 0
+        for part, offset in zip(parts, offsets):
+            filled = part.cache.length
+            real[first : first + part.cache.rows, offset : offset + filled] = part.real[:, :filled]
+            first += part.cache.rows
+        return real
 
     def _settings_changed(self) -> None:
         """Per-row sampling settings as (B,) tensors, and which pipeline stages any row needs."""

@@ -1,5 +1,7 @@
 """The next-token pipeline, vectorised over rows with per-row settings, and streaming hold-back.
 
+`SamplingParams` says how a row picks tokens and `Generation` is a finished reply.
+
 Each stage takes (B, V) logits and per-row (B,) settings, so a batch mixing sampling settings
 needs no grouping and no Python work per row (except the draws from each sampled row's generator).
 """
@@ -7,10 +9,47 @@ needs no grouping and no Python work per row (except the draws from each sampled
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 MAX_LOOP_NGRAM = 8  # loop breaking looks at n-grams of up to this many tokens
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_repeats: int = 0  # > 0: no n-gram (n <= MAX_LOOP_NGRAM) repeats more than this many times in a row
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.max_repeats >= 0, "max_repeats must be >= 0 (0: off)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self})")
+
+
+@dataclass
+class Generation:
+    """One finished reply: text (stop string excluded), token ids, and why it ended."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
@@ -130,5 +169,5 @@ def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) 
     return text[emitted:safe], max(emitted, safe)
 
 
-__all__ = ["MAX_LOOP_NGRAM", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
+__all__ = ["MAX_LOOP_NGRAM", "Generation", "SamplingParams", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
            "stream_piece"]
