@@ -22,7 +22,7 @@ after the timing, median of 3. One JSON line per figure on stdout, notes on stde
     .venv/bin/python bench/meta_step.py --width 64 --depth 1 --vocab 512 --seq 32 --threads 1
     .venv/bin/python bench/meta_step.py --profile       # torch.profiler tables instead of timing
 
-See docs/meta-learning.md for measured figures.
+See docs/guide/benchmarks.md for measured figures.
 """
 
 from __future__ import annotations

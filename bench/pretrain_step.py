@@ -16,7 +16,7 @@ line per figure on stdout (progress notes on stderr):
     .venv/bin/python bench/pretrain_step.py --presets small --profile   # torch.profiler tables
     .venv/bin/python bench/pretrain_step.py --bf16       # both under torch.autocast("cpu", bfloat16)
 
-See docs/benchmarks.md for what is compared, why it is fair, and measured figures.
+See docs/guide/benchmarks.md for what is compared, why it is fair, and measured figures.
 """
 
 from __future__ import annotations

@@ -13,11 +13,19 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from personae.data.cards import CharacterCard, load_card, save_card_png
-from personae.data.images import load_image_bytes
+from personae.data.images import load_image_bytes, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.models.generation import SamplingParams, generate
 from personae.serve.app import RunBundle
-from personae.serve.characters import image_pixels
+from personae.serve.schemas import (
+    CharacterInfo,
+    CharacterList,
+    ChatCompletion,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ModelList,
+)
 from tests.e2e.helpers import CHARACTER, chat_body, data_url, png_bytes, sse_events, streamed_texts
 
 
@@ -48,7 +56,7 @@ def test_completion_is_what_generate_writes_for_the_same_prompt(client: TestClie
     prompt = PromptBuilder(bundle.tokenizer).build(card, [Turn("What is in the picture?")], max_tokens=budget,
                                                    include_examples=bundle.include_examples)
     size = bundle.model.cfg.vision.image_size
-    pixels = image_pixels(load_image_bytes(image, size=size), size)[None]
+    pixels = model_pixels(image, size)[None]
     expected = generate(bundle.model, bundle.tokenizer, [prompt.ids], pixels,
                         SamplingParams(max_new_tokens=10, temperature=0.9, seed=11))[0]
     assert answer["object"] == "chat.completion" and answer["model"] == f"personae/{CHARACTER}"
@@ -178,3 +186,51 @@ def test_adaptation_job_runs_the_hook_and_reports_progress(make_app: Callable[..
     stored = (run_copy / "uploads" / "examples" / f"{CHARACTER}.jsonl").read_text().splitlines()
     assert [json.loads(line)["reply"] for line in stored] == ["Bonjour!"]
     assert client.get(f"/v1/characters/{CHARACTER}/adapt/adapt-nope").status_code == 404
+
+
+# (method, path, status) of each JSON route -> the response model /openapi.json must name for it
+ROUTE_MODELS = [
+    ("post", "/v1/chat/completions", "200", "ChatCompletion"),
+    ("get", "/v1/models", "200", "ModelList"),
+    ("get", "/v1/models/{model_id}", "200", "ModelInfo"),
+    ("get", "/v1/characters", "200", "CharacterList"),
+    ("post", "/v1/characters", "201", "CharacterInfo"),
+    ("get", "/v1/characters/{character_id}", "200", "CharacterInfo"),
+    ("delete", "/v1/characters/{character_id}", "200", "CharacterDeleted"),
+    ("post", "/v1/characters/{character_id}/adapt", "202", "AdaptJobCreated"),
+    ("get", "/v1/characters/{character_id}/adapt", "200", "AdaptJobInfo"),
+    ("get", "/v1/characters/{character_id}/adapt/{job_id}", "200", "AdaptJobInfo"),
+    ("get", "/health", "200", "Health"),
+]
+
+
+@pytest.mark.parametrize("method, path, status, model", ROUTE_MODELS)
+def test_openapi_names_the_response_model_of_each_route(client: TestClient, method: str, path: str, status: str,
+                                                        model: str) -> None:
+    operation = client.get("/openapi.json").json()["paths"][path][method]
+    assert operation["responses"][status]["content"]["application/json"]["schema"] == {
+        "$ref": f"#/components/schemas/{model}"}
+    for errors in ("4XX", "5XX"):
+        schema = operation["responses"][errors]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "422" not in operation["responses"]  # bad requests are answered 400 with an ErrorResponse
+
+
+def test_answers_are_exactly_their_response_models(client: TestClient) -> None:
+    """Each JSON body parses as its model and dumps back to the same keys, in the same order."""
+    answers = {
+        ChatCompletion: client.post("/v1/chat/completions", json=chat_body(max_tokens=4, n=2, seed=3)),
+        ModelList: client.get("/v1/models"),
+        ModelInfo: client.get(f"/v1/models/personae/{CHARACTER}"),
+        CharacterList: client.get("/v1/characters"),
+        CharacterInfo: client.get(f"/v1/characters/{CHARACTER}"),
+        Health: client.get("/health"),
+        ErrorResponse: client.get("/v1/characters/nobody"),
+    }
+    for model, response in answers.items():
+        body = response.json()
+        assert list(model.model_validate(body).model_dump(mode="json").items()) == list(body.items()), model
+    character = answers[CharacterInfo].json()
+    assert character["object"] == "character" and "adapter" in character
+    assert answers[ErrorResponse].status_code == 404 and answers[ErrorResponse].json()["error"]["code"] == \
+        "character_not_found"

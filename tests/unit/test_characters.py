@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from personae.data.cards import CharacterCard, load_card
 from personae.world import OBJECTS, POSITION_PHRASES, SETTINGS, categories, parse_mentions
+from personae.world.cards import character_card, write_characters
 from personae.world.catalog import NUMBER_WORDS
 from personae.world.characters import (
     CHARACTERS,
     Character,
     Quirk,
     Style,
-    character_card,
     character_from_card,
     characters_in,
     load_characters,
-    write_characters,
 )
 from personae.world.dialogues import QUESTIONS
 from personae.world.styles import (
@@ -73,7 +73,7 @@ def test_the_cast_has_40_characters_32_train_and_8_heldout() -> None:
 
 def test_heldout_quirks_are_strings_never_seen_in_training() -> None:
     train_markers = " | ".join(m.lower() for c in TRAIN for m in c.style.markers())
-    train_cards = json.dumps([character_card(c) for c in TRAIN]).lower()
+    train_cards = json.dumps([character_card(c).to_json() for c in TRAIN]).lower()
     for character in HELDOUT:
         assert character.style.quirk.kind in ("prefix", "tag", "title"), character.id
         for marker in (*character.style.markers(), character.name):
@@ -126,13 +126,14 @@ def test_quirk_and_character_validation() -> None:
 def test_card_is_tavern_v2_with_greetings_and_examples_in_voice() -> None:
     character = CHARACTERS["gizmotron"]
     card = character_card(character)
-    assert card["spec"] == "chara_card_v2" and card["spec_version"] == "2.0"
-    data = card["data"]
+    assert isinstance(card, CharacterCard) and card.character_book is None
+    written = card.to_json()
+    assert written["spec"] == "chara_card_v2" and written["spec_version"] == "2.0"
+    data = written["data"]
     expected = {"name", "description", "personality", "scenario", "first_mes", "mes_example",
                 "creator_notes", "system_prompt", "post_history_instructions",
-                "alternate_greetings", "character_book", "tags", "creator", "character_version",
-                "extensions"}
-    assert set(data) == expected and data["character_book"] is None
+                "alternate_greetings", "tags", "creator", "character_version", "extensions"}
+    assert set(data) == expected  # no character book: the V2 writer leaves the optional key out
     assert data["first_mes"].startswith("GREETINGS, ORGANIC FRIEND!")  # capitals quirk
     assert len(data["alternate_greetings"]) == len(character.style.greetings) - 1
     blocks = data["mes_example"].split("<START>\n")[1:]
@@ -172,8 +173,6 @@ def test_write_and_load_characters_round_trip(tmp_path: Path) -> None:
 
 
 def test_cards_load_with_the_card_reader(tmp_path: Path) -> None:
-    from personae.data.cards import load_card
-
     write_characters(tmp_path)
     for character in CHARACTERS.values():
         card = load_card(tmp_path / "characters" / f"{character.id}.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import zlib
@@ -12,16 +13,28 @@ import pytest
 import torch
 from PIL import Image
 
+from personae.chat.session import ChatSession
+from personae.data.cards import CharacterCard, save_card_png
+from personae.data.image_cache import ImageCache
 from personae.data.images import (
     IMAGE_MEAN,
     IMAGE_STD,
     denormalize_pixels,
     load_image,
     load_image_bytes,
+    model_pixels,
     normalize_pixels,
+    square_pixels,
     to_tensor,
 )
+from personae.data.roleplay import collate_roleplay
+from personae.data.tokenizer import train_tokenizer
 from personae.errors import DataError
+from personae.models.model import PersonaeModel
+from personae.serve.characters import CharacterRegistry
+from personae.serve.completions import CompletionService
+from personae.serve.settings import ServeSettings
+from tests.conftest import micro_config
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -129,3 +142,62 @@ def test_to_tensor_normalization_and_inverse() -> None:
         to_tensor(images.astype(np.float32))
     with pytest.raises(TypeError):
         normalize_pixels(torch.zeros(3, 2, 2))
+
+
+def _wide_picture() -> np.ndarray:
+    """A 24x48 picture whose centred square differs from its sides, so a stretch cannot pass for a crop."""
+    rng = np.random.default_rng(7)
+    picture = rng.integers(0, 256, size=(24, 48, 3), dtype=np.uint8)
+    picture[:, :12] = (255, 0, 0)  # the sides: pure red, cropped away by the square treatment
+    picture[:, 36:] = (0, 0, 255)
+    return picture
+
+
+def test_square_pixels_crops_every_kind_of_source_the_same_way(tmp_path: Path) -> None:
+    picture = _wide_picture()
+    path = tmp_path / "wide.png"
+    Image.fromarray(picture).save(path)
+    from_file = square_pixels(path, 16)
+    assert from_file.dtype == torch.uint8 and from_file.shape == (3, 16, 16)
+    for source in (path.read_bytes(), picture, Image.fromarray(picture), str(path)):
+        assert torch.equal(square_pixels(source, 16), from_file)
+    crop = Image.fromarray(picture[:, 12:36]).resize((16, 16), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    assert torch.equal(from_file, torch.from_numpy(np.array(crop)).permute(2, 0, 1))  # cropped, not stretched
+    stretched = np.asarray(Image.fromarray(picture).resize((16, 16)))
+    assert not np.array_equal(np.asarray(crop), stretched)
+    assert torch.equal(model_pixels(path, 16), normalize_pixels(from_file))
+    with pytest.raises(TypeError, match="PIL image"):
+        square_pixels(3.0, 16)  # type: ignore[arg-type]
+
+
+def test_chat_server_and_training_give_the_model_the_same_tensor(tmp_path: Path) -> None:
+    """One non-square picture as a training row, a chat image, a chat avatar, a server upload and a card avatar."""
+    picture = _wide_picture()
+    path = tmp_path / "wide.png"
+    Image.fromarray(picture).save(path)
+    model = PersonaeModel(micro_config().model)
+    size = model.cfg.vision.image_size
+    tokenizer = train_tokenizer(["Mira looks at the lighthouse.", "What do you see?"] * 20, vocab_size=300)
+
+    cache = ImageCache([path], size, progress=False)  # training: decoded once, normalised in collate
+    item = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([6, 7]), "index": 0, "image": cache[0]}
+    training = collate_roleplay([item], pad_id=0)["pixel_values"][0]  # (3, S, S)
+
+    card = CharacterCard(name="Mira", description="a keeper", avatar=picture)
+    session = ChatSession(model, tokenizer, card)
+    chat_avatar = session.pixels[0]
+    session.set_image(path)
+    chat_image = session.pixels[0]
+
+    run = tmp_path / "run"
+    save_card_png(card, run / "characters" / "mira.png")
+    registry = CharacterRegistry(run, image_size=size)
+    server_avatar = registry.pixels(registry.get("mira"))
+    service = CompletionService(model, tokenizer, registry, ServeSettings(), include_examples=False)
+    data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    server_upload = service._image(data_url, "messages[0].content[1].image_url.url")
+
+    assert training.shape == (3, size, size)
+    for name, pixels in {"chat avatar": chat_avatar, "chat image": chat_image, "server avatar": server_avatar,
+                         "server upload": server_upload}.items():
+        assert torch.equal(pixels, training), name

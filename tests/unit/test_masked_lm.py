@@ -2,7 +2,8 @@
 
 import torch
 
-from personae.objectives.masked_lm import IGNORE_INDEX, MaskedLanguageModelling, mask_tokens
+from personae.data.labels import IGNORE_INDEX
+from personae.objectives.masked_lm import MaskedLanguageModelling, mask_tokens
 
 PAD, CLS, MASK, EOS = 0, 1, 2, 3
 SPECIAL = [PAD, CLS, MASK, EOS]

@@ -9,12 +9,13 @@ import torch
 from personae.data.cards import load_card
 from personae.data.dialogues import load_character_cards, read_dialogues
 from personae.data.episodes import Episode, EpisodeCollator
+from personae.data.marker_swap import SwappedEpisodeCollator, rewrite, swap_card, swap_conversations, swap_record
 from personae.data.roleplay import RolePlayDataset
 from personae.data.tokenizer import train_tokenizer
 from personae.errors import PersonaeError
 from personae.world.characters import load_characters
 from personae.world.metrics import persona_consistency
-from personae.world.persona_swap import PersonaSwap, SwappedEpisodeCollator, forbidden_words, swap_conversations
+from personae.world.persona_swap import PersonaSwap, forbidden_words
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,8 @@ def test_a_swap_replaces_every_marker_in_replies_and_card(world_bits):
     character = characters[record.character]
     mapping = swap.mapping(record.character, key=3)
     assert set(mapping) == set(character.style.markers())
-    swapped = swap.record(record, mapping)
-    card = swap.card(load_card(world / "characters" / f"{record.character}.json"), mapping)
+    swapped = swap_record(record, mapping)
+    card = swap_card(load_card(world / "characters" / f"{record.character}.json"), mapping)
     for text in [t.reply for t in swapped.turns] + [card.mes_example, card.first_mes, card.post_history_instructions]:
         for marker in character.style.markers():
             assert marker.lower() not in text.lower(), (marker, text)
@@ -65,7 +66,7 @@ def test_fresh_words_avoid_every_marker_and_answer_word(world_bits):
 
 
 def test_case_is_kept_and_longest_markers_win():
-    rewritten = PersonaSwap.rewrite("AHOY, MATEY! Ahoy there. ahoy", {"Ahoy": "Zing", "Ahoy, matey": "Plum tea"})
+    rewritten = rewrite("AHOY, MATEY! Ahoy there. ahoy", {"Ahoy": "Zing", "Ahoy, matey": "Plum tea"})
     assert rewritten == "PLUM TEA! Zing there. zing"
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from personae.data.cards import CharacterCard
-from personae.data.prompt import IGNORE_INDEX, PromptBuilder, PromptTooLong, Turn
+from personae.data.labels import IGNORE_INDEX
+from personae.data.prompt import PromptBuilder, PromptTooLong, Turn
 from personae.data.tokenizer import train_tokenizer
 
 

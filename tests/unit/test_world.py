@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -326,6 +327,22 @@ def test_build_is_deterministic(worlds: dict[str, Path]) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "pairs.jsonl").read_bytes() != (c / "pairs.jsonl").read_bytes()
     assert (a / "images/s000007.png").read_bytes() != (c / "images/s000007.png").read_bytes()
+
+
+# sha256 over the relative path and bytes of every file but the PNGs of worlds["a"] (seed 0, 50 scenes,
+# 48 px). Recorded when card writing moved to data.cards: the same bytes as the world built before,
+# except that the cards no longer carry the optional `"character_book": null`. A change here means the
+# world's data changed: every figure measured on a world moves with it.
+TEXT_FILES_SHA256 = "76ac56231bcfb6a80a757b9dcca0e573c34754a45f809c38584a2248387e21a6"
+
+
+def test_build_writes_the_recorded_text_files(worlds: dict[str, Path]) -> None:
+    root, digest = worlds["a"], hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".png")
+    assert len(files) == 5 + 40 + 8  # index files, 40 cards, the held-out characters' example files
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    assert digest.hexdigest() == TEXT_FILES_SHA256
 
 
 def test_built_scenes_and_captions_are_true(worlds: dict[str, Path]) -> None:

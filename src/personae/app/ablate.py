@@ -154,12 +154,12 @@ def _train_adaptation_row(job: RowJob, overrides: list[str]) -> tuple[Path, floa
 
 
 def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, Any]:
+    from personae.data.kinds import open_data
     from personae.data.manifest import read_pairs
     from personae.eval.adaptation import evaluate_adapted
     from personae.eval.retrieval import evaluate_retrieval
     from personae.eval.roleplay import evaluate_roleplay
     from personae.models.io import load_model
-    from personae.world.characters import load_characters
 
     row: dict[str, Any] = {"retrieval_r1": None}
     if pretrained is not None:
@@ -177,7 +177,7 @@ def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, 
             "persona_seen": seen["persona_consistency"],
             "fluency_perplexity": roleplay["fluency_perplexity"]["train"]}
     budget = job.budget
-    heldout = sorted(load_characters(job.world, split="heldout"))[: budget.adapt_characters]
+    heldout = open_data(job.world).characters("heldout")[: budget.adapt_characters]
     adapted = evaluate_adapted(run, job.world, k=budget.adapt_k, steps=budget.adapt_steps, query=budget.adapt_query,
                                seed=job.seed, characters=heldout)
     row |= {"persona_heldout_adapted": adapted["metrics"]["persona_consistency"],
@@ -284,11 +284,12 @@ def run_ablation(out: Path, *, budget: AblationBudget | str = "quick", seeds: in
     if not seed_list:
         raise PersonaeError("the ablation needs at least one seed")
     world = Path(data) if data is not None else out / "world"
-    if not (world / "world.json").is_file():
-        if data is not None:
-            raise PersonaeError(f"{world} is not a scene world (no world.json): build one with `personae world build`")
-        from personae.world import build_world
+    from personae.world import WORLD_FILE, SceneWorld, build_world
 
+    if not SceneWorld.marks(world):
+        if data is not None:
+            raise PersonaeError(f"{world} is not a scene world (no {WORLD_FILE}): "
+                                "build one with `personae world build`")
         build_world(world, seed=0, scenes=budget.scenes, progress=progress)
     workers = max(1, jobs)
     if workers == 1:  # rows run in this process, with its threads

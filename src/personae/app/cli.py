@@ -227,9 +227,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/retrieval.json)")
     retrieval.add_argument("--batch-size", type=int, default=128)
     retrieval.set_defaults(handler=_eval_retrieval, takes_overrides=False)
-    roleplay = evaluate.add_parser("roleplay", help="exact role-play metrics, seen vs held-out characters")
+    roleplay = evaluate.add_parser("roleplay", help="role-play metrics (exact ones where the data kind has them) "
+                                   "and fluency, seen vs held-out characters")
     roleplay.add_argument("run", metavar="RUN")
-    roleplay.add_argument("--data", required=True, help="a scene world folder")
+    roleplay.add_argument("--data", required=True,
+                          help="a role-play data folder (a scene world adds the exact metrics)")
     roleplay.add_argument("--split", default="test", choices=["train", "val", "test"])
     roleplay.add_argument("--limit", type=int, default=None, help="conversations per character split")
     roleplay.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/roleplay.json)")
@@ -239,7 +241,9 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     adaptation = evaluate.add_parser("adaptation", help="query loss and exact metrics on held-out characters "
                                      "after 0..20 adaptation steps, vs baselines")
     adaptation.add_argument("run", metavar="RUN", help="the meta-trained run")
-    adaptation.add_argument("--data", required=True, help="a scene world or Shakespeare folder")
+    adaptation.add_argument("--data", required=True,
+                            help="a role-play data folder (a scene world adds the exact metrics; other data "
+                                 "gets the text track)")
     adaptation.add_argument("--baseline", type=Path, default=None, help="multi-task fine-tuned run, same budget")
     adaptation.add_argument("--none", type=Path, default=None,
                             help="run used without adaptation (default: the baseline, else RUN)")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from personae.data.kinds import open_data
 from personae.data.manifest import read_pairs
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
@@ -84,7 +85,7 @@ def evaluate_adaptation_run(run: Path, data: Path, *, baseline: Path | None = No
                             out: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """`personae eval adaptation`: curves of RUN (and the baseline) on held-out characters; table, JSON, PNG.
 
-    A scene world gets the exact role-play metrics; other data (the Shakespeare set) the text-only track.
+    Data with exact metrics (a scene world) gets them; other data (the Shakespeare set) the text-only track.
     """
     from personae.eval import adaptation as evaluation
 
@@ -93,7 +94,7 @@ def evaluate_adaptation_run(run: Path, data: Path, *, baseline: Path | None = No
                                "progress": progress, "device": pick_device()}
     options |= {"ks": ks} if ks else {}
     options |= {"steps": steps} if steps else {}
-    if (Path(data) / "world.json").exists():
+    if open_data(Path(data)).metrics:  # exact metrics of generated replies (a scene world); else the text track
         options |= {"generate_ks": generate_ks} if generate_ks is not None else {}
         options |= {"generate_steps": generate_steps} if generate_steps is not None else {}
         result = evaluation.evaluate_adaptation(runs, Path(data), **options)

@@ -20,10 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tqdm.auto import tqdm
+
 from personae.app.budgets import Budget, demo_budget
 from personae.app.commands import evaluate_adaptation_run, evaluate_roleplay_run, evaluate_run
 from personae.config import Config, apply_overrides, load_preset
+from personae.data.episodes import examples_file
+from personae.data.kinds import open_data
 from personae.eval.report import environment_info, write_report
+from personae.train.adapt import adapt_character
+from personae.train.finetune import run_finetune
+from personae.train.meta import multitask_overrides, run_meta_train
+from personae.train.pretrain import run_pretrain
+from personae.world import WORLD_FILE, build_world
 
 ADAPT_K, ADAPT_STEPS = 5, 10  # what the held-out characters' adapters and the headline figures use
 
@@ -82,14 +91,9 @@ def demo_config(budget: Budget, overrides: list[str]) -> Config:
 
 
 def _stages(paths: DemoPaths, budget: Budget, cfg: Config, extra: list[str], progress: bool) -> list[Stage]:
-    from personae.train.finetune import run_finetune
-    from personae.train.meta import multitask_overrides, run_meta_train
-    from personae.train.pretrain import run_pretrain
-    from personae.world import build_world
-
     world, pre, fine, meta, multitask = paths.world, paths.pretrain, paths.roleplay, paths.meta, paths.multitask
     return [
-        Stage("build the scene world", world / "world.json",
+        Stage("build the scene world", world / WORLD_FILE,
               lambda: build_world(world, seed=0, scenes=budget.scenes, progress=progress)),
         Stage("pretrain (ITC + ITM + MLM)", pre / "model.safetensors",
               lambda: run_pretrain(world, pre, cfg, resume=True, progress=progress)),
@@ -117,13 +121,7 @@ def _stages(paths: DemoPaths, budget: Budget, cfg: Config, extra: list[str], pro
 def adapt_heldout(run: Path, world: Path, *, k: int = ADAPT_K, steps: int = ADAPT_STEPS,
                   progress: bool = True) -> dict[str, Any]:
     """Write RUN/adapters/<id>.safetensors for every held-out character of WORLD; a summary in RUN/eval."""
-    from tqdm.auto import tqdm
-
-    from personae.data.episodes import examples_file
-    from personae.train.adapt import adapt_character
-    from personae.world.characters import load_characters
-
-    characters = sorted(load_characters(world, split="heldout"))
+    characters = open_data(world).characters("heldout")
     tick = time.perf_counter()
     adapters = {}
     for character in tqdm(characters, desc="adapting", unit="character", disable=not progress):

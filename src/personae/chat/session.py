@@ -16,7 +16,7 @@ import torch
 
 from personae.config import Config
 from personae.data.cards import CharacterCard, default_avatar, load_card
-from personae.data.images import load_image, normalize_pixels
+from personae.data.images import ImageSource, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
@@ -95,16 +95,12 @@ class ChatSession:
 
     def set_image(self, path: str | Path) -> None:
         """Look at an image file from now on (the history is kept)."""
-        self.set_image_array(load_image(path, size=self.model.cfg.vision.image_size))
+        self.set_image_array(path)
 
-    def set_image_array(self, rgb: np.ndarray) -> None:
-        """Look at an (H, W, 3) uint8 image from now on."""
-        from PIL import Image
-
-        size = self.model.cfg.vision.image_size
-        image = np.array(Image.fromarray(np.asarray(rgb, dtype=np.uint8)).convert("RGB").resize((size, size)))
+    def set_image_array(self, image: ImageSource) -> None:
+        """Look at an image (an (H, W, 3) uint8 array, or a file, bytes or PIL image) from now on."""
         device = next(self.model.parameters()).device
-        self.pixels = normalize_pixels(torch.from_numpy(image).permute(2, 0, 1)[None]).to(device)  # (1, 3, S, S)
+        self.pixels = model_pixels(image, self.model.cfg.vision.image_size)[None].to(device)  # (1, 3, S, S)
 
     def reset(self) -> None:
         """Forget the conversation (card and image stay)."""

@@ -4,7 +4,7 @@ A card is read from a JSON file or from a PNG whose ``tEXt`` (or ``zTXt``/``iTXt
 (V3) or ``chara`` (V2/V1) holds the base64 of the card's JSON; ``ccv3`` wins when both exist.
 Fields we do not model are kept in ``card.unknown`` so that load -> save gives back the same JSON.
 Only :data:`PROMPT_FIELDS` may reach a model prompt; ``creator_notes`` is for humans and never does.
-See ``docs/cards.md``.
+See ``docs/guide/cards.md``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import colorsys
 import copy
 import io
 import json
-import os
 import re
 import struct
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from personae.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
 from personae.errors import DataError
+from personae.files import write_bytes_atomic
 
 __all__ = [
     "CardError",
@@ -495,7 +494,7 @@ def save_card_json(
     data = (json.dumps(card.to_json(), ensure_ascii=False, indent=2) + "\n").encode("utf-8")
     if len(data) > max_json_bytes:
         raise CardError(f"card JSON is {len(data)} bytes, over the limit of {max_json_bytes}", path)
-    _atomic_write(Path(path), data)
+    write_bytes_atomic(path, data)
 
 
 def save_card_png(
@@ -520,7 +519,7 @@ def save_card_png(
         info.add_text("ccv3", _base64_json(card.to_json(), path, max_json_bytes))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)  # text chunks of a source image are not copied
-    _atomic_write(Path(path), buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _base64_json(obj: dict[str, Any], path: str | PathLike[str], limit: int) -> str:
@@ -561,15 +560,3 @@ def default_avatar(name: str, size: int = 256) -> Image.Image:
     return image
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.chmod(temp, 0o644)  # mkstemp makes 0600; a card is an ordinary shareable file
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

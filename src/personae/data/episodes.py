@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from personae.data.dialogues import DialogueRecord, read_dialogues
-from personae.data.prompt import IGNORE_INDEX
+from personae.data.labels import IGNORE_INDEX
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.errors import DataError
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from personae.data.images import DEFAULT_MAX_PIXELS, load_image
+from personae.data.images import DEFAULT_MAX_PIXELS, square_pixels
 
 _PROGRESS_THRESHOLD = 1000
 
@@ -36,14 +36,14 @@ class ImageCache:
 
         def decode(row: int):
             manifest, line = sources[row] if sources is not None else (None, None)
-            return load_image(paths[row], size=size, max_pixels=max_pixels, manifest=manifest, line=line)
+            return square_pixels(paths[row], size, max_pixels=max_pixels, manifest=manifest, line=line)
 
         workers = num_threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow releases the GIL while decoding
             progress = tqdm(pool.map(decode, first_row), total=len(first_row), desc="decoding images",
                             unit="img", disable=not progress or len(first_row) <= _PROGRESS_THRESHOLD)
             for slot, image in enumerate(progress):
-                self.pixels[slot] = torch.from_numpy(image).permute(2, 0, 1)
+                self.pixels[slot] = image
 
     def __len__(self) -> int:
         return len(self.slots)

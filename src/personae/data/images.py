@@ -2,7 +2,9 @@
 
 Every image that enters personae (manifest rows, cards, uploads to the server) goes through
 :func:`load_image` or :func:`load_image_bytes`, so the limits and conversions are the same
-everywhere:
+everywhere; and every image the *model* looks at (training, evaluation, chat, serving, avatars)
+goes through :func:`square_pixels` (uint8, what the training cache keeps) or :func:`model_pixels`
+(normalised), so the same picture gives the same input tensor on every path:
 
 * The pixel count is read from the file header and checked against ``max_pixels`` *before* any
   pixel data is decoded (decompression bombs never allocate).
@@ -11,7 +13,7 @@ everywhere:
 * EXIF orientation is applied; palette / grey / alpha modes become RGB, with transparent pixels
   composited on white.
 * With ``size`` given, the image is center-cropped to a square (the shorter side) and resized to
-  ``size x size`` with bicubic resampling.
+  ``size x size`` with bicubic resampling (never stretched).
 
 Normalization lives here and only here: :func:`normalize_pixels` turns uint8 ``(..., 3, H, W)``
 pixels into the float input the vision tower expects.
@@ -37,6 +39,8 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "load_image",
     "load_image_bytes",
+    "square_pixels",
+    "model_pixels",
     "to_tensor",
     "normalize_pixels",
     "denormalize_pixels",
@@ -46,6 +50,9 @@ __all__ = [
 IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS: int = 4096 * 4096
+
+# what the model can be shown: a file, encoded bytes (an upload, a card), or decoded pixels
+ImageSource = str | PathLike[str] | bytes | np.ndarray | Image.Image
 
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -91,6 +98,52 @@ def load_image_bytes(
     if len(data) == 0:
         raise DataError("empty image data", name)
     return _decode(io.BytesIO(bytes(data)), name, size, max_pixels, None, None)
+
+
+def square_pixels(
+    image: ImageSource,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    manifest: str | PathLike[str] | None = None,
+    line: int | None = None,
+) -> torch.Tensor:
+    """Any image -> uint8 ``(3, size, size)``: decoded with the limits, RGB, center square, resized.
+
+    Files and bytes are decoded by :func:`load_image` / :func:`load_image_bytes` (``name``,
+    ``manifest`` and ``line`` place their errors); arrays ``(H, W[, C])`` and Pillow images are
+    already decoded and get the same RGB conversion and square treatment.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        array = load_image_bytes(image, size=size, max_pixels=max_pixels, name=name or "<bytes>")
+    elif isinstance(image, (str, PathLike)):
+        array = load_image(image, size=size, max_pixels=max_pixels, manifest=manifest, line=line)
+    elif isinstance(image, (np.ndarray, Image.Image)):
+        if size <= 0:
+            raise ValueError(f"size must be a positive int, got {size}")
+        decoded = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        array = _finish(decoded, size)
+    else:
+        raise TypeError(f"expected a path, bytes, an array or a PIL image, got {type(image).__name__}")
+    return torch.from_numpy(array).permute(2, 0, 1)  # (3, S, S)
+
+
+def model_pixels(
+    image: ImageSource,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    mean: Sequence[float] = IMAGE_MEAN,
+    std: Sequence[float] = IMAGE_STD,
+) -> torch.Tensor:
+    """Any image -> the model's normalised float ``(3, size, size)`` input (chat, server, avatars).
+
+    Equal to what training feeds the model for the same image: :func:`square_pixels` then
+    :func:`normalize_pixels`, the two steps the training cache and collate functions take.
+    """
+    return normalize_pixels(square_pixels(image, size, max_pixels=max_pixels, name=name), mean, std)
 
 
 def _error(

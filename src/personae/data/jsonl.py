@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from personae.errors import DataError
+from personae.files import atomic_path
 
 T = TypeVar("T")
 
@@ -92,10 +92,9 @@ def read_records(path: Path, parse: Callable[[dict[str, Any]], T], what: str) ->
 def write_records(path: Path, records: Iterable[dict[str, Any]]) -> int:
     """Write one JSON object per line atomically (temp file, then rename); returns how many."""
     path = Path(path)
-    tmp, written = path.with_name(path.name + ".tmp"), 0
-    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+    written = 0
+    with atomic_path(path) as staging, staging.open("w", encoding="utf-8", newline="\n") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             written += 1
-    os.replace(tmp, path)
     return written

@@ -4,7 +4,7 @@ One JSON object per line::
 
     {"image": "images/s000123.png", "caption": "a dog on the beach", "scene_id": "s000123", "split": "train"}
 
-Rules (see docs/data-format.md):
+Rules (see docs/guide/data-format.md):
 
 * ``image`` (required): path relative to the manifest's folder, or absolute.
 * ``caption`` (required): a string with at least one non-space character.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from os import PathLike
@@ -31,6 +30,7 @@ from typing import Any
 
 from personae.data.jsonl import json_type, load_json_object, numbered_lines, required_str
 from personae.errors import DataError
+from personae.files import write_text_atomic
 
 __all__ = ["SPLITS", "RESERVED_KEYS", "PairRecord", "PairManifest", "read_pairs", "write_pairs"]
 
@@ -179,15 +179,7 @@ def write_pairs(path: str | PathLike[str], records: Iterable[PairRecord]) -> Pat
     path = Path(path)
     root = Path(os.path.abspath(path.parent))
     lines = [json.dumps(_row(record, root), ensure_ascii=False) for record in records]
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(line + "\n" for line in lines)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
     return path
 
 

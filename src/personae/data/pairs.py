@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from personae.data.image_cache import ImageCache
-from personae.data.images import DEFAULT_MAX_PIXELS, IMAGE_MEAN, IMAGE_STD, load_image, normalize_pixels
+from personae.data.images import DEFAULT_MAX_PIXELS, IMAGE_MEAN, IMAGE_STD, normalize_pixels, square_pixels
 from personae.data.manifest import PairManifest
 from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.errors import DataError
@@ -81,16 +81,6 @@ class PairDataset(Dataset):
                                  sources=[(self.manifest.path, r.line) for r in records],
                                  max_pixels=self.max_pixels, num_threads=num_threads, progress=progress)
 
-    def _load_row(self, row: int) -> np.ndarray:
-        record = self.manifest.records[row]
-        return load_image(
-            record.image,
-            size=self.image_size,
-            max_pixels=self.max_pixels,
-            manifest=self.manifest.path,
-            line=record.line,
-        )
-
     def __len__(self) -> int:
         return len(self._groups)
 
@@ -98,7 +88,9 @@ class PairDataset(Dataset):
         """uint8 pixels ``(3, S, S)`` of row ``index``."""
         if self._cache is not None:
             return self._cache[index]
-        return torch.from_numpy(self._load_row(index)).permute(2, 0, 1).contiguous()
+        record = self.manifest.records[index]
+        return square_pixels(record.image, self.image_size, max_pixels=self.max_pixels,
+                             manifest=self.manifest.path, line=record.line).contiguous()
 
     def input_ids(self, index: int) -> torch.Tensor:
         """Token ids ``(L,)`` of row ``index`` (cls first, cut to ``max_text_len``)."""

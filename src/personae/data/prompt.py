@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from personae.data.cards import CharacterCard
+from personae.data.labels import IGNORE_INDEX
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 
-IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are {{char}}. Stay in character, and answer about the image you see."
 
 

@@ -13,7 +13,8 @@ from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
-from personae.data.prompt import IGNORE_INDEX, Prompt, PromptBuilder, PromptTooLong, Turn
+from personae.data.labels import IGNORE_INDEX
+from personae.data.prompt import Prompt, PromptBuilder, PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.errors import DataError
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from personae.errors import DataError
+from personae.files import write_text_atomic
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -133,7 +132,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, self._backend.to_str(pretty=True))
+        write_text_atomic(path, self._backend.to_str(pretty=True))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "pad_token": self._roles["pad"],
@@ -143,7 +142,7 @@ class Tokenizer:
             "eos_token": self._roles["eos"],
             _ROLES_KEY: dict(self._roles),
         }
-        _atomic_write(path.parent / _CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False))
+        write_text_atomic(path.parent / _CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False))
         return path
 
     # ------------------------------------------------------------------------ encoding
@@ -442,12 +441,3 @@ def _roles_from_hf(config: Mapping[str, Any], backend: tokenizers.Tokenizer) -> 
     return roles
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

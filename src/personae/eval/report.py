@@ -19,9 +19,10 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from personae.data.kinds import open_data
 from personae.eval import plots
 from personae.eval.plots import Curve
-from personae.world.metrics import METRICS
+from personae.files import write_text_atomic
 
 STAGE_ORDER = ("pretrain", "roleplay", "meta", "multitask")
 SECTIONS = {"training": "Training curves", "retrieval": "Retrieval", "roleplay": "Role-play",
@@ -209,9 +210,20 @@ def retrieval_section(run: RunData) -> str:
     return _section("retrieval", note + table + extra + _img(plots.retrieval_bars(result), "retrieval recall"))
 
 
+# the fields of a scored reply row (eval.roleplay.score_rows, adaptation samples) that are not metrics
+ROW_FIELDS = frozenset({"dialogue", "turn", "type", "character", "character_split", "user", "reference", "reply",
+                        "k", "steps"})
+
+
+def _metric_names(blocks: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The metrics of the data kind's scorer, in its order, read from the result's rows or means."""
+    return list(dict.fromkeys(key for block in blocks for key in block if key not in ROW_FIELDS and key != "n"))
+
+
 def _roleplay_table(metrics: Mapping[str, Any]) -> str:
     splits = [s for s in ("train", "heldout") if s in metrics] + [s for s in metrics if s not in SPLIT_NAMES]
-    names = [m for m in METRICS if any(metrics[s]["overall"].get(m) is not None for s in splits)]
+    names = [m for m in _metric_names(metrics[s]["overall"] for s in splits)
+             if any(metrics[s]["overall"].get(m) is not None for s in splits)]
     head = (f"<tr><th rowspan=2>question type</th><th colspan={len(splits)}>turns</th>"
             + "".join(f"<th colspan={len(splits)}>{escape(SHORT.get(m, m))}</th>" for m in names) + "</tr><tr>"
             + "".join(f"<th>{escape(SPLIT_NAMES.get(s, s))}</th>" for _ in range(len(names) + 1) for s in splits)
@@ -242,7 +254,7 @@ def roleplay_section(run: RunData) -> str:
                            [[f"<td>{escape(SPLIT_NAMES.get(s, s))}</td>", _td(v)] for s, v in fluency.items()])
     overall = {SPLIT_NAMES.get(s, s): block["overall"] for s, block in metrics.items()}
     return _section("roleplay", note + _roleplay_table(metrics) + fluency_table
-                    + _img(plots.split_bars(METRICS, overall), "role-play metrics, seen vs held-out"))
+                    + _img(plots.split_bars(_metric_names(overall.values()), overall), "role-play metrics, seen vs held-out"))
 
 
 def find_curves(data: Any, path: tuple[str, ...] = (), steps: list[float] | None = None) -> list[Curve]:
@@ -370,7 +382,7 @@ def _badge(metric: str, value: Any) -> str:
 def _turn_html(sample: Mapping[str, Any]) -> str:
     accuracy = sample.get("response_accuracy")
     verdict = "" if accuracy is None else " good" if accuracy >= 0.999 else " bad"
-    badges = "".join(_badge(m, sample.get(m)) for m in METRICS if m in sample)
+    badges = "".join(_badge(m, sample.get(m)) for m in _metric_names([sample]))
     return (f'<div class="turn"><div><span class="who">user</span> <span class="muted">'
             f'({escape(str(sample.get("type") or "?"))})</span>: {escape(str(sample.get("user", "")))}</div>'
             f'<div class="reply{verdict}"><span class="who">{escape(str(sample.get("character", "")))}</span>: '
@@ -428,11 +440,12 @@ def environment_info() -> dict[str, Any]:
             "device": device}
 
 
-def _world_summary(world: Path | None) -> dict[str, Any]:
-    if world is None or not (world / "world.json").is_file():
-        return {}
-    info = read_json(world / "world.json")
-    return {key: info[key] for key in ("scenes", "image_size", "grid", "splits", "dialogues", "seed") if key in info}
+def _data_summary(data: Path | None) -> tuple[str, dict[str, Any]]:
+    """The data kind's name and what it says about itself (nothing for a plain folder)."""
+    if data is None:
+        return "", {}
+    kind = open_data(data)
+    return kind.name.replace("-", " "), kind.summary()
 
 
 def _key_value_table(title: str, values: Mapping[str, Any]) -> str:
@@ -455,9 +468,9 @@ def config_section(run: RunData) -> str:
     parts = [f"<h3>Wall time per stage</h3>{timing}",
              f"<h3>Environment</h3><p class='muted'>Environment {source}.</p>"
              + _key_value_table("environment", environment)]
-    world = _world_summary(run.world)
-    if world:
-        parts.append("<h3>World</h3>" + _key_value_table("scene world", world))
+    name, summary = _data_summary(run.world)
+    if summary:
+        parts.append("<h3>World</h3>" + _key_value_table(name, summary))
     for stage in run.stages:
         if stage.config is not None:
             text = escape(json.dumps(stage.config, indent=2, sort_keys=False))
@@ -483,11 +496,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write RUN_DIR/report.html (or OUT) for a run folder and return its path."""
     run = load_run(Path(run_dir))
     target = Path(out) if out is not None else run.root / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".tmp")
-    staging.write_text(render_report(run), encoding="utf-8")
-    staging.replace(target)  # a browser never sees half a report
-    return target
+    return write_text_atomic(target, render_report(run))  # a browser never sees half a report
 
 
 def report_command(run_dir: Path, out: Path | None = None) -> Path:

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from personae.data.labels import IGNORE_INDEX
 from personae.data.manifest import PairManifest
 from personae.data.pairs import PairDataset, collate_pairs
 from personae.data.tokenizer import Tokenizer
 from personae.models.model import PersonaeModel
-from personae.objectives.masked_lm import IGNORE_INDEX, mask_tokens
+from personae.objectives.masked_lm import mask_tokens
 
 KS = (1, 5, 10)
 

@@ -1,8 +1,9 @@
-"""Role-play evaluation on the scene world: generate every test reply, score it exactly, and fluency.
+"""Role-play evaluation: generate every test reply, score it exactly where the data kind can, and fluency.
 
 Each turn of each test conversation is answered by the model with the reference history before it
-(teacher-forced history), greedy, and scored by `roleplay_metrics`; fluency is the perplexity of
-the reference replies under the model. Results are split by seen (train) and held-out characters.
+(teacher-forced history), greedy, and scored by the data kind's reply scorer (the scene world's
+exact metrics; see :mod:`personae.data.kinds`); fluency is the perplexity of the reference replies
+under the model, for any data. Results are split by seen (train) and held-out characters.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord, load_character_cards, read_dialogues
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
+from personae.data.kinds import ReplyScorer, open_data
+from personae.data.labels import IGNORE_INDEX
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.models.generation import SamplingParams, generate
 from personae.models.model import PersonaeModel
-from personae.objectives.masked_lm import IGNORE_INDEX
-from personae.world.build import load_scenes
-from personae.world.characters import load_characters
-from personae.world.metrics import METRICS, aggregate, score_reply
-from personae.world.scene import Scene
 
 CHARACTER_SPLITS = ("train", "heldout")
 
@@ -94,32 +92,23 @@ def reference_perplexity(model: PersonaeModel, dataset: RolePlayDataset, tokeniz
     return math.exp(total / max(1, count))
 
 
-def _score_rows(records: Sequence[DialogueRecord], replies: dict[tuple[int, int], str],
-                scenes: dict[str, Scene], characters: dict) -> list[dict[str, Any]]:
+def score_rows(records: Sequence[DialogueRecord], replies: dict[tuple[int, int], str],
+               scorer: ReplyScorer) -> list[dict[str, Any]]:
+    """One row per answered turn: what was asked, the reference, the reply and the scorer's metrics."""
     rows = []
     for r, record in enumerate(records):
-        character = characters[record.character]
         for t, turn in enumerate(record.turns):
-            world_turn = {"user": turn.user, "reply": turn.reply, **turn.meta}
-            scores = score_reply(replies[(r, t)], world_turn, scenes[record.scene_id], character, characters)
+            scores = scorer.score(record, t, replies[(r, t)])
             rows.append({"dialogue": record.id, "turn": t, "type": turn.meta.get("type"),
                          "character": record.character, "character_split": record.character_split,
                          "user": turn.user, "reference": turn.reply, "reply": replies[(r, t)], **scores})
     return rows
 
 
-def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path, *, split: str = "test",
-                      limit: int | None = None, batch_size: int = 32, max_new_tokens: int = 64,
-                      include_examples: bool = False, max_repeats: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Score the model's replies on a split of the scene world, seen vs held-out characters."""
-    model.eval()
-    data_dir = Path(data_dir)
-    records = read_dialogues(data_dir / "dialogues.jsonl", split=split)
-    if limit is not None:  # keep the seen/held-out balance: take from each character split
-        records = [r for s in CHARACTER_SPLITS for r in [x for x in records if x.character_split == s][:limit]]
-    cards = load_character_cards(data_dir / "characters")
-    characters = load_characters(data_dir)
-    scenes = {scene.scene_id: scene for scene in load_scenes(data_dir, split=split)}
+def _answer_and_score(model: PersonaeModel, tokenizer: Tokenizer, records: Sequence[DialogueRecord],
+                      cards: dict[str, CharacterCard], scorer: ReplyScorer, *, batch_size: int, max_new_tokens: int,
+                      include_examples: bool, max_repeats: int, progress: bool) -> list[dict[str, Any]]:
+    """Greedy replies to every turn of RECORDS, each scored by SCORER."""
     with_image = records[0].image is not None
     images = (ImageCache([r.image for r in records], model.cfg.vision.image_size, progress=progress)
               if with_image else None)
@@ -128,14 +117,37 @@ def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, max_repeats=max_repeats)
     replies = generate_all(model, tokenizer, records, pending, images, params, batch_size=batch_size,
                            progress=progress)
-    rows = _score_rows(records, replies, scenes, characters)
-    result: dict[str, Any] = {"split": split, "conversations": len(records), "turns": len(rows), "metrics": {},
-                              "fluency_perplexity": {}}
+    return score_rows(records, replies, scorer)
+
+
+def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path, *, split: str = "test",
+                      limit: int | None = None, batch_size: int = 32, max_new_tokens: int = 64,
+                      include_examples: bool = False, max_repeats: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Score the model's replies on a split of DATA_DIR, seen vs held-out characters.
+
+    The exact metrics come from the folder's data kind (the scene world has them); a kind without
+    a reply scorer gets fluency only (no replies are generated).
+    """
+    model.eval()
+    kind = open_data(data_dir)
+    records = read_dialogues(kind.root / "dialogues.jsonl", split=split)
+    if limit is not None:  # keep the seen/held-out balance: take from each character split
+        records = [r for s in CHARACTER_SPLITS for r in [x for x in records if x.character_split == s][:limit]]
+    cards = load_character_cards(kind.root / "characters")
+    scorer = kind.reply_scorer(split)
+    rows = [] if scorer is None else _answer_and_score(
+        model, tokenizer, records, cards, scorer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        include_examples=include_examples, max_repeats=max_repeats, progress=progress)
+    with_image = records[0].image is not None
+    result: dict[str, Any] = {"split": split, "conversations": len(records),
+                              "turns": sum(len(r.turns) for r in records), "metrics": {}, "fluency_perplexity": {}}
     for character_split in CHARACTER_SPLITS:
         chosen = [r for r in records if r.character_split == character_split]
         if not chosen:
             continue
-        result["metrics"][character_split] = aggregate(x for x in rows if x["character_split"] == character_split)
+        if scorer is not None:
+            result["metrics"][character_split] = scorer.aggregate(
+                x for x in rows if x["character_split"] == character_split)
         dataset = RolePlayDataset(chosen, cards, tokenizer, image_size=model.cfg.vision.image_size,
                                   max_tokens=model.text_budget(0, with_image),
                                   include_examples=include_examples, progress=False)
@@ -145,20 +157,26 @@ def evaluate_roleplay(model: PersonaeModel, tokenizer: Tokenizer, data_dir: Path
 
 
 def format_roleplay_table(result: dict[str, Any]) -> str:
-    """Per question type x metric, one block per character split, plus fluency."""
+    """Per question type x metric, one block per character split, plus fluency (alone for data without metrics)."""
     short = {"response_accuracy": "accuracy", "image_text_relevance": "relevance", "instruction_adherence": "adherence",
              "persona_consistency": "persona", "knowledge_consistency": "knowledge"}
     lines = []
-    for split, block in result["metrics"].items():
+    for split, perplexity in result["fluency_perplexity"].items():
         name = "seen (train) characters" if split == "train" else "held-out characters"
-        lines.append(f"{name}: {block['overall']['n']} turns, fluency perplexity "
-                     f"{result['fluency_perplexity'][split]:.2f}")
-        lines.append(f"{'type':<10}{'n':>6}" + "".join(f"{short[m]:>11}" for m in short))
-        for label, row in [("overall", block["overall"])] + list(block["by_type"].items()):
-            cells = "".join(f"{row[m]:>11.3f}" if row[m] is not None else f"{'-':>11}" for m in short)
+        block = result["metrics"].get(split)
+        if block is None:
+            lines += [f"{name}: fluency perplexity {perplexity:.2f} (no exact metrics for this data)", ""]
+            continue
+        # the scene world's metrics by their short names; another kind's by its own (cut to the column)
+        columns = ({m: label for m, label in short.items() if m in block["overall"]}
+                   or {m: m[:10] for m in block["overall"] if m != "n"})
+        lines.append(f"{name}: {block['overall']['n']} turns, fluency perplexity {perplexity:.2f}")
+        lines.append(f"{'type':<10}{'n':>6}" + "".join(f"{label:>11}" for label in columns.values()))
+        for label, row in [("overall", block["overall"])] + list(block.get("by_type", {}).items()):
+            cells = "".join(f"{row[m]:>11.3f}" if row.get(m) is not None else f"{'-':>11}" for m in columns)
             lines.append(f"{label:<10}{row['n']:>6}" + cells)
         lines.append("")
     return "\n".join(lines).rstrip()
 
 
-__all__ = ["METRICS", "evaluate_roleplay", "format_roleplay_table", "generate_all", "reference_perplexity"]
+__all__ = ["evaluate_roleplay", "format_roleplay_table", "generate_all", "reference_perplexity", "score_rows"]

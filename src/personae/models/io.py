@@ -6,7 +6,8 @@ below `train/` and `serve/`.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from personae.config import Config, load_config, save_config
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.files import atomic_directory
 from personae.models.model import PersonaeModel
 
 CONFIG_FILE = "config.json"
@@ -36,19 +38,15 @@ def write_model_files(folder: Path, model: nn.Module, config: Config, tokenizer:
     tokenizer.save(folder / TOKENIZER_FILE)
 
 
-def swap_in(staging: Path, directory: Path) -> None:
-    """Move a finished checkpoint into place so that a reader never sees a half-written file.
+@contextmanager
+def model_directory(directory: Path) -> Iterator[Path]:
+    """A staging folder that replaces ``directory`` when the block ends without an error.
 
-    A new directory is renamed in one step; into an existing one (a run's root) each file is
-    renamed over the old one, weights first and trainer state last.
+    Into an existing directory (a run's root) the weights are renamed first and the trainer
+    state last, so a reader that finds the new state finds the new weights too.
     """
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    order = {MODEL_FILE: 0, STATE_FILE: 2}
-    for path in sorted(staging.iterdir(), key=lambda p: order.get(p.name, 1)):
-        os.replace(path, directory / path.name)
-    staging.rmdir()
+    with atomic_directory(directory, first=(MODEL_FILE,), last=(STATE_FILE,)) as staging:
+        yield staging
 
 
 def require_file(directory: Path, name: str) -> Path:

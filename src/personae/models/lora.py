@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from personae.errors import PersonaeError
+from personae.files import atomic_path
 
 LORA_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 LORA_MARKERS = ("lora_A", "lora_B")
@@ -155,11 +156,9 @@ def save_adapter(path: str | Path, tensors: Mapping[str, torch.Tensor],
     if not tensors:
         raise AdapterError(f"{path}: no tensors to save in the adapter")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(data, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as staging:  # a reader never sees half a file
+        save_file(data, str(staging), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
     return path
 
 

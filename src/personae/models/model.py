@@ -21,6 +21,9 @@ from personae.models.lora import add_lora
 from personae.models.text import TextEncoder
 from personae.models.vision import VisionEncoder, pool_regions
 
+# CLIP's bound exp(logit_scale) <= 100, kept on the parameter after each optimiser step
+MAX_LOGIT_SCALE = math.log(100.0)
+
 
 @dataclass
 class EncoderOutput:
@@ -68,7 +71,7 @@ class PersonaeModel(nn.Module):
         if cfg.decoder.enabled:
             self.decoder = Decoder(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        self.logit_scale = nn.Parameter(torch.tensor(min(math.log(1.0 / cfg.init_temperature), MAX_LOGIT_SCALE)))
         if cfg.lora_rank > 0:  # a run that carries LoRA (meta-trained) is rebuilt with it before loading
             if self.decoder is None:
                 raise ValueError("model.lora_rank > 0 puts LoRA adapters on the decoder, but model.decoder.enabled "
@@ -92,8 +95,17 @@ class PersonaeModel(nn.Module):
         return F.normalize(self.text_proj(words[:, 0]), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) = 1 / temperature, clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=100.0)
+        """exp(logit_scale) = 1 / temperature; at most 100 because the trainer calls clamp_logit_scale_."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Pull logit_scale back to MAX_LOGIT_SCALE; called after each optimiser step (as open_clip does).
+
+        A clamp in the forward pass instead has a zero gradient above the bound, so a scale that once
+        passed 100 could never come back down.
+        """
+        self.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
 
     def fuse(
         self, regions: torch.Tensor, words: torch.Tensor, attention_mask: torch.Tensor | None = None

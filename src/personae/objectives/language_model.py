@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personae.objectives.masked_lm import IGNORE_INDEX
+from personae.data.labels import IGNORE_INDEX
 
 
 class LanguageModelling(nn.Module):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from personae.data.labels import IGNORE_INDEX
 
 
 def mask_tokens(

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible chat completions, models, character management, and the web page.
 
 ``create_app(run_dir, settings)`` loads a fine-tuned run, starts the batching scheduler and returns
-the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/api.md has examples):
+the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/guide/api.md has examples):
 
     GET  /                                  the chat page (static/)
     GET  /health                            liveness, no key needed
@@ -52,7 +52,20 @@ from personae.serve.characters import (
 from personae.serve.completions import CompletionService, completion_body, completion_id, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
-from personae.serve.schemas import AdaptRequest, ChatCompletionRequest
+from personae.serve.schemas import (
+    AdaptJobCreated,
+    AdaptJobInfo,
+    AdaptRequest,
+    CharacterDeleted,
+    CharacterInfo,
+    CharacterList,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ModelList,
+)
 from personae.serve.settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -195,7 +208,7 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
         context.adapt_jobs.stop()
 
     app = FastAPI(title="personae", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible role-play server; see docs/api.md")
+                  description="OpenAI-compatible role-play server; see docs/guide/api.md", responses=ERROR_RESPONSES)
     app.state.context = context
     context.scheduler.start()  # also without the lifespan (e.g. a TestClient used outside `with`)
     install_error_handlers(app)
@@ -233,8 +246,17 @@ async def _collect(handle: RequestHandle, request: Request) -> list:
         handle.cancel()
 
 
+# every route may answer an error in OpenAI's shape (request validation errors are 400s, not 422s)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "a refused request"},
+    "5XX": {"model": ErrorResponse, "description": "a server error"},
+}
+_STREAM_RESPONSE = {200: {"description": "the completion; with `stream: true`, server-sent events of chunks",
+                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 def _chat_routes(app: FastAPI, context: ServerContext) -> None:
-    @app.post("/v1/chat/completions", tags=["openai"])
+    @app.post("/v1/chat/completions", tags=["openai"], response_model=ChatCompletion, responses=_STREAM_RESPONSE)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         prepared = await run_in_threadpool(context.completions.prepare, body)
         handle = context.submit(prepared.job)
@@ -244,30 +266,29 @@ def _chat_routes(app: FastAPI, context: ServerContext) -> None:
             return StreamingResponse(stream_chunks(handle, prepared), media_type="text/event-stream",
                                      headers=headers)
         generations = await _collect(handle, request)
-        return JSONResponse(completion_body(prepared, generations, completion_id(), int(time.time())),
-                            headers=headers)
+        body = ChatCompletion.model_validate(completion_body(prepared, generations, completion_id(), int(time.time())))
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
     @app.get("/v1/models", tags=["openai"])
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_info(e) for e in context.registry.list()]}
+    async def list_models() -> ModelList:
+        return ModelList(data=[_model_info(e) for e in context.registry.list()])
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"])
-    async def get_model(model_id: str) -> dict[str, Any]:
+    async def get_model(model_id: str) -> ModelInfo:
         return _model_info(_entry(context, model_id, "model"))
 
 
-def _model_info(entry: CharacterEntry) -> dict[str, Any]:
-    return {"id": entry.model, "object": "model", "created": entry.created, "owned_by": "personae",
-            "name": entry.card.name, "source": entry.source, "adapted": entry.adapted}
+def _model_info(entry: CharacterEntry) -> ModelInfo:
+    return ModelInfo(id=entry.model, created=entry.created, name=entry.card.name, source=entry.source,
+                     adapted=entry.adapted)
 
 
-def _character_info(entry: CharacterEntry, adapters: ServerAdapters) -> dict[str, Any]:
+def _character_info(entry: CharacterEntry, adapters: ServerAdapters) -> CharacterInfo:
     greetings = entry.card.greetings()
-    return {"id": entry.id, "object": "character", "model": entry.model, "name": entry.card.name,
-            "source": entry.source, "adapted": entry.adapted, "adapter": adapters.status(entry.id),
-            "description": entry.card.description,
-            "greeting": greetings[0] if greetings else "", "avatar_url": f"/v1/characters/{entry.id}/avatar",
-            "tags": list(entry.card.tags)}
+    return CharacterInfo(id=entry.id, model=entry.model, name=entry.card.name, source=entry.source,
+                         adapted=entry.adapted, adapter=adapters.status(entry.id), description=entry.card.description,
+                         greeting=greetings[0] if greetings else "", avatar_url=f"/v1/characters/{entry.id}/avatar",
+                         tags=list(entry.card.tags))
 
 
 def _entry(context: ServerContext, name: str, param: str = "id") -> CharacterEntry:
@@ -279,15 +300,15 @@ def _entry(context: ServerContext, name: str, param: str = "id") -> CharacterEnt
 
 def _character_routes(app: FastAPI, context: ServerContext) -> None:
     @app.get("/v1/characters", tags=["characters"])
-    async def list_characters() -> dict[str, Any]:
-        return {"object": "list", "data": [_character_info(e, context.adapters) for e in context.registry.list()]}
+    async def list_characters() -> CharacterList:
+        return CharacterList(data=[_character_info(e, context.adapters) for e in context.registry.list()])
 
     @app.get("/v1/characters/{character_id}", tags=["characters"])
-    async def get_character(character_id: str) -> dict[str, Any]:
+    async def get_character(character_id: str) -> CharacterInfo:
         return _character_info(_entry(context, character_id), context.adapters)
 
     @app.post("/v1/characters", status_code=201, tags=["characters"])
-    async def upload_character(request: Request) -> JSONResponse:
+    async def upload_character(request: Request) -> CharacterInfo:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind.startswith("multipart/"):
             raise ApiError(415, "send the card file itself as the body (Content-Type: application/json or "
@@ -303,17 +324,17 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
             raise ApiError(400, f"not a valid character card: {error}", code="invalid_card") from None
         except CharacterExists as error:
             raise ApiError(409, str(error), code="character_exists") from None
-        return JSONResponse(_character_info(entry, context.adapters), status_code=201)
+        return _character_info(entry, context.adapters)
 
     @app.delete("/v1/characters/{character_id}", tags=["characters"])
-    async def delete_character(character_id: str) -> dict[str, Any]:
+    async def delete_character(character_id: str) -> CharacterDeleted:
         try:
             entry = context.registry.remove(character_id)
         except CharacterNotFound as error:
             raise ApiError(404, str(error), param="id", code="character_not_found") from None
         except CharacterReadOnly as error:
             raise ApiError(403, str(error), param="id", code="character_read_only") from None
-        return {"id": entry.id, "object": "character", "deleted": True}
+        return CharacterDeleted(id=entry.id)
 
     @app.get("/v1/characters/{character_id}/avatar", tags=["characters"])
     async def avatar(character_id: str) -> Response:
@@ -323,7 +344,8 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
 
 
 def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
-    @app.post("/v1/characters/{character_id}/adapt", status_code=202, tags=["characters"])
+    @app.post("/v1/characters/{character_id}/adapt", status_code=202, tags=["characters"],
+              response_model=AdaptJobCreated)
     async def adapt(character_id: str, body: AdaptRequest | None = None) -> JSONResponse:
         entry = _entry(context, character_id)
         body = body or AdaptRequest()
@@ -343,7 +365,7 @@ def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
         return JSONResponse(job.info() | {"status_url": f"/v1/characters/{entry.id}/adapt/{job.id}"},
                             status_code=202)
 
-    @app.get("/v1/characters/{character_id}/adapt", tags=["characters"])
+    @app.get("/v1/characters/{character_id}/adapt", tags=["characters"], response_model=AdaptJobInfo)
     async def latest_job(character_id: str) -> dict[str, Any]:
         entry = _entry(context, character_id)
         job = context.adapt_jobs.latest(entry.id)
@@ -351,7 +373,7 @@ def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
             raise ApiError(404, f"'{entry.id}' has no adaptation job", code="job_not_found")
         return job.info()
 
-    @app.get("/v1/characters/{character_id}/adapt/{job_id}", tags=["characters"])
+    @app.get("/v1/characters/{character_id}/adapt/{job_id}", tags=["characters"], response_model=AdaptJobInfo)
     async def get_job(character_id: str, job_id: str) -> dict[str, Any]:
         job = context.adapt_jobs.get(job_id)
         if job is None or job.character != _entry(context, character_id).id:
@@ -378,8 +400,8 @@ def _misc_routes(app: FastAPI, context: ServerContext) -> None:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/health", tags=["server"])
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "characters": len(context.registry.list())}
+    async def health() -> Health:
+        return Health(version=__version__, characters=len(context.registry.list()))
 
     @app.get("/stats", tags=["server"])
     async def stats() -> dict[str, Any]:

@@ -31,7 +31,7 @@ from personae.data.cards import (
     save_card_json,
     save_card_png,
 )
-from personae.data.images import normalize_pixels
+from personae.data.images import model_pixels
 from personae.errors import PersonaeError
 
 Source = Literal["trained", "uploaded"]
@@ -185,13 +185,5 @@ class CharacterRegistry:
         """The avatar as the model's (3, S, S) input: what the character looks at without an image."""
         with self._lock:
             if entry.id not in self._pixels:
-                self._pixels[entry.id] = image_pixels(self.avatar(entry), self.image_size)
+                self._pixels[entry.id] = model_pixels(self.avatar(entry), self.image_size)
             return self._pixels[entry.id]
-
-
-def image_pixels(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """An RGB image to the model's normalised (3, size, size) input (a plain resize, as the chat does)."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    array = np.array(image.convert("RGB").resize((size, size)))
-    return normalize_pixels(torch.from_numpy(array).permute(2, 0, 1))  # (3, S, S)

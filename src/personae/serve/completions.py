@@ -28,18 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from personae import __version__
 from personae.data.cards import CharacterCard, default_avatar
-from personae.data.images import load_image_bytes
+from personae.data.images import model_pixels
 from personae.data.prompt import PromptBuilder, PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.generation import Generation, SamplingParams
 from personae.models.model import PersonaeModel
 from personae.serve.adapters import ServerAdapters
-from personae.serve.characters import CharacterRegistry, image_pixels
+from personae.serve.characters import CharacterRegistry
 from personae.serve.errors import ApiError, error_body
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
 from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
@@ -171,19 +170,17 @@ class CompletionService:
         with self._lock:  # prepare() runs on several worker threads
             if name not in self._default_pixels:
                 self._default_pixels = dict(list(self._default_pixels.items())[-63:])  # a small bounded cache
-                self._default_pixels[name] = image_pixels(default_avatar(name), self.image_size)
+                self._default_pixels[name] = model_pixels(default_avatar(name), self.image_size)
             return self._default_pixels[name]
 
     def _image(self, url: str, param: str) -> torch.Tensor:
         """A data: URL -> (3, S, S) pixels; remote URLs, paths, oversized and broken images are refused."""
         raw = decode_data_url(url, param, self.settings.max_image_bytes)
         try:
-            array = load_image_bytes(raw, size=self.image_size, max_pixels=self.settings.max_image_pixels,
-                                     name=param)
+            return model_pixels(raw, self.image_size, max_pixels=self.settings.max_image_pixels, name=param)
         except DataError as error:
             code = "image_too_large" if "over the limit" in str(error) else "invalid_image"
             raise ApiError(400, str(error), param=param, code=code) from None
-        return image_pixels(Image.fromarray(array), self.image_size)
 
 
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:

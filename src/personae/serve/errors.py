@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personae.errors import PersonaeError
+from personae.serve.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ class ApiError(PersonaeError):
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """The JSON body of an error."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """The JSON body of an error (through :class:`~personae.serve.schemas.ErrorResponse`)."""
+    return ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
 
 
 def _is_branch(part: Any) -> bool:

@@ -1,8 +1,10 @@
 """Request and response shapes of the HTTP API (OpenAI's chat completions, plus personae's characters).
 
 Requests ignore fields they do not know (OpenAI clients and front-ends such as SillyTavern send
-many), but fields they do know are validated strictly. Streamed chunks are built as plain dicts
-in :mod:`personae.serve.completions` (pydantic per token would cost more than the model).
+many), but fields they do know are validated strictly. Every JSON answer is built through the
+response model of its route (so ``/openapi.json`` describes what the server sends), except the
+streamed chunks, built as plain dicts in :mod:`personae.serve.completions` (pydantic per token
+would cost more than the model), and ``/stats``, whose counters are the scheduler's own.
 """
 
 from __future__ import annotations
@@ -143,10 +145,12 @@ class CharacterInfo(BaseModel):
     """One character: id, name, where it comes from, whether it has an adapter, and its card fields."""
 
     id: str
+    object: Literal["character"] = "character"
     model: str
     name: str
     source: Literal["trained", "uploaded"]
     adapted: bool
+    adapter: str | None = Field(description="'applied', 'not applied: <why>', or null without an adapter file")
     description: str
     greeting: str
     avatar_url: str
@@ -158,6 +162,14 @@ class CharacterList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[CharacterInfo]
+
+
+class CharacterDeleted(BaseModel):
+    """DELETE /v1/characters/{id}: OpenAI's deleted-object shape."""
+
+    id: str
+    object: Literal["character"] = "character"
+    deleted: bool = True
 
 
 class AdaptExample(_Lenient):
@@ -187,6 +199,20 @@ class AdaptJobInfo(BaseModel):
     error: str | None = None
     created: int
     finished: int | None = None
+
+
+class AdaptJobCreated(AdaptJobInfo):
+    """POST /v1/characters/{id}/adapt (202): the queued job and where to poll it."""
+
+    status_url: str
+
+
+class Health(BaseModel):
+    """GET /health: the server is up, its version and how many characters it has."""
+
+    status: Literal["ok"] = "ok"
+    version: str
+    characters: int
 
 
 class ErrorDetail(BaseModel):

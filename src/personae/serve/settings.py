@@ -18,7 +18,7 @@ class SettingsError(PersonaeError, ValueError):
 
 @dataclass
 class ServeSettings:
-    """What `personae serve` accepts and how it batches; see docs/api.md for each limit's error."""
+    """What `personae serve` accepts and how it batches; see docs/guide/api.md for each limit's error."""
 
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_body_bytes: int = 8 * MiB  # whole request body (413 above it)

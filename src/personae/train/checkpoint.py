@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from torch import nn
 
 from personae.config import Config
 from personae.data.tokenizer import Tokenizer
-from personae.models.io import STATE_FILE, require_file, swap_in, write_model_files
+from personae.models.io import STATE_FILE, model_directory, require_file, write_model_files
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -65,18 +63,14 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically: build it beside the target, then rename it in place."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write_model_files(staging, model, config, tokenizer)
-    if optimizer is not None:
-        tensors, meta = _optimizer_to_files(optimizer)
-        save_file(tensors, str(staging / OPTIMIZER_FILE))
-        (staging / "optimizer.json").write_text(json.dumps(meta))
-    if state is not None:
-        (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-    swap_in(staging, directory)
+    with model_directory(directory) as staging:
+        write_model_files(staging, model, config, tokenizer)
+        if optimizer is not None:
+            tensors, meta = _optimizer_to_files(optimizer)
+            save_file(tensors, str(staging / OPTIMIZER_FILE))
+            (staging / "optimizer.json").write_text(json.dumps(meta))
+        if state is not None:
+            (staging / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
     return directory
 
 

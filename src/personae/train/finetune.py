@@ -10,6 +10,8 @@ import torch
 
 from personae.config import Config, apply_overrides
 from personae.data.dialogues import load_character_cards, read_dialogues, require_cards
+from personae.data.kinds import open_data
+from personae.data.marker_swap import swap_conversations
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.errors import PersonaeError
 from personae.models.io import CheckpointError, load_model
@@ -69,9 +71,7 @@ def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) ->
     """finetune.persona_swap: that fraction of the conversations rewritten with fresh markers (index -> variant)."""
     if not cfg.finetune.persona_swap:
         return {}
-    from personae.world.persona_swap import PersonaSwap, swap_conversations
-
-    swap = PersonaSwap.of_world(data_dir, cfg.finetune.train.seed, "finetune.persona_swap")
+    swap = open_data(data_dir).persona_swap(cfg.finetune.train.seed, "finetune.persona_swap")
     return swap_conversations(records, cards, swap, cfg.finetune.persona_swap, cfg.finetune.train.seed)
 
 

@@ -26,6 +26,8 @@ from torch import nn
 from personae.config import Config
 from personae.data.dialogues import DialogueRecord, load_character_cards, read_dialogues, require_cards
 from personae.data.episodes import EpisodeCollator, EpisodeSampler, pad_values
+from personae.data.kinds import open_data
+from personae.data.marker_swap import SwappedEpisodeCollator
 from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.meta import MetaLearner, build_meta
@@ -117,9 +119,7 @@ def _episode_batches(cfg: Config, data_dir: Path, sampler: EpisodeSampler, datas
     if not cfg.meta.persona_swap:
         collator = EpisodeCollator(dataset, pad_id)
         return lambda micro_step: collator.meta_batch(sampler.meta_batch(micro_step, n))
-    from personae.world.persona_swap import PersonaSwap, SwappedEpisodeCollator
-
-    swap = PersonaSwap.of_world(data_dir, cfg.meta.train.seed, "meta.persona_swap")
+    swap = open_data(data_dir).persona_swap(cfg.meta.train.seed, "meta.persona_swap")
     swapped = SwappedEpisodeCollator(dataset, pad_id, swap, cards, max_tokens=max_tokens,
                                      include_examples=cfg.finetune.include_examples)
     return lambda micro_step: swapped.meta_batch(sampler.meta_batch(micro_step, n), key=micro_step)

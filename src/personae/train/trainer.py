@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from personae.config import Config, TrainCfg
 from personae.data.tokenizer import Tokenizer
+from personae.files import atomic_path
 from personae.models.io import require_file
+from personae.models.model import PersonaeModel
 from personae.train.checkpoint import TrainerState, latest_checkpoint, load_training_state, save_checkpoint
 from personae.train.distributed import DistInfo, all_reduce_mean
 
@@ -192,6 +194,8 @@ class Trainer:
         if self.cfg.clip_grad_norm > 0:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm))
         self.optimizer.step()
+        if isinstance(self.model, PersonaeModel):
+            self.model.clamp_logit_scale_()  # the temperature's bound lives on the parameter, not in the forward
         self.optimizer.zero_grad(set_to_none=True)
         sums["lr"] = self.optimizer.param_groups[0]["lr"]
         return sums
@@ -234,6 +238,5 @@ class Trainer:
     def _save_aux(self, folder: Path) -> None:
         """Each aux module's state as <name>.safetensors in the folder (written aside, then renamed)."""
         for name, module in self.aux.items():
-            tmp = folder / f".{name}.safetensors.tmp"
-            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-            tmp.replace(folder / f"{name}.safetensors")
+            with atomic_path(folder / f"{name}.safetensors") as staging:
+                save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(staging))

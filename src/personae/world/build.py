@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from personae.data.jsonl import read_records, write_records
 from personae.world.captions import caption_scene, caption_templates
+from personae.world.cards import write_characters
 from personae.world.catalog import OBJECTS, categories
-from personae.world.characters import CHARACTERS_FILE, write_characters
+from personae.world.characters import CHARACTERS_FILE
 from personae.world.dialogues import DIALOGUES_FILE, write_dialogues
 from personae.world.scene import BACKGROUND_VARIANTS, MIN_IMAGE_SIZE, Scene, SceneRenderer, sample_scene
 from personae.world.settings import SETTINGS

@@ -1,23 +1,24 @@
-"""Scene-world characters: personas with checkable styles, written as Tavern character cards (V2).
+"""Scene-world characters: personas with checkable styles, read back from Tavern character cards (V2).
 
 A :class:`Character` has facts (name, role, home) and a :class:`Style` whose every part can be
 found in text by a pattern: greetings, a "seeing" phrase, a sign-off, a favourite and a disliked
 object category, and one :class:`Quirk`. ``CHARACTERS`` holds the built-in cast (see
-``personas.py``); ``write_characters`` writes ``characters/<id>.json`` cards plus a
-``characters.jsonl`` index, and ``load_characters`` reads them back (the card's
-``extensions.personae`` block holds the style, so a card is all a loader needs).
+``personas.py``). ``personae.world.cards`` writes ``characters/<id>.json`` cards plus a
+``characters.jsonl`` index; ``load_characters`` reads them back through the card reader of
+``personae.data.cards`` (the card's ``extensions.personae`` block holds the style, so a card is
+all a loader needs).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personae.data.cards import CharacterCard, load_card
 from personae.world.catalog import categories
 from personae.world.personas import HELDOUT_ROWS, TRAIN_ROWS
 
@@ -26,7 +27,6 @@ QUIRK_KINDS = ("capitals", "lowercase", "prefix", "tag", "title")
 STRING_QUIRKS = ("prefix", "tag", "title")  # kinds whose text is a marker
 CHARACTERS_DIR = "characters"
 CHARACTERS_FILE = "characters.jsonl"
-CARD_SPEC, CARD_SPEC_VERSION = "chara_card_v2", "2.0"
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 
@@ -173,84 +173,19 @@ def as_character_map(characters: Mapping[str, Character] | Sequence[Character] |
     return {c.id: c for c in characters}
 
 
-# -- Tavern character cards ----------------------------------------------------------------------
-
-
-def character_card(character: Character) -> dict[str, Any]:
-    """The character as a Tavern character card V2 (a JSON-ready dict)."""
-    from personae.world.styles import card_greetings, mes_example  # styles imports us
-
-    first, *alternates = card_greetings(character)
-    c, style = character, character.style
-    rules = [f"Greet with \"{style.greetings[0]}\".",
-             f"Introduce what you see with \"{style.seeing}\".",
-             f"Sign off with \"{style.sign_off}\".", style.quirk.instruction(),
-             f"You love {style.favourite} and dislike {style.disliked}."]
-    data = {
-        "name": c.name,
-        "description": f"{{{{char}}}} is {c.role_phrase} from {c.home}. {c.bio}".strip(),
-        "personality": c.personality,
-        "scenario": ("{{user}} shows {{char}} small pictures of scenes (a setting with a few "
-                     "objects on a 3x3 grid) and asks about them."),
-        "first_mes": first,
-        "mes_example": mes_example(character),
-        "creator_notes": (f"personae scene-world character ({c.split} split). The checkable "
-                          "style is in extensions.personae.style."),
-        "system_prompt": (f"You are {{{{char}}}}, {c.role_phrase}. Stay in character and answer "
-                          "questions about the picture truthfully."),
-        "post_history_instructions": " ".join(rules),
-        "alternate_greetings": alternates,
-        "character_book": None,
-        "tags": ["personae", "scene-world", c.split, c.role],
-        "creator": "personae",
-        "character_version": "1",
-        "extensions": {"personae": {"id": c.id, "split": c.split, "style": style.to_dict(),
-                                    "facts": c.facts(), "bio": c.bio}},
-    }
-    return {"spec": CARD_SPEC, "spec_version": CARD_SPEC_VERSION, "data": data}
-
-
-def character_from_card(card: Mapping[str, Any]) -> Character:
-    """Read a Character back from a card written by character_card (or any card with the block)."""
-    if card.get("spec") != CARD_SPEC:
-        raise ValueError(f"not a {CARD_SPEC} card: spec is {card.get('spec')!r}")
-    data = card["data"]
-    block = data.get("extensions", {}).get("personae")
+def character_from_card(card: CharacterCard) -> Character:
+    """Read a Character back from a card written by ``character_card`` (or any card with the block)."""
+    block = card.extensions.get("personae")
     if not isinstance(block, Mapping):
-        raise ValueError(f"card {data.get('name')!r} has no extensions.personae block")
+        raise ValueError(f"card {card.name!r} has no extensions.personae block")
     facts = block["facts"]
     return Character(block["id"], facts["name"], facts["role"], facts["home"], block["split"],
-                     Style.from_dict(block["style"]), data.get("personality", ""),
-                     block.get("bio", ""))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically (temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+                     Style.from_dict(block["style"]), card.personality, block.get("bio", ""))
 
 
 def card_path(character_id: str) -> str:
     """Where a character's card lives, relative to the world folder."""
     return f"{CHARACTERS_DIR}/{character_id}.json"
-
-
-def write_characters(out_dir: Path | str,
-                     characters: Mapping[str, Character] | None = None) -> list[Path]:
-    """Write characters/<id>.json cards and the characters.jsonl index; return the card paths."""
-    out_dir = Path(out_dir)
-    (out_dir / CHARACTERS_DIR).mkdir(parents=True, exist_ok=True)
-    written, index = [], []
-    for character in (characters or CHARACTERS).values():
-        path = out_dir / card_path(character.id)
-        card = character_card(character)
-        _write_text(path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-        written.append(path)
-        index.append(json.dumps({"id": character.id, "name": character.name,
-                                 "split": character.split, "card": card_path(character.id)}))
-    _write_text(out_dir / CHARACTERS_FILE, "\n".join(index) + "\n")
-    return written
 
 
 def load_characters(world_dir: Path | str, split: str | None = None) -> dict[str, Character]:
@@ -266,8 +201,7 @@ def load_characters(world_dir: Path | str, split: str | None = None) -> dict[str
             continue
         try:
             entry = json.loads(line)
-            card = json.loads((world_dir / entry["card"]).read_text(encoding="utf-8"))
-            character = character_from_card(card)
+            character = character_from_card(load_card(world_dir / entry["card"]))
         except (ValueError, KeyError, TypeError, OSError) as error:
             raise ValueError(f"{index_path}:{line_number}: bad character: {error!r}") from error
         if split is None or character.split == split:
@@ -277,7 +211,6 @@ def load_characters(world_dir: Path | str, split: str | None = None) -> dict[str
 
 __all__ = [
     "CHARACTERS", "CHARACTERS_DIR", "CHARACTERS_FILE", "CHARACTER_SPLITS", "QUIRK_KINDS",
-    "Character", "Quirk", "Style", "as_character_map", "card_path", "character_card",
-    "character_from_card", "character_from_row", "characters_in", "load_characters",
-    "write_characters",
+    "Character", "Quirk", "Style", "as_character_map", "card_path", "character_from_card",
+    "character_from_row", "characters_in", "load_characters",
 ]

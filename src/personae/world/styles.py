@@ -10,17 +10,14 @@ cues) is defined here once and reused by ``personae.world.metrics`` to parse rep
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from personae.world.captions import join_words, position_phrases_for
 from personae.world.catalog import OBJECTS
+from personae.world.characters import Character
 from personae.world.scene import Placed, Scene
 from personae.world.settings import SETTINGS
-
-if TYPE_CHECKING:
-    from personae.world.characters import Character
 
 Sentence = tuple[str, str]  # (text without its end mark, end mark)
 Template = tuple[Sentence, ...]
