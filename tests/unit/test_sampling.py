@@ -208,3 +208,48 @@ def test_rows_join_into_spare_rows_and_leave_in_place_with_exact_tokens(setup):
             batch.forward()
     assert [row.ids for row in rows] == alone
     assert [len(ids) for ids in alone] == lengths  # no end token cut a row short, so row 1 did leave first
+
+
+class BigramLM(torch.nn.Module):
+    """A second decoder family in a few lines (the engine's CausalLM protocol): logits from the last token only."""
+
+    max_positions = 64
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def image_prefix_length(self) -> int:
+        return 0
+
+    def embed_prompt(self, input_ids, pixel_values=None):
+        return self.table(input_ids)
+
+    def decode(self, embeddings, positions, attention_mask, cache):
+        cache.length += embeddings.shape[1]  # nothing to remember: a bigram model needs no keys
+        return embeddings
+
+    def lm_head(self, hidden):
+        return hidden
+
+    def new_cache(self, batch, slots, *, device, dtype):
+        from personae.models.cache import KVCache
+
+        return KVCache.empty(1, batch, 1, slots, 1, device=device, dtype=dtype)
+
+
+def test_another_decoder_family_decodes_through_the_same_engine(setup):
+    _, tok = setup
+    torch.manual_seed(5)
+    lm = BigramLM(tok.vocab_size).eval()
+    follow = lm.table.weight.argmax(-1)  # the greedy successor of every token
+    prompts = [[5, 9, 12], [7]]
+    replies = generate(lm, tok, prompts, None, SamplingParams(max_new_tokens=6))
+    for prompt, reply in zip(prompts, replies):
+        expected, token = [], prompt[-1]
+        for _ in range(6):
+            token = int(follow[token])
+            if token == tok.eos_id:
+                break
+            expected.append(token)
+        assert reply.token_ids == expected
