@@ -30,8 +30,8 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     seq = torch.cat([recent, qkv], dim=1)  # (B, shift+T, C)
     mixed = qkv * mix[0]
     if real is None or lengths is not None:  # real positions are contiguous: t's s-th previous is t - s
-        for s in range(1, shift + 1):
-            mixed = mixed + seq[:, shift - s : shift - s + T] * mix[s]
+        for s in range(1, shift + 1):  # in place: no new (B, T, C) tensor per term (autograd allows it here)
+            mixed.addcmul_(seq[:, shift - s : shift - s + T], mix[s])
         if lengths is None:
             return mixed, seq[:, T:]
         tail = lengths[:, None] + torch.arange(shift, device=qkv.device)  # seq slots of the last `shift` real
@@ -43,7 +43,7 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     before = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)  # previous real slot
     index = before[:, shift:]  # (B, T); never below 0 within `shift` steps (recent slots are real)
     for s in range(1, shift + 1):
-        mixed = mixed + seq.gather(1, index[..., None].expand(B, T, C)) * mix[s]
+        mixed.addcmul_(seq.gather(1, index[..., None].expand(B, T, C)), mix[s])
         index = before.gather(1, index)
     tail = [last_real[:, -1]]  # the last real slot, then the ones before it
     for _ in range(shift - 1):
@@ -172,13 +172,18 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=embeddings.device).expand(B, T)
         x = embeddings + self.pos_embed[0, positions]  # (B, T, D)
-        mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
         real = lengths = None  # which new positions are real, for the token shift (None: all of them)
-        if self.cfg.shift and attention_mask is not None and T > 1:
+        if attention_mask is not None and T > 1:
             real = attention_mask[:, start : start + T].bool()
             counts = real.sum(1)
-            if bool((torch.arange(T, device=real.device) < counts[:, None]).eq(real).all()):
-                lengths = counts  # right padding (the engine's prefill): no chain of previous slots to follow
+            if (bool((torch.arange(T, device=real.device) < counts[:, None]).eq(real).all())
+                    and bool(attention_mask[:, :start].all())):
+                # right padding after real slots (the engine's prefill): a real query never reaches a pad
+                # under the causal mask, so attention needs no padding mask, and the shift no slot chain
+                lengths, attention_mask = counts, None
+        mask, is_causal = self._mask(B, T, start, attention_mask, embeddings.device)
+        if not self.cfg.shift:
+            real = lengths = None
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, is_causal, real, lengths)
         if cache is not None:

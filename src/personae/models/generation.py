@@ -321,9 +321,8 @@ class DecodeBatch:
         into a cache with `headroom` free slots after them (so a batch that is only these rows needs no copy)."""
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (b,)
         b, width = len(prompts), int(lengths.max())
-        ids = torch.full((b, width), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
-        for i, prompt in enumerate(prompts):
-            ids[i, : len(prompt)] = torch.tensor(list(prompt), device=self.device)
+        padded = [list(prompt) + [self.tokenizer.pad_id] * (width - len(prompt)) for prompt in prompts]
+        ids = torch.tensor(padded, dtype=torch.long, device=self.device)  # (b, width), right-padded
         start = head.length if head is not None else self.model.image_prefix_length() if pixels is not None else 0
         extra = max(0, min(headroom, self.max_len - start - width))
         if head is not None:
