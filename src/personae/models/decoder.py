@@ -11,6 +11,12 @@ from personae.models.cache import KVCache
 from personae.models.layers import MLP
 
 
+def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a * b: in place when no gradient is recorded (generation: no new tensor per term),
+    else out of place (training, and torch.func.vmap, which has no batching rule for addcmul_)."""
+    return total.addcmul_(a, b) if not torch.is_grad_enabled() else torch.addcmul(total, a, b)
+
+
 def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | None, real: torch.Tensor | None,
                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each position's q/k/v projections with those of its `shift` previous real tokens.
@@ -30,8 +36,8 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     seq = torch.cat([recent, qkv], dim=1)  # (B, shift+T, C)
     mixed = qkv * mix[0]
     if real is None or lengths is not None:  # real positions are contiguous: t's s-th previous is t - s
-        for s in range(1, shift + 1):  # in place: no new (B, T, C) tensor per term (autograd allows it here)
-            mixed.addcmul_(seq[:, shift - s : shift - s + T], mix[s])
+        for s in range(1, shift + 1):
+            mixed = _add_product(mixed, seq[:, shift - s : shift - s + T], mix[s])
         if lengths is None:
             return mixed, seq[:, T:]
         tail = lengths[:, None] + torch.arange(shift, device=qkv.device)  # seq slots of the last `shift` real
@@ -43,7 +49,7 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     before = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)  # previous real slot
     index = before[:, shift:]  # (B, T); never below 0 within `shift` steps (recent slots are real)
     for s in range(1, shift + 1):
-        mixed.addcmul_(seq.gather(1, index[..., None].expand(B, T, C)), mix[s])
+        mixed = _add_product(mixed, seq.gather(1, index[..., None].expand(B, T, C)), mix[s])
         index = before.gather(1, index)
     tail = [last_real[:, -1]]  # the last real slot, then the ones before it
     for _ in range(shift - 1):
