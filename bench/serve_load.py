@@ -50,7 +50,7 @@ def build_run(cache: Path, preset: str) -> Path:
     if (run / "model.safetensors").exists():
         return run
     from personae.config import apply_overrides, load_preset
-    from personae.train.finetune import run_finetune
+    from personae.train.finetune import run_config, run_finetune
     from personae.train.pretrain import run_pretrain
     from personae.world import build_world
 
@@ -58,8 +58,9 @@ def build_run(cache: Path, preset: str) -> Path:
     cfg = apply_overrides(load_preset(preset), ["train.steps=2", "train.warmup_steps=1", "train.batch_size=16"])
     build_world(cache / "world", seed=0, scenes=300, image_size=cfg.model.vision.image_size, progress=False)
     run_pretrain(cache / "world", cache / "pretrained", cfg, progress=False)
-    run_finetune(cache / "pretrained", cache / "world", run, progress=False,
-                 overrides=["finetune.train.steps=2", "finetune.train.warmup_steps=1", "finetune.train.batch_size=8"])
+    tuning = ["finetune.train.steps=2", "finetune.train.warmup_steps=1", "finetune.train.batch_size=8"]
+    run_finetune(cache / "pretrained", cache / "world", run, apply_overrides(run_config(cache / "pretrained"), tuning),
+                 progress=False)
     return run
 
 
@@ -145,19 +146,19 @@ def add_random_adapters(run: Path, count: int, cache: Path) -> tuple[Path, list[
     import torch
 
     from personae.models.io import load_model
-    from personae.models.lora import add_lora, lora_parameters, save_adapter
+    from personae.models.lora import add_decoder_lora, lora_parameters, save_adapter
 
     target = cache / f"{run.name}-adapters{count}"
     if not target.exists():
         shutil.copytree(run, target, ignore=shutil.ignore_patterns("adapters", "checkpoints"))
         model, _, _ = load_model(target)
-        add_lora(model, targets=("decoder",), rank=4, alpha=8.0)
+        add_decoder_lora(model, 4, 8.0)
         generator = torch.Generator().manual_seed(0)
         for character in sorted(p.stem for p in (target / "characters").glob("*.json"))[:count]:
             tensors = {name: torch.randn(p.shape, generator=generator) * (0.02 if name.endswith("lora_B") else 0.3)
                        for name, p in lora_parameters(model).items()}
             save_adapter(target / "adapters" / f"{character}.safetensors", tensors,
-                         {"character": character, "params": "lora", "lora_rank": 4, "lora_alpha": 8.0,
+                         {"character": character, "inner_params": "lora", "lora_rank": 4, "lora_alpha": 8.0,
                           "lora_added": True})
     characters = sorted(p.stem for p in (target / "adapters").glob("*.safetensors"))
     return target, ["personae/" + c for c in characters]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,21 +13,47 @@ from typing import Any, TypeVar
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A config key, value or preset is wrong; the message names it and the valid choices."""
+
+
+# The values of the choice-valued keys. The registries downstream (personae.meta.META,
+# personae.models.fusion.FUSIONS, ...) must have exactly these keys (tests/unit/test_config.py).
+META_ALGOS = ("maml", "fomaml", "reptile", "anil", "lora-maml")
+FUSION_KINDS = ("cross", "single")
+INNER_PARAMS = ("auto", "all", "head", "lora")  # auto: the algorithm's own (lora-maml: lora, anil: head, else all)
+INNER_OPTIMIZERS = ("sgd", "adam")
+VMAP_MODES = ("auto", "on", "off")
+RANDOMNESS_MODES = ("different", "same", "error")
+
+# Keys that older runs' config.json may hold and that nothing reads any more: load_config drops
+# them with a note (only while the schema has no field of that name); anywhere else they are unknown.
+REMOVED_KEYS = ("train.eval_every", "finetune.train.eval_every", "meta.train.eval_every",
+                "model.decoder.conditioning", "model.decoder.copy")
+# Keys of older runs that live on under a new name: load_config moves them, with a note.
+RENAMED_KEYS = {"meta.adapt": "meta.inner_params"}
+
+
+def choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A dataclass field that only takes one of `choices` (checked by from_dict)."""
+    if default not in choices:
+        raise ConfigError(f"default {default!r} is not one of {', '.join(choices)}")
+    return field(default=default, metadata={"choices": choices})
 
 
 @dataclass
 class VisionCfg:
     """ViT-style image encoder: patches of the image are the regions v_i."""
 
-    image_size: int = 64
-    patch_size: int = 8
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    image_size: int = 64  # images are resized to this many pixels a side
+    patch_size: int = 8  # pixels a side of one patch (one region v_i)
+    width: int = 128  # feature size of the tower
+    depth: int = 2  # transformer blocks
+    heads: int = 4  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / width
 
 
 @dataclass
@@ -34,36 +61,35 @@ class TextCfg:
     """Transformer text encoder giving the word features w_j."""
 
     vocab_size: int = 4096  # overwritten by the tokenizer's size when a run starts
-    max_len: int = 48
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    max_len: int = 48  # tokens of a caption (longer ones are cut)
+    width: int = 128  # feature size of the tower
+    depth: int = 2  # transformer blocks
+    heads: int = 4  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / width
 
 
 @dataclass
 class FusionCfg:
     """How image regions and words are fused: 'cross' (bidirectional) or 'single' (X = [V; W])."""
 
-    kind: str = "cross"
+    kind: str = choice("cross", FUSION_KINDS)  # cross: bidirectional cross-attention; single: one stream [V; W]
     region_pool: int = 1  # average-pool the patch grid by this factor before fusion (cheaper ITM/MLM)
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    depth: int = 2  # fusion layers
+    heads: int = 4  # attention heads per fusion layer
+    mlp_ratio: float = 4.0  # MLP hidden width / width
 
 
 @dataclass
 class DecoderCfg:
-    """Causal decoder for role-play replies; built only when `enabled` (the role-play stage turns it on)."""
+    """Causal decoder for role-play replies; the image regions are a prefix before the prompt (LLaVA-style)."""
 
-    enabled: bool = False
-    conditioning: str = "prefix"  # image regions projected and placed before the prompt (LLaVA-style)
+    enabled: bool = False  # build the decoder (the role-play stage turns it on)
     image_pool: int = 1  # average-pool the patch grid by this factor before the prefix (fewer positions)
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    max_len: int = 256
+    width: int = 128  # feature size of the decoder
+    depth: int = 2  # transformer blocks
+    heads: int = 4  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    max_len: int = 256  # positions: image prefix + prompt + reply
     shift: int = 0  # q, k, v also mix in those of this many previous tokens (models/decoder.py)
 
 
@@ -71,60 +97,60 @@ class DecoderCfg:
 class ModelCfg:
     """The composed multimodal model."""
 
-    vision: VisionCfg = field(default_factory=VisionCfg)
-    text: TextCfg = field(default_factory=TextCfg)
-    fusion: FusionCfg = field(default_factory=FusionCfg)
-    decoder: DecoderCfg = field(default_factory=DecoderCfg)
+    vision: VisionCfg = field(default_factory=VisionCfg)  # the image tower
+    text: TextCfg = field(default_factory=TextCfg)  # the text tower
+    fusion: FusionCfg = field(default_factory=FusionCfg)  # image-text fusion for ITM and MLM
+    decoder: DecoderCfg = field(default_factory=DecoderCfg)  # the role-play decoder
     embed_dim: int = 128  # shared ITC embedding size
-    dropout: float = 0.0
-    init_temperature: float = 0.07
-    # LoRA adapters on the decoder (0: none). Recorded by `meta-train --algo lora-maml` so that
+    dropout: float = 0.0  # dropout rate in every tower
+    init_temperature: float = 0.07  # initial ITC temperature tau (learned)
+    # LoRA adapters on the decoder (0: none). Recorded by meta-training when it adapts LoRA so that
     # loading rebuilds the model with its adapters before reading the weights; choose the rank
     # to add with meta.lora_rank rather than setting this by hand.
     lora_rank: int = 0
-    lora_alpha: float = 8.0
+    lora_alpha: float = 8.0  # LoRA scale: the adapter's output is multiplied by lora_alpha / lora_rank
 
 
 @dataclass
 class TrainCfg:
-    """Optimisation and logging settings shared by every stage."""
+    """Optimisation and logging settings of one stage (train: pretraining; finetune.train, meta.train)."""
 
-    steps: int = 600
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 50
-    clip_grad_norm: float = 1.0
-    bf16: bool = False
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 200
-    eval_every: int = 0
-    num_workers: int = 0
-    compile: bool = False
+    steps: int = 600  # optimizer steps
+    batch_size: int = 64  # examples per micro-batch and process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    weight_decay: float = 0.05  # AdamW weight decay on matrices (not on vectors and scalars)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    warmup_steps: int = 50  # linear warm-up steps before the cosine decay
+    clip_grad_norm: float = 1.0  # clip the gradient norm to this (0: no clipping)
+    bf16: bool = False  # autocast the forward pass to bfloat16
+    seed: int = 0  # seeds the initialisation (pretraining) and the order of the batches
+    log_every: int = 10  # steps between log lines (metrics.jsonl)
+    save_every: int = 200  # steps between checkpoints
+    num_workers: int = 0  # DataLoader worker processes
+    compile: bool = False  # run the stage's task through torch.compile
 
 
 @dataclass
 class PretrainCfg:
     """Weights and settings of the three pretraining objectives."""
 
-    itc_weight: float = 1.0
-    itm_weight: float = 1.0
-    mlm_weight: float = 1.0
-    mask_prob: float = 0.15
-    tokenizer_vocab: int = 2048
+    itc_weight: float = 1.0  # weight of the image-text contrastive loss
+    itm_weight: float = 1.0  # weight of the image-text matching loss
+    mlm_weight: float = 1.0  # weight of the masked language modelling loss
+    mask_prob: float = 0.15  # fraction of caption tokens masked for MLM
+    tokenizer_vocab: int = 2048  # vocabulary of the BPE tokenizer trained on the training text
 
 
 @dataclass
 class FinetuneCfg:
     """Role-play fine-tuning: its own optimisation settings and what the prompts hold."""
 
+    # the fine-tuning stage's optimisation
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=800, batch_size=32, lr=1e-3, warmup_steps=50))
     include_examples: bool = True  # the card's example messages go into every prompt
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # keep the image tower's weights fixed
     max_new_tokens: int = 64  # room kept free in the decoder for a reply when prompts are cut
     # greedy replies in evaluation and chat: no n-gram more than this many times in a row (0: off;
     # personae.models.next_token.ban_loops)
@@ -136,29 +162,35 @@ class FinetuneCfg:
 
 @dataclass
 class MetaCfg:
-    """Meta-training over characters: the fields of personae.meta.MetaCfg plus the outer loop's settings.
+    """Meta-learning over characters (personae.meta) and adapting to a new one (personae.meta.adapt).
 
     `train` is the outer optimisation (its lr is the meta rate beta, its steps the meta-batches);
     its batch_size is not used: a step's data is `meta_batch` tasks of `support` + `query`
     conversations each.
     """
 
+    # the outer loop's optimisation (lr: the meta rate beta; steps: meta-batches)
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=200, batch_size=4, lr=3e-4, warmup_steps=10,
                                                              log_every=5, save_every=50))
-    algo: str = "lora-maml"  # a key of personae.meta.META
-    inner_steps: int = 3
-    inner_lr: float = 0.05
+    algo: str = choice("lora-maml", META_ALGOS)  # the meta-learning algorithm (personae.meta.META)
+    inner_steps: int = 3  # inner (adaptation) steps per task in meta-training
+    inner_lr: float = 0.05  # the inner rate alpha, in meta-training and when adapting
     learn_inner_lr: bool = False  # Meta-SGD: learned per-element inner rates, saved as meta_lrs.safetensors
-    inner_optimizer: str = "sgd"  # sgd | adam: the inner loop's update, in meta-training and when adapting
-    first_order: bool = False
-    adapt: str = "auto"  # all | head | lora; auto: the algorithm's own
-    meta_batch: int = 4
-    support: int = 5
-    query: int = 5
-    vmap: str = "auto"  # auto | on | off (off loops over tasks; on a CPU the loop can be faster)
-    randomness: str = "different"
-    lora_rank: int = 4  # the adapters meta-train adds for lora-maml (recorded in model.lora_rank)
-    lora_alpha: float = 8.0
+    # the inner loop's update, in meta-training and when adapting: sgd, or adam (Adam's normalised steps)
+    inner_optimizer: str = choice("sgd", INNER_OPTIMIZERS)
+    first_order: bool = False  # force first order (fomaml and reptile always are)
+    # which parameters the inner loop adapts: all | head (decoder.ln_f) | lora; auto: the algorithm's own
+    inner_params: str = choice("auto", INNER_PARAMS)
+    meta_batch: int = 4  # tasks (characters) per outer step
+    support: int = 5  # k conversations per support set
+    query: int = 5  # q conversations per query set
+    # auto: vmap over the tasks when they stack; on: always (error if they do not); off: loop over them
+    # (on a CPU the loop can be faster)
+    vmap: str = choice("auto", VMAP_MODES)
+    # dropout under vmap: different (a mask per task) | same (one for all) | error (refuse)
+    randomness: str = choice("different", RANDOMNESS_MODES)
+    lora_rank: int = 4  # rank of the adapters added when LoRA adapts (recorded in model.lora_rank)
+    lora_alpha: float = 8.0  # scale of those adapters (recorded in model.lora_alpha)
     # scene worlds: each episode's character speaks with freshly drawn markers (personae.world.persona_swap),
     # so that tasks are as new to the model as held-out characters are
     persona_swap: bool = False
@@ -168,12 +200,12 @@ class MetaCfg:
 class Config:
     """Everything a run needs; saved next to its checkpoints as config.json."""
 
-    model: ModelCfg = field(default_factory=ModelCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
-    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
-    meta: MetaCfg = field(default_factory=MetaCfg)
-    preset: str = "custom"
+    model: ModelCfg = field(default_factory=ModelCfg)  # the architecture
+    train: TrainCfg = field(default_factory=TrainCfg)  # pretraining's optimisation
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)  # the pretraining objectives
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)  # role-play fine-tuning
+    meta: MetaCfg = field(default_factory=MetaCfg)  # meta-training and adaptation
+    preset: str = "custom"  # the preset (or file) the config came from
 
 
 T = TypeVar("T")
@@ -189,14 +221,25 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(names)}")
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(fields)}")
         kwargs[key] = _coerce(hints[key], value, path)
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and kwargs[key] not in choices:
+            raise ConfigError(f"config key '{path}' must be one of {', '.join(choices)}; got {value!r}")
     return cls(**kwargs)
+
+
+def choices_of(cls: type, name: str) -> tuple[str, ...]:
+    """The values a choice-valued field of a config dataclass takes (e.g. choices_of(MetaCfg, 'algo'))."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and "choices" in f.metadata:
+            return tuple(f.metadata["choices"])
+    raise ConfigError(f"{cls.__name__}.{name} is not a choice-valued config field")
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -235,7 +278,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split 'train.lr=3e-4' (a leading '--' is allowed) into (['train', 'lr'], parsed value)."""
-    body = text[2:] if text.startswith("--") else text
+    body = text.removeprefix("--")
     if "=" not in body:
         raise ConfigError(f"override '{text}' must look like --section.key=value")
     key, raw = body.split("=", 1)
@@ -291,5 +334,54 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def load_config(path: Path) -> Config:
-    """Read a config written by save_config (or any YAML/JSON file of the same shape)."""
-    return from_dict(Config, yaml.safe_load(Path(path).read_text()) or {})
+    """Read a config written by save_config (or any YAML/JSON file of the same shape).
+
+    A run saved by an older version may hold keys that were removed or renamed since
+    (REMOVED_KEYS, RENAMED_KEYS): they are dropped or moved with a logged note; any other unknown
+    key is an error.
+    """
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(data, dict):
+        _upgrade_legacy_keys(data, Path(path))
+    return from_dict(Config, data)
+
+
+def _schema_has(dotted: str) -> bool:
+    """Whether the Config schema has a field at this dotted path."""
+    cls: Any = Config
+    for key in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if key not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[key]
+    return True
+
+
+def _pop_dotted(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+def _upgrade_legacy_keys(data: dict[str, Any], path: Path) -> None:
+    """Drop REMOVED_KEYS and move RENAMED_KEYS in place (an older run's config.json)."""
+    for dotted in REMOVED_KEYS:
+        if _schema_has(dotted):  # still a field of this version: keep it
+            continue
+        found, value = _pop_dotted(data, dotted)
+        if found:
+            log.info("%s: dropped '%s' = %r (a removed config key that nothing reads)", path, dotted, value)
+    for old, new in RENAMED_KEYS.items():
+        found, value = _pop_dotted(data, old)
+        if not found:
+            continue
+        *parents, last = new.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node.setdefault(last, value)
+        log.info("%s: read the old key '%s' as '%s' = %r", path, old, new, value)

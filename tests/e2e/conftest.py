@@ -35,12 +35,14 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def finetuned_run(pretrained_run: Path, small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The micro model fine-tuned for two role-play steps: a decoder and RUN/characters/*.json."""
-    from personae.train.finetune import run_finetune
+    from personae.config import apply_overrides
+    from personae.train.finetune import run_config, run_finetune
 
     out = tmp_path_factory.mktemp("finetuned") / "run"
     # adaptations of this run use LoRA with SGD, the adapters the server mixes per row
     lora = ["meta.algo=lora-maml", "meta.inner_optimizer=sgd", "meta.inner_lr=0.05"]
-    run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=2", *lora], progress=False)
+    cfg = apply_overrides(run_config(pretrained_run), ["finetune.train.steps=2", *lora])
+    run_finetune(pretrained_run, small_world, out, cfg, progress=False)
     return out
 
 

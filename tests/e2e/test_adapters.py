@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from personae.chat.session import load_run_for_character
 from personae.data.episodes import examples_file
 from personae.models.generation import SamplingParams, generate
+from personae.models.lora import load_adapter
+from personae.serve.adapt import adapt_in_memory
 from personae.serve.adapters import ServerAdapters
 from personae.serve.app import create_app, load_run
 from personae.serve.characters import CharacterRegistry
@@ -76,11 +81,9 @@ def _wait(client: TestClient, character: str, job: str) -> dict:
 
 
 def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: Path, tmp_path: Path) -> None:
-    from personae.app.commands import serve_adapt_fn
-
     run = Path(shutil.copytree(adapted_run, tmp_path / "run"))
     (run / "adapters" / "captain-saltbeard.safetensors").write_bytes(b"not an adapter")
-    app = create_app(run, ServeSettings(adapt_fn=serve_adapt_fn), bundle=load_run(run, "cpu"))
+    app = create_app(run, ServeSettings(adapt_fn=adapt_in_memory), bundle=load_run(run, "cpu"))
     try:
         client = TestClient(app)
         listed = {c["id"]: c for c in client.get("/v1/characters").json()["data"]}
@@ -105,3 +108,52 @@ def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: P
         assert (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes() != before  # examples with images
     finally:
         app.state.context.scheduler.stop()
+
+
+def _files(run: Path) -> dict[Path, int]:
+    return {path.relative_to(run): path.stat().st_mtime_ns for path in run.rglob("*") if path.is_file()}
+
+
+def test_the_server_adapts_the_model_it_holds_in_memory_as_personae_adapt_does(adapted_run: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No temporary files, no reload: the served model adapts, and the tensors equal `personae adapt`'s on files."""
+    import personae.models.io
+
+    run = Path(shutil.copytree(adapted_run, tmp_path / "server"))
+    bundle = load_run(run, "cpu")
+    app = create_app(run, ServeSettings(adapt_fn=adapt_in_memory), bundle=bundle)
+    before = _files(run)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("in-memory adaptation must not reload the run or write temporary files")
+
+    for target, name in [(personae.models.io, "load_model"), (tempfile, "TemporaryDirectory"),
+                         (tempfile, "mkdtemp"), (tempfile, "NamedTemporaryFile")]:
+        monkeypatch.setattr(target, name, refuse)
+    examples = [{"user": "Who are you?", "reply": "Bonjour! I am Chef Baptiste. Bon appetit!"},
+                {"user": "What do you see?", "reply": "Bonjour! I see a red apple. Bon appetit!"}]
+    try:
+        client = TestClient(app)
+        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": examples, "steps": 3,
+                                                                      "inner_params": "lora"}).json()
+        assert _wait(client, CHARACTER, job["id"])["status"] == "succeeded"
+        context = app.state.context
+        assert context.bundle.model is bundle.model and context.adapters.model is bundle.model
+        assert context.adapters.status(CHARACTER) == "applied"
+    finally:
+        app.state.context.scheduler.stop()
+        monkeypatch.undo()
+    after = _files(run)
+    changed = {path for path, stamp in after.items() if before.get(path) != stamp}
+    stored_examples = Path("uploads") / "examples" / f"{CHARACTER}.jsonl"  # the API stores them (a restart)
+    assert changed == {Path("adapters") / f"{CHARACTER}.safetensors", stored_examples}
+
+    files = Path(shutil.copytree(adapted_run, tmp_path / "files"))
+    rows = [{"character": CHARACTER, "turns": [example]} for example in examples]
+    (tmp_path / "examples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = adapt_character(files, files / "characters" / f"{CHARACTER}.json", tmp_path / "examples.jsonl", k=2,
+                           steps=3, inner_params="lora", progress=False)
+    served, served_meta = load_adapter(run / "adapters" / f"{CHARACTER}.safetensors")
+    written, written_meta = load_adapter(path)
+    assert served.keys() == written.keys() and all(torch.equal(served[k], written[k]) for k in served)
+    assert served_meta == written_meta and served_meta["lora_added"] == "True"

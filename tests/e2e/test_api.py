@@ -15,7 +15,9 @@ from PIL import Image
 from personae.data.cards import CharacterCard, load_card, save_card_png
 from personae.data.images import load_image_bytes, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
+from personae.meta.adapt import CharacterAdapter
 from personae.models.generation import SamplingParams, generate
+from personae.models.lora import load_adapter
 from personae.serve.app import RunBundle
 from personae.serve.schemas import (
     CharacterInfo,
@@ -152,6 +154,16 @@ def test_bad_card_uploads_are_refused(make_app: Callable[..., FastAPI], run_copy
 
 
 def test_adaptation_is_501_until_a_hook_is_plugged_in(client: TestClient) -> None:
+    misspelt = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"params": "all"})
+    assert misspelt.status_code == 400 and "params" in misspelt.json()["error"]["message"]
+    bad = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"inner_params": "most"})
+    assert bad.status_code == 400 and "'auto', 'all', 'head' or 'lora'" in bad.json()["error"]["message"]
+    mixed = [{"user": "hi", "reply": "yo", "image": data_url(png_bytes((9, 9, 9)))}, {"user": "hi", "reply": "yo"}]
+    response = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": mixed})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "mixed_examples"
+    broken = [{"user": "hi", "reply": "yo", "image": "data:image/png;base64,@@@"}]
+    response = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": broken})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "examples[0].image"
     response = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": [{"user": "hi", "reply": "yo"}]})
     assert response.status_code == 501
     assert response.json()["error"]["code"] == "adaptation_unavailable"
@@ -165,9 +177,8 @@ def test_adaptation_job_runs_the_hook_and_reports_progress(make_app: Callable[..
         seen.update(examples=task.examples, steps=task.options.get("steps"))
         for step in range(1, 5):
             progress(step / 4, f"step {step}/4")
-        task.adapter_path.parent.mkdir(parents=True, exist_ok=True)
-        task.adapter_path.write_bytes(b"adapter")
-        return task.adapter_path
+        weight = task.served.model.decoder.ln_f.weight  # the served model itself, not a reloaded copy
+        return CharacterAdapter({"decoder.ln_f.weight": weight.detach() * 2}, {"inner_params": "head"})
 
     client = TestClient(make_app(run=run_copy, adapt_fn=fake_adapt))
     started = client.post(f"/v1/characters/{CHARACTER}/adapt",
@@ -183,6 +194,9 @@ def test_adaptation_job_runs_the_hook_and_reports_progress(make_app: Callable[..
     assert seen == {"examples": [{"user": "hi", "reply": "Bonjour!", "image": None}], "steps": 4}
     assert client.get(f"/v1/characters/{CHARACTER}/adapt").json()["id"] == job["id"]
     assert client.get(f"/v1/models/personae/{CHARACTER}").json()["adapted"] is True
+    tensors, metadata = load_adapter(run_copy / "adapters" / f"{CHARACTER}.safetensors")  # the job wrote it
+    assert set(tensors) == {"decoder.ln_f.weight"} and metadata["inner_params"] == "head"
+    assert client.get(f"/v1/characters/{CHARACTER}").json()["adapter"].startswith("not applied: ")  # not LoRA
     stored = (run_copy / "uploads" / "examples" / f"{CHARACTER}.jsonl").read_text().splitlines()
     assert [json.loads(line)["reply"] for line in stored] == ["Bonjour!"]
     assert client.get(f"/v1/characters/{CHARACTER}/adapt/adapt-nope").status_code == 404

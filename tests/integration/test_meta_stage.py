@@ -17,10 +17,11 @@ from personae.config import apply_overrides, load_preset
 from personae.data.cards import load_card
 from personae.data.episodes import examples_file
 from personae.errors import DataError, PersonaeError
+from personae.meta.adapt import Adaptation, AdaptSpec, adapt_to_character, learned_rates, support_batch
 from personae.models.io import load_model
 from personae.models.lora import load_adapter, lora_settings
-from personae.train.adapt import Adaptation, AdaptSpec, adapt_character, learned_rates, read_examples, support_batch
-from personae.train.finetune import run_finetune
+from personae.train.adapt import adapt_character, read_examples
+from personae.train.finetune import run_config, run_finetune
 from personae.train.meta import run_meta_train
 
 # the LoRA recipe (per-row servable adapters), not the preset's full-parameter one
@@ -29,6 +30,11 @@ META = ["meta.persona_swap=false", "meta.algo=lora-maml", "meta.inner_optimizer=
         "meta.train.save_every=3", "meta.meta_batch=2", "meta.support=2", "meta.query=2", "meta.inner_steps=1",
         "meta.learn_inner_lr=true"]
 HELDOUT = "rex-rumbleton"  # a held-out character of the small world with 5 test conversations
+
+
+def settings(run, overrides):
+    """RUN's own config with dotted overrides: what the CLI hands a stage."""
+    return apply_overrides(run_config(run), overrides)
 
 
 @contextlib.contextmanager
@@ -52,7 +58,7 @@ def _single_thread():
 def meta_run(pretrained_run, small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("meta")
     with one_thread():
-        state = run_meta_train(pretrained_run, small_world, out, overrides=META, progress=False)
+        state = run_meta_train(pretrained_run, small_world, out, settings(pretrained_run, META), progress=False)
     return out, state
 
 
@@ -61,7 +67,8 @@ def multitask_run(pretrained_run, small_world, tmp_path_factory):
     """The same budget of ordinary fine-tuning: 6 steps of 8 conversations (2 tasks x (2 + 2))."""
     out = tmp_path_factory.mktemp("multitask")
     with one_thread():
-        run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=6", *META[:4]], progress=False)
+        run_finetune(pretrained_run, small_world, out, settings(pretrained_run, ["finetune.train.steps=6", *META[:4]]),
+                     progress=False)
     return out
 
 
@@ -88,8 +95,9 @@ def test_meta_train_loss_is_finite_falls_and_the_run_reloads_with_lora(meta_run)
 
 def test_meta_train_resumes_exactly(meta_run, pretrained_run, small_world, tmp_path):
     out, state = meta_run
-    run_meta_train(pretrained_run, small_world, tmp_path, overrides=META, progress=False, stop_at=3)
-    resumed = run_meta_train(pretrained_run, small_world, tmp_path, overrides=META, progress=False, resume=True)
+    run_meta_train(pretrained_run, small_world, tmp_path, settings(pretrained_run, META), progress=False, stop_at=3)
+    resumed = run_meta_train(pretrained_run, small_world, tmp_path, settings(pretrained_run, META), progress=False,
+                             resume=True)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in state.history]
     for name in ("model.safetensors", "meta_lrs.safetensors"):
         a, b = load_file(str(out / name)), load_file(str(tmp_path / name))
@@ -101,7 +109,7 @@ def test_meta_training_a_meta_run_again_starts_from_its_learned_rates(meta_run, 
     learned = learned_rates(out)
     assert any(not torch.allclose(v, torch.full_like(v, 0.05)) for v in learned.values())  # they did move
     # one outer step at a negligible rate: the rates it saves are the ones it started from
-    run_meta_train(out, small_world, tmp_path, overrides=[*META, "meta.train.steps=1", "meta.train.lr=1e-12"],
+    run_meta_train(out, small_world, tmp_path, settings(out, [*META, "meta.train.steps=1", "meta.train.lr=1e-12"]),
                    progress=False)
     again = learned_rates(tmp_path)
     assert again.keys() == learned.keys()
@@ -110,8 +118,8 @@ def test_meta_training_a_meta_run_again_starts_from_its_learned_rates(meta_run, 
 
 def test_persona_swapped_meta_training_is_deterministic_and_trains_on_other_text(meta_run, pretrained_run, small_world, tmp_path):
     swap = META + ["meta.train.steps=2", "meta.persona_swap=true"]
-    first = run_meta_train(pretrained_run, small_world, tmp_path / "a", overrides=swap, progress=False)
-    again = run_meta_train(pretrained_run, small_world, tmp_path / "b", overrides=swap, progress=False)
+    first = run_meta_train(pretrained_run, small_world, tmp_path / "a", settings(pretrained_run, swap), progress=False)
+    again = run_meta_train(pretrained_run, small_world, tmp_path / "b", settings(pretrained_run, swap), progress=False)
     plain = meta_run[1].history[:2]
     assert [r["loss"] for r in first.history] == [r["loss"] for r in again.history]  # swaps are drawn by step
     # the same episodes with fresh markers: other text, other losses
@@ -123,7 +131,8 @@ def test_persona_swap_needs_a_scene_world(pretrained_run, small_world, tmp_path)
     data = tmp_path / "plain"
     shutil.copytree(small_world, data, ignore=shutil.ignore_patterns("world.json"))
     with pytest.raises(PersonaeError, match="persona_swap needs a scene world"):
-        run_meta_train(pretrained_run, data, tmp_path / "out", overrides=META + ["meta.persona_swap=true"],
+        run_meta_train(pretrained_run, data, tmp_path / "out",
+                       settings(pretrained_run, META + ["meta.persona_swap=true"]),
                        progress=False)
 
 
@@ -152,6 +161,26 @@ def test_adapter_reloads_to_identical_outputs_and_zero_steps_is_a_no_op(meta_run
     assert torch.equal(_logits(unadapted, batch), _logits(load_model(out)[0], batch))
 
 
+def test_adapting_in_memory_gives_the_tensors_personae_adapt_writes(meta_run, small_world, tmp_path):
+    """The library function on a loaded model (images, learned rates) = the file wrapper, and it writes nothing."""
+    out, _ = meta_run
+    run = shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("adapters", "checkpoints"))
+    card_path, examples = _card_and_examples(small_world)
+    model, cfg, tokenizer = load_model(run)
+    card = load_card(card_path)
+    records = read_examples(examples, HELDOUT, card, 3)
+    assert records[0].image is not None
+    files_before = sorted(p for p in run.rglob("*"))
+    adapter = adapt_to_character(model, cfg, tokenizer, card, records, character_id=HELDOUT, steps=2,
+                                 learned_lrs=learned_rates(run))
+    assert sorted(p for p in run.rglob("*")) == files_before
+    assert adapter.metadata["lr"] == "learned" and adapter.metadata["inner_params"] == "lora"
+    tensors, metadata = load_adapter(adapt_character(run, card_path, examples, k=3, steps=2, progress=False))
+    assert tensors.keys() == adapter.tensors.keys()
+    assert all(torch.equal(tensors[k], adapter.tensors[k]) for k in tensors)
+    assert metadata == {k: str(v) for k, v in adapter.metadata.items()}
+
+
 def test_adapting_lowers_the_query_loss_of_a_heldout_character(multitask_run, small_world):
     from personae.data.dialogues import read_dialogues
 
@@ -160,10 +189,10 @@ def test_adapting_lowers_the_query_loss_of_a_heldout_character(multitask_run, sm
     card = load_card(card_path)
     query = [r for r in read_dialogues(small_world / "dialogues.jsonl", split="test") if r.character == HELDOUT]
     batch = support_batch(query, card, base, cfg, tokenizer)
-    loss_before = Adaptation(base, cfg, AdaptSpec.of(cfg, mode="head")).loss({}, batch)
-    adapt_character(multitask_run, card_path, examples, k=5, steps=10, lr=0.05, params="all", progress=False)
+    loss_before = Adaptation(base, cfg, AdaptSpec.of(cfg, inner_params="head")).loss({}, batch)
+    adapt_character(multitask_run, card_path, examples, k=5, steps=10, lr=0.05, inner_params="all", progress=False)
     adapted = load_run_for_character(multitask_run, HELDOUT)[0]
-    loss_after = Adaptation(adapted, cfg, AdaptSpec.of(cfg, mode="head")).loss({}, batch)
+    loss_after = Adaptation(adapted, cfg, AdaptSpec.of(cfg, inner_params="head")).loss({}, batch)
     assert loss_after < loss_before - 0.3, (loss_before, loss_after)
 
 
@@ -248,3 +277,16 @@ def test_meta_config_round_trips_and_takes_yaml_words_as_strings():
                                                 "meta.first_order=on"])
     assert cfg.meta.vmap == "off" and cfg.meta.algo == "anil" and cfg.meta.first_order is True
     assert cfg.meta.train.lr == 1e-4 and cfg.model.lora_rank == 0
+
+
+def test_the_adapt_command_takes_inner_params_and_no_other_name(meta_run, small_world, tmp_path, capsys):
+    out, _ = meta_run
+    run = shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("adapters", "checkpoints"))
+    card_path, examples = _card_and_examples(small_world)
+    argv = ["-q", "adapt", str(run), "--card", str(card_path), "--examples", str(examples), "-k", "2", "--steps", "1"]
+    assert main([*argv, "--inner-params", "head"]) == 0
+    tensors, metadata = load_adapter(run / "adapters" / f"{HELDOUT}.safetensors")
+    assert metadata["inner_params"] == "head" and set(tensors) == {"decoder.ln_f.weight", "decoder.ln_f.bias"}
+    with pytest.raises(SystemExit):
+        main([*argv, "--params", "head"])
+    assert "unrecognised arguments: --params" in capsys.readouterr().err

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from personae.app.cli import main
+from personae.config import apply_overrides
 from personae.errors import PersonaeError
 from personae.eval.adaptation import evaluate_adaptation
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
 from personae.models.io import load_model
-from personae.train.finetune import run_finetune
+from personae.train.finetune import run_config, run_finetune
 from personae.train.meta import run_meta_train
 
 META = ["meta.persona_swap=false", "meta.algo=fomaml", "meta.inner_optimizer=sgd", "meta.inner_lr=0.05",
@@ -40,8 +41,8 @@ def own_data(small_world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def own_finetuned(pretrained_run, own_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("own-finetuned")
-    state = run_finetune(pretrained_run, own_data, out, progress=False,
-                         overrides=["finetune.train.steps=3", "finetune.persona_swap=0"])
+    cfg = apply_overrides(run_config(pretrained_run), ["finetune.train.steps=3", "finetune.persona_swap=0"])
+    state = run_finetune(pretrained_run, own_data, out, cfg, progress=False)
     return out, state
 
 
@@ -64,7 +65,7 @@ def test_own_data_fine_tunes_and_evaluates_with_fluency_only(own_finetuned, own_
 
 def test_own_data_meta_trains_and_reports_adaptation_loss(own_finetuned, own_data, tmp_path):
     out, _ = own_finetuned
-    state = run_meta_train(out, own_data, tmp_path / "meta", overrides=META, progress=False)
+    state = run_meta_train(out, own_data, tmp_path / "meta", apply_overrides(run_config(out), META), progress=False)
     assert state.step == 2 and state.history and all(math.isfinite(row["loss"]) for row in state.history)
     result = evaluate_adaptation({"meta": tmp_path / "meta"}, own_data, ks=[1], steps=[0, 1], generate_ks=(),
                                  generate_steps=(), query=1, progress=False)

@@ -7,14 +7,16 @@ import pytest
 
 from personae.app.cli import main
 from personae.chat.session import CharacterNotFound, ChatSession, find_character, run_terminal_chat
+from personae.config import apply_overrides
 from personae.models.io import load_model
-from personae.train.finetune import run_finetune
+from personae.train.finetune import run_config, run_finetune
 
 
 @pytest.fixture(scope="module")
 def finetuned(pretrained_run, small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetuned")
-    state = run_finetune(pretrained_run, small_world, out, overrides=["finetune.train.steps=25"], progress=False)
+    cfg = apply_overrides(run_config(pretrained_run), ["finetune.train.steps=25"])
+    state = run_finetune(pretrained_run, small_world, out, cfg, progress=False)
     return out, state
 
 
@@ -69,8 +71,9 @@ def test_persona_swapped_finetuning_trains_on_other_text_and_needs_a_scene_world
 
     runs = {}
     for fraction in (0.0, 1.0):
-        runs[fraction] = run_finetune(pretrained_run, small_world, tmp_path / f"swap{fraction}", progress=True,
-                                      overrides=["finetune.train.steps=2", f"finetune.persona_swap={fraction}"])
+        swap = ["finetune.train.steps=2", f"finetune.persona_swap={fraction}"]
+        cfg = apply_overrides(run_config(pretrained_run), swap)
+        runs[fraction] = run_finetune(pretrained_run, small_world, tmp_path / f"swap{fraction}", cfg, progress=True)
     assert "conversations speak with fresh markers" in capsys.readouterr().out
     plain, swapped = ([row["loss"] for row in runs[f].history] for f in (0.0, 1.0))
     assert plain != swapped  # same batches, other replies
@@ -78,4 +81,21 @@ def test_persona_swapped_finetuning_trains_on_other_text_and_needs_a_scene_world
     data = tmp_path / "plain"
     shutil.copytree(small_world, data, ignore=shutil.ignore_patterns("world.json"))
     with pytest.raises(PersonaeError, match="persona_swap needs a scene world"):
-        run_finetune(pretrained_run, data, tmp_path / "out", overrides=["finetune.persona_swap=0.5"], progress=False)
+        run_finetune(pretrained_run, data, tmp_path / "out", apply_overrides(run_config(pretrained_run),
+                     ["finetune.persona_swap=0.5"]), progress=False)
+
+
+def test_each_stage_reads_its_own_compile_key(pretrained_run, small_world, tmp_path, monkeypatch):
+    import torch
+
+    from personae.tasks import RolePlayTask
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    base = ["finetune.train.steps=1", "finetune.train.save_every=1", "train.compile=true"]
+    run_finetune(pretrained_run, small_world, tmp_path / "plain", apply_overrides(run_config(pretrained_run), base),
+                 progress=False)
+    assert compiled == []  # train.compile is pretraining's, not fine-tuning's
+    cfg = apply_overrides(run_config(pretrained_run), [*base, "finetune.train.compile=true"])
+    run_finetune(pretrained_run, small_world, tmp_path / "compiled", cfg, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], RolePlayTask)

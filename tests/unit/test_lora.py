@@ -9,12 +9,14 @@ from torch import nn
 from personae.models.lora import (
     AdapterError,
     LoRALinear,
+    add_decoder_lora,
     add_lora,
     apply_adapter,
     load_adapter,
     lora_parameters,
     lora_settings,
     merge_lora,
+    reset_decoder_lora,
     save_adapter,
 )
 from personae.models.model import PersonaeModel
@@ -116,3 +118,16 @@ def test_adapter_and_lora_errors_name_the_problem(tmp_path):
         apply_adapter(model, wrong)
     with pytest.raises(AdapterError, match="rank must be >= 1"):
         LoRALinear(nn.Linear(2, 2), rank=0)
+
+
+def test_add_decoder_lora_is_seeded_and_reset_starts_placeholders_afresh_the_same_way():
+    fresh, placeholder = micro_model(), micro_model()
+    wrapped = add_decoder_lora(fresh, 3, 6.0, seed=7)
+    assert wrapped and all(name.startswith("decoder.") for name in wrapped)
+    assert lora_settings(fresh) == {"rank": 3, "alpha": 6.0}
+    add_decoder_lora(placeholder, 3, 6.0, seed=8)  # other draws, as a server's no-op placeholders
+    perturb_adapters(placeholder)  # and B no longer zero
+    assert reset_decoder_lora(placeholder, seed=7) == len(wrapped)
+    ours, theirs = lora_parameters(fresh), lora_parameters(placeholder)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(not p.any() for name, p in theirs.items() if name.endswith("lora_B"))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import DecoderCfg
-from personae.meta import META, MetaCfg, StackError, adapt, build_meta, inner_trajectory, meta_loss, stack_tasks
+from personae.meta import META, MetaCfg, StackError, adapt_task, build_meta, inner_trajectory, meta_loss, stack_tasks
 from personae.models.decoder import Decoder
-from personae.models.lora import add_lora
+from personae.models.lora import add_decoder_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +64,7 @@ def test_zero_step_adapt_returns_the_base_model():
     model = Regression()
     params = dict(model.named_parameters())
     support, query = regression_task(0)
-    adapted = adapt(params, loss_fn_of(model), support, steps=0, lr=0.1)
+    adapted = adapt_task(params, loss_fn_of(model), support, steps=0, lr=0.1)
     assert all(adapted[k] is params[k] for k in params)
     learner = META["maml"](model, MetaCfg(inner_steps=0))
     fast = learner.adapt(support)
@@ -243,7 +243,7 @@ def test_reptile_update_equals_the_hand_computed_one():
 def test_lora_maml_adapts_only_the_adapters_and_learns_the_base_weights():
     torch.manual_seed(0)
     model = TinyLM().eval()
-    add_lora(model, targets=("decoder",), rank=2, alpha=4)
+    add_decoder_lora(model, 2, 4.0)
     learner = build_meta(model, MetaCfg(algo="lora-maml", inner_steps=2, inner_lr=0.5))
     assert learner.names and all(n.endswith(("lora_A", "lora_B")) for n in learner.names)
     learner.meta_loss([lm_task(0, 8), lm_task(1, 8)]).backward()
@@ -256,10 +256,10 @@ def test_configuration_errors_are_specific():
     model = Regression()
     with pytest.raises(ValueError, match="unknown meta.algo 'mamll'; choose one of maml, fomaml"):
         build_meta(model, MetaCfg(algo="mamll"))
-    with pytest.raises(ValueError, match="add_lora"):
+    with pytest.raises(ValueError, match="add_decoder_lora"):
         build_meta(model, MetaCfg(algo="lora-maml"))
     with pytest.raises(ValueError, match="'anil' adapts 'head' by definition"):
-        build_meta(model, MetaCfg(algo="anil", adapt="all"), head=("net.2",))
+        build_meta(model, MetaCfg(algo="anil", inner_params="all"), head=("net.2",))
     with pytest.raises(ValueError, match="reptile has none"):
         build_meta(model, MetaCfg(algo="reptile", learn_inner_lr=True))
     with pytest.raises(ValueError, match="unknown meta.vmap 'yes'"):
@@ -328,7 +328,7 @@ def test_personae_model_with_images_vmaps_like_the_loop():
         model = PersonaeModel(cfg).eval()
         model.text.requires_grad_(False)  # the reply loss does not use the text tower or the fusion
         model.fusion.requires_grad_(False)
-        learner = build_meta(DenseRolePlayLoss(model), MetaCfg(inner_steps=1, inner_lr=0.1, vmap=mode),
+        learner = build_meta(DenseRolePlayLoss(model), MetaCfg(algo="maml", inner_steps=1, inner_lr=0.1, vmap=mode),
                              pad_values={"input_ids": 0, "labels": -100})
         learner.meta_loss(tasks).backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

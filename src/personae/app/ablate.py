@@ -122,34 +122,34 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> float:
 def _train_pretraining_row(job: RowJob, overrides: list[str]) -> tuple[Path, Path | None, float]:
     """Pretrain (or only initialise) then fine-tune; the fine-tuned run, the pretrained one, and the seconds."""
     from personae.config import apply_overrides, load_preset
-    from personae.train.finetune import run_finetune
+    from personae.train.finetune import run_config, run_finetune
     from personae.train.pretrain import run_pretrain
 
     pre, fine = job.folder / "pretrain", job.folder / "roleplay"
     cfg = apply_overrides(load_preset("tiny"), overrides + ([] if job.variant.pretrain else ["train.steps=0"]))
     seconds = _timed(run_pretrain, job.world, pre, cfg, resume=True, progress=False)
     seconds = seconds if job.variant.pretrain else 0.0
-    seconds += _timed(run_finetune, pre, job.world, fine, overrides=overrides, resume=True, progress=False)
+    seconds += _timed(run_finetune, pre, job.world, fine, apply_overrides(run_config(pre), overrides), resume=True,
+                      progress=False)
     return fine, pre if job.variant.pretrain else None, seconds
 
 
 def _train_adaptation_row(job: RowJob, overrides: list[str]) -> tuple[Path, float]:
     """Meta-train (or multi-task fine-tune) the seed's full fine-tuned run; the run and the seconds."""
-    from personae.config import apply_overrides, load_config
-    from personae.train.finetune import run_finetune
-    from personae.train.meta import multitask_overrides, run_meta_train
+    from personae.config import apply_overrides
+    from personae.train.finetune import run_config, run_finetune
+    from personae.train.meta import multitask_config, run_meta_train
 
     start = job.out / "full" / f"seed{job.seed}" / "roleplay"
     if not (start / "model.safetensors").is_file():
         raise PersonaeError(f"{start} is missing: the adaptation rows start from the full recipe's fine-tuned run")
     run = job.folder / "run"
+    cfg = apply_overrides(run_config(start), overrides)
     if job.variant.algo is None:
-        cfg = apply_overrides(load_config(start / "config.json"), overrides)
-        seconds = _timed(run_finetune, start, job.world, run, overrides=overrides + multitask_overrides(cfg),
-                         resume=True, progress=False)
+        seconds = _timed(run_finetune, start, job.world, run, multitask_config(cfg), resume=True, progress=False)
     else:
-        seconds = _timed(run_meta_train, start, job.world, run, overrides=overrides + [f"meta.algo={job.variant.algo}"],
-                         resume=True, progress=False)
+        cfg = apply_overrides(cfg, [f"meta.algo={job.variant.algo}"])
+        seconds = _timed(run_meta_train, start, job.world, run, cfg, resume=True, progress=False)
     return run, seconds
 
 
@@ -181,7 +181,7 @@ def _evaluate_row(run: Path, pretrained: Path | None, job: RowJob) -> dict[str, 
     adapted = evaluate_adapted(run, job.world, k=budget.adapt_k, steps=budget.adapt_steps, query=budget.adapt_query,
                                seed=job.seed, characters=heldout)
     row |= {"persona_heldout_adapted": adapted["metrics"]["persona_consistency"],
-            "query_loss_adapted": adapted["query_loss_after"], "adapted_with": adapted["params"]}
+            "query_loss_adapted": adapted["query_loss_after"], "adapted_with": adapted["inner_params"]}
     return row
 
 

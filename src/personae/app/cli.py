@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from personae.app.budgets import DEMO_BUDGETS
-from personae.config import ConfigError, apply_overrides, list_presets, load_preset
+from personae.config import INNER_PARAMS, META_ALGOS, ConfigError, apply_overrides, list_presets, load_preset
 from personae.errors import PersonaeError
 
 OVERRIDE_HELP = "config overrides like --train.lr=3e-4 --model.fusion.kind=single may follow"
@@ -33,9 +33,10 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
-    from personae.train.finetune import run_finetune
+    from personae.train.finetune import run_config, run_finetune
 
-    state = run_finetune(Path(args.run), Path(args.data), Path(args.out), overrides=overrides, resume=args.resume,
+    cfg = apply_overrides(run_config(Path(args.run)), overrides)
+    state = run_finetune(Path(args.run), Path(args.data), Path(args.out), cfg, resume=args.resume,
                          progress=not args.quiet)
     last = state.history[-1] if state.history else {}
     print(f"fine-tuned {state.step} steps, final loss {last.get('loss', float('nan')):.4f}; run: {args.out}")
@@ -64,16 +65,17 @@ def _chat(args: argparse.Namespace) -> None:
 
 def _meta_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from personae.app.commands import meta_train
+    from personae.train.finetune import run_config
 
-    meta_train(Path(args.run), Path(args.data), Path(args.out), algo=args.algo, overrides=overrides,
-               resume=args.resume, progress=not args.quiet)
+    cfg = apply_overrides(run_config(Path(args.run)), ([f"meta.algo={args.algo}"] if args.algo else []) + overrides)
+    meta_train(Path(args.run), Path(args.data), Path(args.out), cfg, resume=args.resume, progress=not args.quiet)
 
 
 def _adapt(args: argparse.Namespace) -> None:
     from personae.app.commands import adapt
 
-    adapt(Path(args.run), args.card, args.examples, k=args.k, steps=args.steps, lr=args.lr, params=args.params,
-          progress=not args.quiet)
+    adapt(Path(args.run), args.card, args.examples, k=args.k, steps=args.steps, lr=args.lr,
+          inner_params=args.inner_params, progress=not args.quiet)
 
 
 def _eval_adaptation(args: argparse.Namespace) -> None:
@@ -113,10 +115,10 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from personae.app.commands import serve_adapt_fn
     from personae.serve import serve
+    from personae.serve.adapt import adapt_in_memory
 
-    limits = {"adapt_fn": serve_adapt_fn, "max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
+    limits = {"adapt_fn": adapt_in_memory, "max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
     serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key,
           **{k: v for k, v in limits.items() if v is not None})
 
@@ -161,7 +163,7 @@ def _add_meta_train_parser(sub: argparse._SubParsersAction) -> None:
     meta.add_argument("run", metavar="RUN", help="fine-tuned (or pretrained) run to start from")
     meta.add_argument("--data", required=True, help="folder holding dialogues.jsonl and characters/")
     meta.add_argument("--out", required=True, help="run folder to write")
-    meta.add_argument("--algo", default=None, choices=["maml", "fomaml", "reptile", "anil", "lora-maml"],
+    meta.add_argument("--algo", default=None, choices=META_ALGOS,
                       help="meta-learning algorithm (default: meta.algo of the run's config; the tiny preset's is fomaml)")
     meta.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     meta.set_defaults(handler=_meta_train, takes_overrides=True)
@@ -177,8 +179,9 @@ def _add_adapt_parser(sub: argparse._SubParsersAction) -> None:
     adapt.add_argument("--steps", type=int, default=10, help="inner steps, with the run's meta.inner_optimizer (default 10)")
     adapt.add_argument("--lr", type=float, default=None, help="inner rate (default: the run's meta.inner_lr or "
                                                                  "its learned Meta-SGD rates)")
-    adapt.add_argument("--params", default=None, choices=["auto", "all", "head", "lora"],
-                       help="what adapts (default auto: the run's meta algorithm's own)")
+    adapt.add_argument("--inner-params", default=None, choices=INNER_PARAMS,
+                       help="which parameters adapt (default: the run's meta.inner_params; auto: the meta "
+                            "algorithm's own)")
     adapt.set_defaults(handler=_adapt, takes_overrides=False)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from personae.config import Config
 from personae.data.kinds import open_data
 from personae.data.manifest import read_pairs
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
@@ -56,23 +57,22 @@ def chat(run: Path, character: str, *, image: Path | None = None, temperature: f
     run_terminal_chat(session)
 
 
-def meta_train(run: Path, data: Path, out: Path, *, algo: str | None = None, overrides: list[str] | None = None,
-               resume: bool = False, progress: bool = True) -> None:
-    """`personae meta-train`: meta-train RUN over the training characters; print the outcome."""
+def meta_train(run: Path, data: Path, out: Path, cfg: Config | None = None, *, resume: bool = False,
+               progress: bool = True) -> None:
+    """`personae meta-train`: meta-train RUN over the training characters (settings: cfg, else RUN's); print."""
     from personae.train.meta import run_meta_train
 
-    overrides = ([f"meta.algo={algo}"] if algo else []) + list(overrides or [])
-    state = run_meta_train(Path(run), Path(data), Path(out), overrides=overrides, resume=resume, progress=progress)
+    state = run_meta_train(Path(run), Path(data), Path(out), cfg, resume=resume, progress=progress)
     last = state.history[-1] if state.history else {}
     print(f"meta-trained {state.step} steps, final meta-loss {last.get('loss', float('nan')):.4f}; run: {out}")
 
 
 def adapt(run: Path, card: Path, examples: Path, *, k: int = 5, steps: int = 10, lr: float | None = None,
-          params: str | None = None, progress: bool = True) -> Path:
+          inner_params: str | None = None, progress: bool = True) -> Path:
     """`personae adapt`: adapt RUN to a new character from its card and k examples; print where it went."""
     from personae.train.adapt import adapt_character
 
-    path = adapt_character(Path(run), Path(card), Path(examples), k=k, steps=steps, lr=lr, params=params,
+    path = adapt_character(Path(run), Path(card), Path(examples), k=k, steps=steps, lr=lr, inner_params=inner_params,
                            progress=progress)
     print(f"adapter written: {path}\nchat with it: personae chat {run} --character {Path(card).stem}")
     return path
@@ -115,37 +115,3 @@ def shakespeare_build(out: Path, *, min_speeches: int = 50, heldout: int = 8, ex
     print(f"Shakespeare set in {out}: {counts['characters']} speakers ({counts['heldout']} held out), "
           f"{counts['conversations']} exchanges")
     return counts
-
-
-def serve_adapt_fn(task: Any, progress: Any) -> Path:
-    """The server's adaptation hook (`ServeSettings.adapt_fn`): `personae adapt` on the API's examples.
-
-    The examples ({"user", "reply", "image": data URL or None}) become one-turn conversations in a
-    temporary examples file (images decoded to PNG files beside it); every example is support (k =
-    their number); `steps` comes from the request (default 10). The adapter lands where the server
-    looks for it, RUN/adapters/<id>.safetensors.
-    """
-    import base64
-    import tempfile
-
-    from personae.data.cards import save_card_json
-    from personae.train.adapt import adapt_character
-
-    with tempfile.TemporaryDirectory(prefix="personae-adapt-") as folder:
-        folder_path = Path(folder)
-        card_path = folder_path / f"{task.character_id}.json"
-        save_card_json(task.card, card_path)
-        rows = []
-        for number, example in enumerate(task.examples):
-            row: dict[str, Any] = {"character": task.character_id,
-                                   "turns": [{"user": example["user"], "reply": example["reply"]}]}
-            if example.get("image"):
-                image = folder_path / f"example{number}.png"
-                image.write_bytes(base64.b64decode(example["image"].split(",", 1)[1]))
-                row["image"] = image.name
-            rows.append(json.dumps(row))
-        examples = folder_path / "examples.jsonl"
-        examples.write_text("\n".join(rows) + "\n")
-        return adapt_character(Path(task.run_dir), card_path, examples, k=len(rows),
-                               steps=int(task.options.get("steps") or 10), progress=False,
-                               on_progress=progress, copy_card=False)

@@ -29,8 +29,8 @@ from personae.data.episodes import examples_file
 from personae.data.kinds import open_data
 from personae.eval.report import environment_info, write_report
 from personae.train.adapt import adapt_character
-from personae.train.finetune import run_finetune
-from personae.train.meta import multitask_overrides, run_meta_train
+from personae.train.finetune import run_config, run_finetune
+from personae.train.meta import multitask_config, run_meta_train
 from personae.train.pretrain import run_pretrain
 from personae.world import WORLD_FILE, build_world
 
@@ -100,14 +100,16 @@ def _stages(paths: DemoPaths, budget: Budget, cfg: Config, extra: list[str], pro
         Stage("evaluate retrieval", pre / "eval" / "retrieval.json",
               lambda: evaluate_run(pre, world, progress=progress)),
         Stage("fine-tune role-play", fine / "model.safetensors",
-              lambda: run_finetune(pre, world, fine, overrides=extra, resume=True, progress=progress)),
+              lambda: run_finetune(pre, world, fine, apply_overrides(run_config(pre), extra), resume=True,
+                                   progress=progress)),
         Stage("evaluate role-play", fine / "eval" / "roleplay.json",
               lambda: evaluate_roleplay_run(fine, world, limit=budget.roleplay_limit, progress=progress)),
         Stage(f"meta-train ({cfg.meta.algo})", meta / "model.safetensors",
-              lambda: run_meta_train(fine, world, meta, overrides=extra, resume=True, progress=progress)),
+              lambda: run_meta_train(fine, world, meta, apply_overrides(run_config(fine), extra), resume=True,
+                                     progress=progress)),
         Stage("multi-task fine-tuning, same budget (baseline)", multitask / "model.safetensors",
-              lambda: run_finetune(fine, world, multitask, overrides=extra + multitask_overrides(cfg), resume=True,
-                                   progress=progress)),
+              lambda: run_finetune(fine, world, multitask, multitask_config(apply_overrides(run_config(fine), extra)),
+                                   resume=True, progress=progress)),
         Stage("evaluate adaptation to held-out characters", meta / "eval" / "adaptation.json",
               lambda: evaluate_adaptation_run(meta, world, baseline=multitask, ks=list(budget.adapt_ks),
                                               steps=list(budget.adapt_steps), generate_ks=[ADAPT_K],

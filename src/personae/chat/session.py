@@ -22,7 +22,14 @@ from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.generation import SamplingParams, stream_batch
 from personae.models.io import load_model
-from personae.models.lora import LORA_MARKERS, AdapterError, add_lora, apply_adapter, load_adapter, lora_settings
+from personae.models.lora import (
+    LORA_MARKERS,
+    AdapterError,
+    add_decoder_lora,
+    apply_adapter,
+    load_adapter,
+    lora_settings,
+)
 from personae.models.model import PersonaeModel
 
 HELP = """commands:
@@ -64,8 +71,7 @@ def attach_adapter(model: PersonaeModel, tensors: Mapping[str, torch.Tensor], me
     if needs_lora and lora_settings(model) is None:
         if "lora_rank" not in metadata:
             raise AdapterError("the adapter holds LoRA tensors but records no lora_rank, and the model has no LoRA")
-        add_lora(model, targets=("decoder",), rank=int(metadata["lora_rank"]),
-                 alpha=float(metadata.get("lora_alpha", 8.0)))
+        add_decoder_lora(model, int(metadata["lora_rank"]), float(metadata.get("lora_alpha", 8.0)))
     apply_adapter(model, tensors)
 
 

@@ -3,7 +3,7 @@
 For every held-out character (support: the first k rows of `characters/<id>.examples.jsonl`, so
 the k = 1 set is inside the k = 5 one; query: its test conversations, all or q of them drawn with
 the seed, the same q for every k), each run adapts with the *same* adaptation (the first run's
-:class:`~personae.train.adapt.AdaptSpec`: which parameters, inner rate, LoRA rank; a run without
+:class:`~personae.meta.adapt.AdaptSpec`: which parameters, inner rate, LoRA rank; a run without
 LoRA gets fresh, no-op adapters) and we record
 
 * the query loss (mean reply-token NLL; its exp is the perplexity) after each number of inner
@@ -41,10 +41,9 @@ from personae.data.labels import IGNORE_INDEX
 from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.eval.roleplay import generate_all, pending_replies, score_rows
+from personae.meta.adapt import Adaptation, AdaptSpec, learned_rates
 from personae.models.generation import SamplingParams
 from personae.models.io import CONFIG_FILE, load_model, require_file
-from personae.train.adapt import Adaptation, AdaptSpec
-from personae.train.meta import learned_rates
 
 KS = (1, 5, 10)
 STEPS = (0, 1, 2, 5, 10, 20)
@@ -171,7 +170,8 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
     result: dict[str, Any] = {
         "data": str(data_dir), "characters": [e.character for e in episodes], "ks": ks, "steps": steps,
         "query_conversations": {e.character: len(e.query) for e in episodes},
-        "adaptation": {"params": spec.mode, "lr": spec.lr, "optimizer": spec.optimizer, "lora_rank": spec.lora_rank,
+        "adaptation": {"inner_params": spec.inner_params, "lr": spec.lr, "optimizer": spec.optimizer,
+                       "lora_rank": spec.lora_rank,
                        "lora_alpha": spec.lora_alpha},
         "runs": {**{label: str(path) for label, path in runs.items()}, NONE: str(none_run)},
         "query_loss": {}, "perplexity": {}, "per_character": {}, "metrics": {}, "samples": {},
@@ -198,12 +198,12 @@ def evaluate_adaptation(runs: Mapping[str, Path], data_dir: Path, *, none: Path 
 
 
 def evaluate_adapted(run: Path, data_dir: Path, *, k: int = 5, steps: int = 10, query: int | None = None,
-                     seed: int = 0, characters: Sequence[str] | None = None, params: str | None = None,
+                     seed: int = 0, characters: Sequence[str] | None = None, inner_params: str | None = None,
                      progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
     """One run adapted its own way (its `AdaptSpec`) to each held-out character of a scene world.
 
     Returns the mean query loss before and after `steps` inner steps on the first k examples, and the
-    exact metrics of greedy replies after adaptation: the ablation's held-out column. `params`
+    exact metrics of greedy replies after adaptation: the ablation's held-out column. `inner_params`
     (all | head | lora) overrides what adapts.
     """
     scorer = _reply_scorer(Path(data_dir))
@@ -211,12 +211,13 @@ def evaluate_adapted(run: Path, data_dir: Path, *, k: int = 5, steps: int = 10, 
         raise PersonaeError(f"{data_dir} has no exact role-play metrics (it is not a scene world): "
                             "the held-out column needs them")
     pool, episodes = heldout_episodes(Path(data_dir), k=k, q=query, seed=seed, characters=characters)
-    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)), mode=params)
+    spec = AdaptSpec.of(load_config(require_file(Path(run), CONFIG_FILE)), inner_params)
     cards = load_character_cards(Path(data_dir) / "characters")
     entry = _evaluate_run("adapted", Path(run), spec, [k], sorted({0, steps}), {(k, steps)}, adapts=True,
                           pool=pool, cards=cards, episodes=episodes, scorer=scorer, device=torch.device(device),
                           progress=progress)
-    return {"k": k, "steps": steps, "params": spec.mode, "query_loss_before": entry["query_loss"][k][0],
+    return {"k": k, "steps": steps, "inner_params": spec.inner_params,
+            "query_loss_before": entry["query_loss"][k][0],
             "query_loss_after": entry["query_loss"][k][steps], "metrics": entry["metrics"][k][steps]}
 
 

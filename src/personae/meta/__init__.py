@@ -6,16 +6,16 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from personae.config import MetaCfg
 from personae.meta.maml import (
     ANIL,
     FOMAML,
     MAML,
     LoRAMAML,
     LossFn,
-    MetaCfg,
     MetaLearner,
     Params,
-    adapt,
+    adapt_task,
     adapt_tasks,
     inner_loop,
     inner_trajectory,
@@ -38,7 +38,7 @@ META: dict[str, type[MetaLearner]] = {
 
 def build_meta(module: nn.Module, cfg: MetaCfg, loss_fn: LossFn | None = None, *,
                head: Sequence[str] = ("decoder.ln_f",), pad_values: Mapping[str, float] | None = None) -> MetaLearner:
-    """The learner META[cfg.algo] around `module` (cfg may be any object with MetaCfg's fields)."""
+    """The learner META[cfg.algo] around `module`."""
     if cfg.algo not in META:
         raise ValueError(f"unknown meta.algo {cfg.algo!r}; choose one of {', '.join(META)}")
     return META[cfg.algo](module, cfg, loss_fn, head=head, pad_values=pad_values)
@@ -46,6 +46,6 @@ def build_meta(module: nn.Module, cfg: MetaCfg, loss_fn: LossFn | None = None, *
 
 __all__ = [
     "ANIL", "FOMAML", "MAML", "META", "LoRAMAML", "LossFn", "MetaCfg", "MetaLearner", "Params", "Reptile",
-    "StackError", "Task", "TaskBatch", "adapt", "adapt_tasks", "build_meta", "inner_loop", "inner_trajectory", "meta_loss",
-    "module_loss", "reptile_direction", "select_names", "stack_tasks", "task_query_losses",
+    "StackError", "Task", "TaskBatch", "adapt_task", "adapt_tasks", "build_meta", "inner_loop", "inner_trajectory",
+    "meta_loss", "module_loss", "reptile_direction", "select_names", "stack_tasks", "task_query_losses",
 ]

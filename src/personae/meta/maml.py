@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from personae.config import INNER_OPTIMIZERS, INNER_PARAMS, RANDOMNESS_MODES, VMAP_MODES, MetaCfg
 from personae.meta.tasks import Batch, StackError, Task, TaskBatch, stack_tasks
 from personae.models.lora import LORA_MARKERS
 
@@ -39,32 +39,9 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, Batch], torch.Tensor]
 InnerLR = float | torch.Tensor | Mapping[str, torch.Tensor]
 
-ADAPT_CHOICES = ("all", "head", "lora")
-INNER_OPTIMIZERS = ("sgd", "adam")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-VMAP_CHOICES = ("auto", "on", "off")
-RANDOMNESS_CHOICES = ("different", "same", "error")
-
-
-@dataclass
-class MetaCfg:
-    """Meta-learning settings; the outer learning rate and optimizer are the trainer's."""
-
-    algo: str = "maml"  # a key of personae.meta.META
-    inner_steps: int = 5
-    inner_lr: float = 0.05
-    learn_inner_lr: bool = False  # Meta-SGD: one learned rate per parameter element, initialised to inner_lr
-    inner_optimizer: str = "sgd"  # sgd | adam (Adam's normalised steps, as Reptile's paper used; see inner_loop)
-    first_order: bool = False  # force first order (fomaml and reptile always are)
-    adapt: str = "auto"  # all | head | lora; auto: the algorithm's own
-    meta_batch: int = 4  # tasks (characters) per outer step
-    support: int = 5  # k conversations per support set
-    query: int = 5  # q conversations per query set
-    vmap: str = "auto"  # auto: vmap when the tasks stack; on: always (error if they do not); off: loop
-    randomness: str = "different"  # dropout under vmap: different | same | error
-    lora_rank: int = 4
-    lora_alpha: float = 8.0
+ADAPTED_PARAMS = tuple(p for p in INNER_PARAMS if p != "auto")  # what select_names takes: all | head | lora
 
 
 # ----------------------------------------------------------------------------- functional core
@@ -162,7 +139,7 @@ def inner_loop(params: Params, names: Sequence[str], loss_of: Callable[[Params],
     return {**params, **fast}
 
 
-def adapt(params: Params, loss_fn: LossFn, support_batch: Batch, *, steps: int, lr: InnerLR,
+def adapt_task(params: Params, loss_fn: LossFn, support_batch: Batch, *, steps: int, lr: InnerLR,
           first_order: bool = False, create_graph: bool = True, names: Sequence[str] | None = None,
           optimizer: str = "sgd") -> Params:
     """Adapt params to one task's support batch (all entries, or only `names`); zero steps returns params."""
@@ -200,8 +177,8 @@ def _vmap_hint(error: RuntimeError) -> RuntimeError:
 def prepare_tasks(tasks: Sequence[Task] | TaskBatch, vmap: str,
                   pad_values: Mapping[str, float] | None) -> TaskBatch | list[Task]:
     """Stacked tasks when vmap applies, else a list; vmap='on' with unstackable tasks is an error."""
-    if vmap not in VMAP_CHOICES:
-        raise ValueError(f"unknown vmap mode {vmap!r}; choose one of {', '.join(VMAP_CHOICES)}")
+    if vmap not in VMAP_MODES:
+        raise ValueError(f"unknown vmap mode {vmap!r}; choose one of {', '.join(VMAP_MODES)}")
     if isinstance(tasks, TaskBatch):
         return tasks if vmap != "off" else tasks.tasks()
     if vmap == "off":
@@ -236,7 +213,7 @@ def task_query_losses(params: Params, loss_fn: LossFn, tasks: Sequence[Task] | T
             raise
     losses = []
     for support, query in prepared:
-        adapted = adapt(params, loss_fn, support, steps=steps, lr=lr, first_order=first_order,
+        adapted = adapt_task(params, loss_fn, support, steps=steps, lr=lr, first_order=first_order,
                         create_graph=create_graph, names=names, optimizer=optimizer)
         with math_attention(create_graph and not first_order):
             losses.append(loss_fn(adapted, query))
@@ -261,22 +238,22 @@ def module_loss(module: nn.Module, output: str = "loss") -> LossFn:
 # ----------------------------------------------------------------------------- learners
 
 
-def select_names(module: nn.Module, adapt: str, head: Sequence[str] = ("decoder.ln_f",)) -> list[str]:
+def select_names(module: nn.Module, inner_params: str, head: Sequence[str] = ("decoder.ln_f",)) -> list[str]:
     """The names of the trainable parameters the inner loop adapts: all, the head's, or the LoRA ones."""
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
-    if adapt == "all":
+    if inner_params == "all":
         names = trainable
-    elif adapt == "head":
+    elif inner_params == "head":
         names = [n for n in trainable if any(n == h or n.startswith(h + ".") for h in head)]
-    elif adapt == "lora":
+    elif inner_params == "lora":
         names = [n for n in trainable if n.rsplit(".", 1)[-1] in LORA_MARKERS]
     else:
-        raise ValueError(f"unknown meta.adapt {adapt!r}; choose one of {', '.join(ADAPT_CHOICES)}")
+        raise ValueError(f"unknown meta.inner_params {inner_params!r}; choose one of {', '.join(ADAPTED_PARAMS)}")
     if not names:
         hint = {"head": f"no trainable parameter under {', '.join(head)} (the head prefixes)",
-                "lora": "no LoRA parameter: call personae.models.lora.add_lora(model) first",
-                "all": "the module has no trainable parameter"}[adapt]
-        raise ValueError(f"meta.adapt={adapt!r}: {hint}")
+                "lora": "no LoRA parameter: call personae.models.lora.add_decoder_lora(model, rank, alpha) first",
+                "all": "the module has no trainable parameter"}[inner_params]
+        raise ValueError(f"meta.inner_params={inner_params!r}: {hint}")
     return names
 
 
@@ -294,7 +271,7 @@ class MetaLearner(nn.Module):
 
     algo: ClassVar[str] = "maml"
     forced_first_order: ClassVar[bool] = False
-    default_adapt: ClassVar[str] = "all"
+    default_inner_params: ClassVar[str] = "all"
 
     def __init__(self, module: nn.Module, cfg: MetaCfg | None = None, loss_fn: LossFn | None = None, *,
                  head: Sequence[str] = ("decoder.ln_f",), pad_values: Mapping[str, float] | None = None) -> None:
@@ -303,8 +280,8 @@ class MetaLearner(nn.Module):
         self._check_cfg()
         self.loss_fn = loss_fn or module_loss(module)
         self.head, self.pad_values = tuple(head), dict(pad_values or {})
-        self.adapt_mode = self.default_adapt if self.cfg.adapt == "auto" else self.cfg.adapt
-        self.names = select_names(module, self.adapt_mode, self.head)
+        self.inner_params = self.default_inner_params if self.cfg.inner_params == "auto" else self.cfg.inner_params
+        self.names = select_names(module, self.inner_params, self.head)
         self.first_order = self.forced_first_order or self.cfg.first_order
         self.inner_lrs = nn.ParameterDict()
         if self.cfg.learn_inner_lr:
@@ -314,16 +291,17 @@ class MetaLearner(nn.Module):
 
     def _check_cfg(self) -> None:
         cfg = self.cfg
-        if cfg.adapt not in ("auto", *ADAPT_CHOICES):
-            raise ValueError(f"unknown meta.adapt {cfg.adapt!r}; choose one of auto, {', '.join(ADAPT_CHOICES)}")
-        if cfg.adapt not in ("auto", self.default_adapt) and self.default_adapt != "all":
-            raise ValueError(f"meta.algo={self.algo!r} adapts {self.default_adapt!r} by definition, "
-                             f"not meta.adapt={cfg.adapt!r}; use maml with adapt={cfg.adapt!r} instead")
-        if cfg.vmap not in VMAP_CHOICES:
-            raise ValueError(f"unknown meta.vmap {cfg.vmap!r}; choose one of {', '.join(VMAP_CHOICES)}")
-        if cfg.randomness not in RANDOMNESS_CHOICES:
+        if cfg.inner_params not in INNER_PARAMS:
+            raise ValueError(f"unknown meta.inner_params {cfg.inner_params!r}; choose one of {', '.join(INNER_PARAMS)}")
+        if cfg.inner_params not in ("auto", self.default_inner_params) and self.default_inner_params != "all":
+            raise ValueError(f"meta.algo={self.algo!r} adapts {self.default_inner_params!r} by definition, "
+                             f"not meta.inner_params={cfg.inner_params!r}; use maml with "
+                             f"inner_params={cfg.inner_params!r} instead")
+        if cfg.vmap not in VMAP_MODES:
+            raise ValueError(f"unknown meta.vmap {cfg.vmap!r}; choose one of {', '.join(VMAP_MODES)}")
+        if cfg.randomness not in RANDOMNESS_MODES:
             raise ValueError(f"unknown meta.randomness {cfg.randomness!r}; choose one of "
-                             f"{', '.join(RANDOMNESS_CHOICES)}")
+                             f"{', '.join(RANDOMNESS_MODES)}")
         if cfg.inner_optimizer not in INNER_OPTIMIZERS:
             raise ValueError(f"unknown meta.inner_optimizer {cfg.inner_optimizer!r}; choose one of "
                              f"{', '.join(INNER_OPTIMIZERS)}")
@@ -356,7 +334,7 @@ class MetaLearner(nn.Module):
     def adapt(self, support: Batch, *, steps: int | None = None, create_graph: bool = False) -> Params:
         """Fast weights (the adapted parameters only) after `steps` (default cfg.inner_steps) on a support batch."""
         steps = self.cfg.inner_steps if steps is None else steps
-        adapted = adapt(self.params(), self.loss_fn, support, steps=steps, lr=self.inner_lr(),
+        adapted = adapt_task(self.params(), self.loss_fn, support, steps=steps, lr=self.inner_lr(),
                         first_order=self.first_order, create_graph=create_graph, names=self.names,
                         optimizer=self.cfg.inner_optimizer)
         return {name: adapted[name] for name in self.names}
@@ -409,11 +387,11 @@ class ANIL(MetaLearner):
     """
 
     algo = "anil"
-    default_adapt = "head"
+    default_inner_params = "head"
 
 
 class LoRAMAML(MetaLearner):
     """LoRA-MAML: the inner loop adapts only the LoRA adapters; the outer loop learns base weights and adapter init."""
 
     algo = "lora-maml"
-    default_adapt = "lora"
+    default_inner_params = "lora"

@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from personae.config import MetaCfg
 from personae.meta.maml import (
     LossFn,
-    MetaCfg,
     MetaLearner,
     Params,
-    adapt,
+    adapt_task,
     adapt_tasks,
     math_attention,
     prepare_tasks,
@@ -64,7 +64,7 @@ class Reptile(MetaLearner):
         total: Params = {name: torch.zeros_like(params[name]) for name in self.names}
         losses = []
         for support, query_batch in prepared:
-            adapted = adapt(params, self.loss_fn, support, steps=steps, lr=lr, first_order=True,
+            adapted = adapt_task(params, self.loss_fn, support, steps=steps, lr=lr, first_order=True,
                             create_graph=False, names=self.names, optimizer=self.cfg.inner_optimizer)
             for name in self.names:
                 total[name] += adapted[name]

@@ -1,7 +1,8 @@
 """Low-rank adapters (LoRA) on the decoder's Linear layers, and adapter files in safetensors.
 
-`add_lora(model)` swaps the decoder's attention and MLP projections (`attn.qkv`, `attn.proj`,
-`mlp.fc`, `mlp.proj`) for :class:`LoRALinear` in place, so parameter names stay predictable::
+`add_decoder_lora(model, rank, alpha)` (through `add_lora`) swaps the decoder's attention and MLP
+projections (`attn.qkv`, `attn.proj`, `mlp.fc`, `mlp.proj`) for :class:`LoRALinear` in place, so
+parameter names stay predictable::
 
     decoder.blocks.0.attn.qkv.base.weight   (the frozen-or-not base Linear, renamed under .base)
     decoder.blocks.0.attn.qkv.lora_A        (rank, in_features)
@@ -62,10 +63,16 @@ class LoRALinear(nn.Module):
         self.scaling = self.alpha / rank
         weight = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.reset_adapter()
         # set by AdapterBank.route: (A bank (n, r, in), B bank (n, out, r), slot per row or one slot)
         self.routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor | int] | None = None
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """A drawn afresh from the global RNG, B = 0: the adapter is a no-op again."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+        self.lora_B.zero_()
 
     @property
     def in_features(self) -> int:
@@ -124,6 +131,31 @@ def add_lora(model: nn.Module, targets: Iterable[str] = ("decoder",), rank: int 
     for name in chosen:
         _set_child(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
     return chosen
+
+
+def add_decoder_lora(model: nn.Module, rank: int, alpha: float, *, seed: int | None = None) -> list[str]:
+    """Give the model's decoder LoRA adapters of rank `rank` (B = 0: a no-op at first); the wrapped names.
+
+    The one way the library adds adapters (meta-training, adaptation, loading a run or an adapter
+    file). `seed` seeds the global RNG first so that A's draw is reproducible (adaptation and
+    meta-training record it); the adapters are made on the decoder's device.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return add_lora(model, targets=("decoder",), rank=rank, alpha=alpha)
+
+
+def reset_decoder_lora(model: nn.Module, seed: int) -> int:
+    """Start every LoRA layer afresh, exactly as add_decoder_lora(..., seed=seed) starts them; how many.
+
+    For a model whose adapters are no-op placeholders (a server adds them to mix adapters per
+    row), so that adapting it starts where adapting a LoRA-free copy of the run would.
+    """
+    torch.manual_seed(seed)
+    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    for layer in layers:  # model order, as add_lora wraps them: the same draws
+        layer.reset_adapter()
+    return len(layers)
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

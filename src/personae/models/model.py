@@ -17,7 +17,7 @@ from personae.models.decoder import Decoder
 from personae.models.fusion import FusionOutput, build_fusion
 from personae.models.generation import Generation, SamplingParams, generate
 from personae.models.layers import init_weights
-from personae.models.lora import add_lora
+from personae.models.lora import add_decoder_lora
 from personae.models.text import TextEncoder
 from personae.models.vision import VisionEncoder, pool_regions
 
@@ -76,7 +76,7 @@ class PersonaeModel(nn.Module):
             if self.decoder is None:
                 raise ValueError("model.lora_rank > 0 puts LoRA adapters on the decoder, but model.decoder.enabled "
                                  "is false")
-            add_lora(self, targets=("decoder",), rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+            add_decoder_lora(self, cfg.lora_rank, cfg.lora_alpha)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1+N, Dv) image regions."""

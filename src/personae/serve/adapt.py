@@ -1,10 +1,13 @@
 """Adaptation jobs: `POST /v1/characters/{id}/adapt` runs an injectable `adapt_fn` in the background.
 
-The hook's signature is ``adapt_fn(task: AdaptTask, progress: Callable[[float, str], None]) -> Path``:
-it fits the character from ``task.examples``, calls ``progress(fraction, message)`` as it goes,
-writes ``task.adapter_path`` and returns it. In this build there is no hook: the default,
-:func:`adaptation_unavailable`, raises :class:`AdaptationUnavailable` and the endpoint answers 501
-before starting a job. The lead plugs the meta-learning `adapt` in through ``ServeSettings.adapt_fn``.
+The hook's signature is ``adapt_fn(task: AdaptTask, progress: Callable[[float, str], None]) ->
+CharacterAdapter``: it fits the character from ``task.examples`` and calls ``progress(fraction,
+message)`` as it goes; the job then writes the adapter to ``task.adapter_path`` (so it survives a
+restart) and hands the tensors to the server (``on_done``). :func:`adapt_in_memory` is the hook
+the `personae serve` command plugs in: it adapts the model the server already holds
+(:func:`personae.meta.adapt.adapt_to_character`), with no temporary files and no reload. Without
+a hook (the default of ``ServeSettings.adapt_fn``), :func:`adaptation_unavailable` raises
+:class:`AdaptationUnavailable` and the endpoint answers 501 before starting a job.
 
 Jobs run one at a time on one worker thread (adaptation trains, and must not starve generation
 more than one job does); their state is kept in memory and polled with GET.
@@ -12,6 +15,8 @@ more than one job does); their state is kept in memory and polled with GET.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import logging
 import threading
@@ -23,11 +28,21 @@ from pathlib import Path
 from queue import Queue
 from typing import Any
 
+import torch
+
+from personae.config import Config
 from personae.data.cards import CharacterCard
+from personae.data.dialogues import DialogueRecord, DialogueTurn
+from personae.data.images import square_pixels
+from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.meta.adapt import AdaptSpec, CharacterAdapter, adapt_to_character
+from personae.models.lora import save_adapter
+from personae.models.model import PersonaeModel
 
 log = logging.getLogger(__name__)
-AdaptFn = Callable[["AdaptTask", Callable[[float, str], None]], Any]
+AdaptFn = Callable[["AdaptTask", Callable[[float, str], None]], CharacterAdapter]
+DEFAULT_STEPS = 10  # inner steps when the request names none (as `personae adapt`)
 
 
 class AdaptationUnavailable(PersonaeError):
@@ -35,21 +50,73 @@ class AdaptationUnavailable(PersonaeError):
 
 
 @dataclass
+class ServedRun:
+    """What the server holds and an in-memory adaptation uses: the model, its config and tokenizer.
+
+    `lock` is the one the decoding thread holds for every forward: the inner loop takes it for
+    each of its steps, since torch.func swaps the module's parameters during a call.
+    """
+
+    model: PersonaeModel
+    config: Config
+    tokenizer: Tokenizer
+    lock: contextlib.AbstractContextManager
+    max_image_pixels: int | None = None  # the uploads' pixel limit (None: the image loader's default)
+    learned_lrs: dict[str, torch.Tensor] | None = None  # the run's Meta-SGD rates (read once, at start)
+
+
+@dataclass
 class AdaptTask:
-    """What an adaptation needs: the run, the character and its card, the examples, and options."""
+    """What an adaptation needs: the run, the character and its card, the examples, options, the served model."""
 
     run_dir: Path
     character_id: str
     card: CharacterCard
     examples: list[dict[str, Any]]  # {"user", "reply", "image": data URL or None}
     adapter_path: Path
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # "steps", "inner_params"
+    served: ServedRun | None = None
 
 
-def adaptation_unavailable(task: AdaptTask, progress: Callable[[float, str], None]) -> Path:
+def adaptation_unavailable(task: AdaptTask, progress: Callable[[float, str], None]) -> CharacterAdapter:
     """The default hook: adaptation is not part of this build."""
     raise AdaptationUnavailable("adaptation is not available in this build: no adapt_fn is configured "
                                 "(the meta-learning adapters plug in through ServeSettings.adapt_fn)")
+
+
+def example_records(task: AdaptTask, image_size: int,
+                    max_image_pixels: int | None = None) -> tuple[list[DialogueRecord], torch.Tensor | None]:
+    """The API's examples as one-turn conversations, and their images decoded to uint8 (N, 3, S, S)."""
+    records = [DialogueRecord(id=f"{task.character_id}-example{number}", character=task.character_id,
+                              turns=(DialogueTurn(example["user"], example["reply"]),))
+               for number, example in enumerate(task.examples)]
+    with_image = [bool(example.get("image")) for example in task.examples]
+    if not any(with_image):
+        return records, None
+    if not all(with_image):
+        raise PersonaeError("some examples have an image and some do not: send images with all of them or none")
+    limit = {} if max_image_pixels is None else {"max_pixels": max_image_pixels}
+    pixels = []
+    for number, example in enumerate(task.examples):
+        header, _, body = example["image"].partition(",")
+        if not header.startswith("data:") or ";base64" not in header:
+            raise PersonaeError(f"examples[{number}].image must be a base64 data: URL")
+        pixels.append(square_pixels(base64.b64decode(body), image_size, name=f"examples[{number}].image", **limit))
+    return records, torch.stack(pixels)
+
+
+def adapt_in_memory(task: AdaptTask, progress: Callable[[float, str], None]) -> CharacterAdapter:
+    """The server's hook: adapt the served model to the task's character (every example is support)."""
+    served = task.served
+    if served is None:
+        raise AdaptationUnavailable("in-memory adaptation needs the served model (AdaptTask.served)")
+    cfg = served.config
+    records, images = example_records(task, cfg.model.vision.image_size, served.max_image_pixels)
+    spec = AdaptSpec.of(cfg, task.options.get("inner_params"))
+    return adapt_to_character(served.model, cfg, served.tokenizer, task.card, records,
+                              character_id=task.character_id, steps=int(task.options.get("steps") or DEFAULT_STEPS),
+                              spec=spec, learned_lrs=served.learned_lrs, images=images,
+                              on_progress=progress, step_guard=lambda: served.lock)
 
 
 @dataclass
@@ -74,7 +141,8 @@ class AdaptJob:
 class AdaptJobs:
     """Queues adaptation jobs, runs them on one worker thread, and remembers their state."""
 
-    def __init__(self, adapt_fn: AdaptFn | None, on_done: Callable[[AdaptTask], None] | None = None) -> None:
+    def __init__(self, adapt_fn: AdaptFn | None,
+                 on_done: Callable[[AdaptTask, CharacterAdapter], None] | None = None) -> None:
         self.adapt_fn: AdaptFn = adapt_fn or adaptation_unavailable
         self.on_done = on_done
         self._jobs: dict[str, AdaptJob] = {}
@@ -126,9 +194,10 @@ class AdaptJobs:
 
         job.status, job.message = "running", "adapting"
         try:
-            self.adapt_fn(task, progress)
+            adapter = self.adapt_fn(task, progress)
+            save_adapter(task.adapter_path, adapter.tensors, adapter.metadata)  # survives a restart
             if self.on_done is not None:
-                self.on_done(task)
+                self.on_done(task, adapter)
             job.status, job.progress, job.message = "succeeded", 1.0, "adapter written"
         except Exception as error:  # the job reports it; the server goes on
             log.exception("adaptation of %s failed", task.character_id)

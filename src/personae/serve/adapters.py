@@ -1,7 +1,8 @@
 """The server's character adapters: RUN/adapters/*.safetensors loaded into one AdapterBank.
 
-`personae adapt` (or an adaptation job through the API) writes `RUN/adapters/<id>.safetensors`.
-:class:`ServerAdapters` loads every LoRA adapter file into an
+`personae adapt` writes `RUN/adapters/<id>.safetensors`; an adaptation job through the API adapts
+the served model in memory and hands its tensors over with :meth:`ServerAdapters.add` (and writes
+the same file, for a restart). :class:`ServerAdapters` loads every LoRA adapter file into an
 :class:`~personae.models.adapter_bank.AdapterBank`, so that requests for different characters
 decode in one batch, each row with its own character's adapter. A run without LoRA layers (a
 fine-tuned run whose adapters were made with fresh LoRA) gets the same no-op LoRA layers first
@@ -18,10 +19,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from personae.models.adapter_bank import AdapterBank
-from personae.models.lora import AdapterError, add_lora, load_adapter, lora_settings
+from personae.models.lora import AdapterError, add_decoder_lora, load_adapter, lora_settings
 from personae.models.model import PersonaeModel
 
 log = logging.getLogger(__name__)
@@ -59,23 +64,43 @@ class ServerAdapters:
             self._loaded[character] = mtime
         return loaded
 
+    def add(self, character: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+            path: Path | None = None) -> bool:
+        """Apply adapter tensors made in memory (and written to `path`); False, with a problem noted, if not."""
+        try:
+            as_saved = {str(key): str(value) for key, value in metadata.items()}  # what the file's metadata reads
+            self._apply(character, tensors, as_saved, f"the adapter of {character}")
+        except AdapterError as error:
+            self.problems[character] = str(error)
+            log.warning("adapter of %s is not applied by the server: %s", character, error)
+            return False
+        self.problems.pop(character, None)
+        if path is not None and Path(path).is_file():  # sync() need not load the same file again
+            self._loaded[character] = Path(path).stat().st_mtime
+        return True
+
     def _load(self, character: str, path: Path) -> None:
         tensors, metadata = load_adapter(path)
+        self._apply(character, tensors, metadata, path.name)
+
+    def _apply(self, character: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+               label: str) -> None:
         with self.lock:
             if self.bank is None:
-                self._add_lora(metadata, path)
+                self._add_lora(metadata, label)
             assert self.bank is not None
-            self.bank.add(character, tensors)
+            self.bank.add(character, dict(tensors))
 
-    def _add_lora(self, metadata: dict[str, str], path: Path) -> None:
-        """Give a LoRA-free model no-op LoRA layers of the adapter's rank (outputs unchanged)."""
-        if metadata.get("params", "lora") != "lora" or "lora_rank" not in metadata:
-            raise AdapterError(f"{path.name} adapts {metadata.get('params', 'unknown')!r} parameters, not LoRA "
-                               "adapters: only LoRA adapters are applied per request")
-        device = next(self.model.parameters()).device
-        add_lora(self.model, targets=("decoder",), rank=int(metadata["lora_rank"]),
-                 alpha=float(metadata.get("lora_alpha", 8.0)))
-        self.model.to(device)
+    def _add_lora(self, metadata: Mapping[str, str], label: str) -> None:
+        """Give a LoRA-free model no-op LoRA layers of the adapter's rank (outputs unchanged), then a bank."""
+        # adapter files written before the key was renamed say "params"
+        inner_params = metadata.get("inner_params", metadata.get("params", "lora"))
+        if inner_params != "lora" or "lora_rank" not in metadata:
+            raise AdapterError(f"{label} adapts {inner_params!r} parameters, not LoRA adapters: only LoRA "
+                               "adapters are applied per request")
+        settings = lora_settings(self.model)  # an in-memory adaptation may have added them already
+        if settings is None:
+            add_decoder_lora(self.model, int(metadata["lora_rank"]), float(metadata.get("lora_alpha", 8.0)))
         self.bank = AdapterBank(self.model)
 
     def key(self, character: str | None) -> str | None:

@@ -11,7 +11,7 @@ the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/gui
     POST /v1/characters                     upload a card (raw JSON or PNG body)
     DELETE /v1/characters/{id}              remove an uploaded character
     GET  /v1/characters/{id}/avatar         the card's image as PNG
-    POST /v1/characters/{id}/adapt          start an adaptation job (501 in this build)
+    POST /v1/characters/{id}/adapt          start an adaptation job (501 without an adapt_fn)
     GET  /v1/characters/{id}/adapt[/{job}]  poll it
     GET  /stats                             scheduler counters and the limits
 """
@@ -37,10 +37,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from personae import __version__
+from personae.config import Config
 from personae.data.cards import CardError
 from personae.data.tokenizer import Tokenizer
+from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.model import PersonaeModel
-from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask
+from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import (
     CharacterEntry,
@@ -49,7 +51,7 @@ from personae.serve.characters import (
     CharacterReadOnly,
     CharacterRegistry,
 )
-from personae.serve.completions import CompletionService, completion_body, completion_id, stream_chunks
+from personae.serve.completions import CompletionService, completion_body, completion_id, decode_data_url, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import (
@@ -74,11 +76,12 @@ _PROTECTED = ("/v1/", "/stats")
 
 @dataclass
 class RunBundle:
-    """A loaded run: the model, its tokenizer, and whether its prompts include card examples."""
+    """A loaded run: the model, its tokenizer, whether its prompts include card examples, and its config."""
 
     model: PersonaeModel
     tokenizer: Tokenizer
     include_examples: bool
+    config: Config  # the run's settings (adaptation reads meta.* and finetune.*)
 
 
 def load_run(run_dir: Path, device: str | None = None) -> RunBundle:
@@ -89,7 +92,7 @@ def load_run(run_dir: Path, device: str | None = None) -> RunBundle:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config, tokenizer = load_model(Path(run_dir), device)
     model.require_decoder()  # a pretrained-only run cannot chat: say so at start, not per request
-    return RunBundle(model.eval(), tokenizer, config.finetune.include_examples)
+    return RunBundle(model.eval(), tokenizer, config.finetune.include_examples, config)
 
 
 class ServerContext:
@@ -107,13 +110,15 @@ class ServerContext:
                                    retry_after=settings.retry_after_s,
                                    prefix_cache_bytes=settings.prefix_cache_mib * 1024 * 1024,
                                    adapters=self.adapters)
-        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=lambda task: self._adapted())
+        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=self._adapted)
+        self.served = ServedRun(bundle.model, bundle.config, bundle.tokenizer, self.adapters.lock,
+                                settings.max_image_pixels, learned_rates(self.run_dir))
         self.started = time.time()
 
-    def _adapted(self) -> None:
-        """An adaptation job wrote an adapter: list it and load it for the requests to come."""
+    def _adapted(self, task: AdaptTask, adapter: CharacterAdapter) -> None:
+        """An adaptation job made an adapter (and wrote its file): list it and apply it to the requests to come."""
         self.registry.refresh()
-        self.adapters.sync()
+        self.adapters.add(task.character_id, adapter.tensors, adapter.metadata, task.adapter_path)
 
     def submit(self, job: Any) -> RequestHandle:
         """Queue a job for this event loop; a full queue is a 503 with Retry-After."""
@@ -356,8 +361,16 @@ def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
         if not examples:
             raise ApiError(400, f"'{entry.id}' has no example dialogues; send 'examples' to adapt from",
                            param="examples", code="missing_examples")
+        pictured = [bool(example.get("image")) for example in examples]
+        if any(pictured) and not all(pictured):  # bad examples are a 400 now, not a failed job later
+            raise ApiError(400, "some examples have an image and some do not: send images with all of them or none",
+                           param="examples", code="mixed_examples")
+        for number, example in enumerate(examples):
+            if example.get("image"):
+                decode_data_url(example["image"], f"examples[{number}].image", context.settings.max_image_bytes)
+        options = {"steps": body.steps, "inner_params": body.inner_params}
         task = AdaptTask(context.run_dir, entry.id, entry.card, examples, entry.adapter,
-                         {"steps": body.steps} if body.steps else {})
+                         {key: value for key, value in options.items() if value}, context.served)
         try:
             job = context.adapt_jobs.submit(task)
         except AdaptationUnavailable as error:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from personae.config import INNER_PARAMS
+
 MAX_SEED = 2**62  # a seed and seed + n - 1 must fit torch.Generator.manual_seed
 
 
@@ -180,11 +182,14 @@ class AdaptExample(_Lenient):
     image: str | None = Field(None, description="a data: URL")
 
 
-class AdaptRequest(_Lenient):
+class AdaptRequest(BaseModel):
     """POST /v1/characters/{id}/adapt: examples (default: the card's example dialogues) and options."""
+
+    model_config = ConfigDict(extra="forbid")  # ours, not OpenAI's: a misspelt option is a 400, not ignored
 
     examples: list[AdaptExample] = Field(default_factory=list, max_length=256)
     steps: int | None = Field(None, ge=1, le=10000)
+    inner_params: Literal[INNER_PARAMS] | None = None  # which parameters adapt (default: the run's meta.inner_params)
 
 
 class AdaptJobInfo(BaseModel):

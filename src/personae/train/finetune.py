@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from personae.config import Config, apply_overrides
+from personae.config import Config, load_config
 from personae.data.dialogues import load_character_cards, read_dialogues, require_cards
 from personae.data.kinds import open_data
 from personae.data.marker_swap import swap_conversations
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
+from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
-from personae.models.io import CheckpointError, load_model
+from personae.models.io import CONFIG_FILE, CheckpointError, load_model, require_file
 from personae.models.model import PersonaeModel
 from personae.tasks import RolePlayTask
 from personae.train.distributed import init_distributed
@@ -22,10 +24,18 @@ from personae.train.pretrain import wrap_ddp
 from personae.train.trainer import Trainer, TrainerState
 
 
-def model_with_decoder(run: Path, overrides: list[str] | None = None) -> tuple[PersonaeModel, Config, object]:
-    """Load a run and give it a decoder: a pretrained run's decoder is seeded from its text tower."""
-    pretrained, cfg, tokenizer = load_model(run)
-    cfg = apply_overrides(cfg, overrides or [])
+def run_config(run: Path) -> Config:
+    """The config a run was saved with (RUN/config.json)."""
+    return load_config(require_file(Path(run), CONFIG_FILE))
+
+
+def model_with_decoder(run: Path, cfg: Config | None = None) -> tuple[PersonaeModel, Config, Tokenizer]:
+    """Load a run and give it a decoder: a pretrained run's decoder is seeded from its text tower.
+
+    The settings are a copy of `cfg` (default: the run's own config), so the caller's is not changed.
+    """
+    pretrained, saved, tokenizer = load_model(run)
+    cfg = copy.deepcopy(saved if cfg is None else cfg)
     if pretrained.decoder is not None:
         return pretrained, cfg, tokenizer
     cfg.model.decoder.enabled = True
@@ -38,14 +48,17 @@ def model_with_decoder(run: Path, overrides: list[str] | None = None) -> tuple[P
     return model, cfg, tokenizer
 
 
-def run_finetune(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
-                 resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
-    """Fine-tune RUN on the train conversations of the train characters in DATA_DIR; write OUT_DIR."""
+def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = None, *, resume: bool = False,
+                 progress: bool = True, stop_at: int | None = None) -> TrainerState:
+    """Fine-tune RUN on the train conversations of the train characters in DATA_DIR; write OUT_DIR.
+
+    `cfg` holds the settings (default: RUN's own config); its model section must describe RUN's model.
+    """
     dist = init_distributed()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if Path(run).resolve() == out_dir.resolve():
         raise PersonaeError("the fine-tuned run needs its own --out folder (it would overwrite its start)")
-    model, cfg, tokenizer = model_with_decoder(run, overrides)
+    model, cfg, tokenizer = model_with_decoder(run, cfg)
     model = model.to(dist.device)
     if cfg.finetune.freeze_vision:
         model.vision.requires_grad_(False)
@@ -60,7 +73,7 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[st
     if variants and progress and dist.is_primary:
         print(f"persona swap: {len(variants) - dataset.fallbacks} of {len(records)} conversations speak with fresh "
               f"markers ({dataset.fallbacks} too long once swapped kept their own)")
-    _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
+    copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
     task = wrap_ddp(RolePlayTask(model, cfg.finetune), dist)
     trainer = Trainer(task, model, dataset, partial(collate_roleplay, pad_id=tokenizer.pad_id), cfg, tokenizer,
                       out_dir, dist, stage="finetune", progress=progress, train_cfg=cfg.finetune.train)
@@ -75,7 +88,7 @@ def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) ->
     return swap_conversations(records, cards, swap, cfg.finetune.persona_swap, cfg.finetune.train.seed)
 
 
-def _copy_cards(source: Path, target: Path, names: set[str]) -> None:
+def copy_cards(source: Path, target: Path, names: set[str]) -> None:
     """The run keeps the cards of the characters it was trained on, so chat finds them by name."""
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():

@@ -14,13 +14,13 @@ Meta-SGD (`meta.learn_inner_lr`) the learned inner rates are saved as `meta_lrs.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from personae.config import Config
@@ -31,16 +31,15 @@ from personae.data.marker_swap import SwappedEpisodeCollator
 from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.meta import MetaLearner, build_meta
-from personae.models.lora import add_lora, lora_settings
+from personae.meta.adapt import HEAD, META_LRS_FILE, learned_rates
+from personae.models.lora import add_decoder_lora, lora_settings
 from personae.models.model import PersonaeModel
 from personae.tasks import dense_roleplay_task
 from personae.train.distributed import init_distributed
-from personae.train.finetune import _copy_cards, model_with_decoder
+from personae.train.finetune import copy_cards, model_with_decoder
 from personae.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
-META_LRS_FILE = "meta_lrs.safetensors"
-HEAD = ("model.decoder.ln_f",)  # ANIL's head, named inside RolePlayTask (which holds the model as .model)
 
 
 class MetaStep(nn.Module):
@@ -55,8 +54,8 @@ class MetaStep(nn.Module):
 
 
 def adapts_lora(cfg: Config) -> bool:
-    """Whether the run's meta algorithm adapts LoRA parameters (lora-maml, or maml/fomaml with adapt=lora)."""
-    return cfg.meta.algo == "lora-maml" or cfg.meta.adapt == "lora"
+    """Whether the run's meta algorithm adapts LoRA parameters (lora-maml, or maml/fomaml with inner_params=lora)."""
+    return cfg.meta.algo == "lora-maml" or cfg.meta.inner_params == "lora"
 
 
 def ensure_lora(model: PersonaeModel, cfg: Config, seed: int) -> bool:
@@ -67,8 +66,7 @@ def ensure_lora(model: PersonaeModel, cfg: Config, seed: int) -> bool:
     """
     if lora_settings(model) is not None:
         return False
-    torch.manual_seed(seed)
-    add_lora(model, targets=("decoder",), rank=cfg.meta.lora_rank, alpha=cfg.meta.lora_alpha)
+    add_decoder_lora(model, cfg.meta.lora_rank, cfg.meta.lora_alpha, seed=seed)
     cfg.model.lora_rank, cfg.model.lora_alpha = cfg.meta.lora_rank, cfg.meta.lora_alpha
     return True
 
@@ -76,17 +74,6 @@ def ensure_lora(model: PersonaeModel, cfg: Config, seed: int) -> bool:
 def build_learner(model: PersonaeModel, cfg: Config, pad_id: int) -> MetaLearner:
     """The meta-learner of cfg.meta around the dense role-play task of `model`."""
     return build_meta(dense_roleplay_task(model, cfg.finetune), cfg.meta, head=HEAD, pad_values=pad_values(pad_id))
-
-
-def meta_lrs_by_name(path: Path) -> dict[str, torch.Tensor]:
-    """Learned inner rates from a meta_lrs.safetensors file, by the task module's parameter names."""
-    return {key.replace("/", "."): value for key, value in load_file(str(path)).items()}
-
-
-def learned_rates(run: Path) -> dict[str, torch.Tensor] | None:
-    """The Meta-SGD rates a run learned (RUN/meta_lrs.safetensors), or None."""
-    path = Path(run) / META_LRS_FILE
-    return meta_lrs_by_name(path) if path.is_file() else None
 
 
 def episode_pool(records: list[DialogueRecord], needed: int) -> list[DialogueRecord]:
@@ -99,17 +86,17 @@ def episode_pool(records: list[DialogueRecord], needed: int) -> list[DialogueRec
     return [r for r in records if counts[r.character] >= needed]
 
 
-def multitask_overrides(cfg: Config) -> list[str]:
+def multitask_config(cfg: Config) -> Config:
     """Ordinary fine-tuning with the meta-training budget of CFG: the baseline meta-learning must beat.
 
     The same number of outer steps, each over the same number of train conversations (meta_batch
-    tasks x (support + query)), with the same peak rate, warm-up and schedule.
+    tasks x (support + query)), with the same peak rate, warm-up and schedule. CFG is not changed.
     """
-    meta = cfg.meta
-    return [f"finetune.train.steps={meta.train.steps}",
-            f"finetune.train.batch_size={meta.meta_batch * (meta.support + meta.query)}",
-            f"finetune.train.lr={meta.train.lr}", f"finetune.train.warmup_steps={meta.train.warmup_steps}",
-            f"finetune.train.seed={meta.train.seed}"]
+    meta, baseline = cfg.meta, copy.deepcopy(cfg)
+    train = baseline.finetune.train
+    train.steps, train.batch_size = meta.train.steps, meta.meta_batch * (meta.support + meta.query)
+    train.lr, train.warmup_steps, train.seed = meta.train.lr, meta.train.warmup_steps, meta.train.seed
+    return baseline
 
 
 def _episode_batches(cfg: Config, data_dir: Path, sampler: EpisodeSampler, dataset: RolePlayDataset,
@@ -142,9 +129,12 @@ def _start_from_learned_rates(learner: MetaLearner, run: Path) -> None:
     log.info("inner rates start from %s", run / META_LRS_FILE)
 
 
-def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[str] | None = None,
-                   resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainerState:
-    """Meta-train RUN (fine-tuned or pretrained) over the train characters of DATA_DIR; write OUT_DIR."""
+def run_meta_train(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = None, *, resume: bool = False,
+                   progress: bool = True, stop_at: int | None = None) -> TrainerState:
+    """Meta-train RUN (fine-tuned or pretrained) over the train characters of DATA_DIR; write OUT_DIR.
+
+    `cfg` holds the settings (default: RUN's own config); its model section must describe RUN's model.
+    """
     dist = init_distributed()
     if dist.distributed:
         raise PersonaeError("meta-training runs in one process for now (its second-order gradients have not "
@@ -152,7 +142,7 @@ def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if Path(run).resolve() == out_dir.resolve():
         raise PersonaeError("the meta-trained run needs its own --out folder (it would overwrite its start)")
-    model, cfg, tokenizer = model_with_decoder(run, overrides)
+    model, cfg, tokenizer = model_with_decoder(run, cfg)
     if adapts_lora(cfg):
         ensure_lora(model, cfg, cfg.meta.train.seed)
     model = model.to(dist.device)
@@ -168,7 +158,7 @@ def run_meta_train(run: Path, data_dir: Path, out_dir: Path, *, overrides: list[
                                 model.text_budget(0, records[0].image is not None))
     learner = build_learner(model, cfg, tokenizer.pad_id)
     _start_from_learned_rates(learner, Path(run))
-    _copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
+    copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
 
     aux = {META_LRS_FILE.removesuffix(".safetensors"): learner.inner_lrs} if cfg.meta.learn_inner_lr else None
     trainer = Trainer(MetaStep(learner), model, None, None, cfg, tokenizer, out_dir, dist, stage="meta",

@@ -69,8 +69,6 @@ def run_pretrain(data_dir: Path, out_dir: Path, cfg: Config, *, resume: bool = F
     dataset = PairDataset(manifest, tokenizer, image_size=cfg.model.vision.image_size,
                           max_text_len=cfg.model.text.max_len, progress=progress)
     task = wrap_ddp(PretrainTask(model, tokenizer, cfg.pretrain, dist.rank, dist.world_size), dist)
-    if cfg.train.compile:
-        task = torch.compile(task)
     trainer = Trainer(task, model, dataset, partial(collate_pairs, pad_id=tokenizer.pad_id), cfg,
                       tokenizer, out_dir, dist, stage="pretrain", progress=progress)
     return trainer.fit(resume=resume, stop_at=stop_at)

@@ -95,7 +95,8 @@ class Trainer:
     """Runs `task(batch, generator=...) -> {"loss": ..., metrics...}` for cfg.train.steps optimizer steps.
 
     `task` may be a DDP wrapper; `model` is the bare model whose weights are checkpointed;
-    `train_cfg` (default config.train) holds the stage's optimisation settings.
+    `train_cfg` (default config.train) holds the stage's optimisation settings; with its `compile`
+    the task runs through torch.compile.
 
     Batches come from `dataset` through a DataLoader, or, with `batch_fn`, from `batch_fn(micro_step)`
     (any nesting of dicts/lists/tuples of tensors; it must be a pure function of the micro-step so
@@ -112,8 +113,9 @@ class Trainer:
                  aux: Mapping[str, nn.Module] | None = None) -> None:
         if (dataset is None) == (batch_fn is None):
             raise ValueError("the Trainer takes its batches from a dataset or from batch_fn: give exactly one")
-        self.task, self.model, self.dataset, self.collate = task, model, dataset, collate
         self.config, self.cfg, self.tokenizer = config, train_cfg or config.train, tokenizer
+        self.task = torch.compile(task) if self.cfg.compile else task  # the stage's own `compile` key
+        self.model, self.dataset, self.collate = model, dataset, collate
         self.run_dir, self.dist, self.stage = Path(run_dir), dist, stage
         self.batch_fn, self.aux = batch_fn, dict(aux or {})
         self.batch_items = batch_items or self.cfg.batch_size
