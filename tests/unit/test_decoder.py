@@ -150,3 +150,25 @@ def test_cached_token_shift_projects_each_token_once():
     for hook in hooks:
         hook.remove()
     assert rows_projected == [1] * cfg.decoder.depth
+
+
+def test_shared_head_attention_equals_attention_over_the_head_copied_into_each_row():
+    """Rows attending to a head stored once give what SDPA gives over [head; own slots] per row."""
+    from personae.models.cache import KVCache, SharedHeads
+    from personae.models.decoder import shared_head_attention
+
+    torch.manual_seed(6)
+    B, H, P, S, d = 3, 2, 5, 4, 8
+    q, k, v = torch.randn(B, H, 1, d), torch.randn(B, H, S, d), torch.randn(B, H, S, d)
+    head_k, head_v = torch.randn(1, 1, H, P, d), torch.randn(1, 1, H, P, d)  # (blocks, 1 row, H, P, d)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[2, ..., :2] = False  # row 2 has a padding gap in its own slots
+    shared = SharedHeads([(KVCache(head_k, head_v, None, P), torch.tensor([0, 2]))])  # row 1 has no head
+    got = shared_head_attention(q, k, v, mask, shared, layer=0)
+    for row in range(B):
+        keys, values, keep = k[row : row + 1], v[row : row + 1], mask[row : row + 1]
+        if row != 1:
+            keys, values = torch.cat([head_k[0], keys], dim=2), torch.cat([head_v[0], values], dim=2)
+            keep = torch.cat([torch.ones(1, 1, 1, P, dtype=torch.bool), keep], dim=-1)
+        expected = torch.nn.functional.scaled_dot_product_attention(q[row : row + 1], keys, values, attn_mask=keep)
+        torch.testing.assert_close(got[row : row + 1], expected, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,8 @@
 The parts have names and each is read:
 
 * ``keys`` / ``values`` (blocks, B, H, slots, d): attention keys and values, filled up to ``length``.
+* ``shared`` (optional): cached prompt heads that rows attend to before their own slots, stored
+  once rather than copied into every row (the server's rows for one character share its card).
 * ``recent_qkv`` (blocks, B, shift, 3D), only with ``decoder.shift``: the fused q/k/v projections of
   each row's last ``shift`` real tokens, oldest first (zeros where a row has fewer). A decode
   step mixes them into the new token's projections, so it runs one QKV projection per block,
@@ -26,6 +28,13 @@ import torch.nn.functional as F
 
 
 @dataclass
+class SharedHeads:
+    """Prompt heads that several rows attend to without holding a copy: (one-row head cache, its rows)."""
+
+    groups: list[tuple[KVCache, torch.Tensor]]  # each: the head's cache and the (n,) rows it precedes
+
+
+@dataclass
 class KVCache:
     """Keys, values and token-shift projections of a batch of rows; see the module docstring."""
 
@@ -33,6 +42,7 @@ class KVCache:
     values: torch.Tensor  # (blocks, B, H, slots, d)
     recent_qkv: torch.Tensor | None = None  # (blocks, B, shift, 3D): each row's last real projections
     length: int = 0  # slots written so far; the next write goes to slot `length`
+    shared: SharedHeads | None = None  # heads before some rows' own slots, attended once for all (decoding)
 
     @classmethod
     def empty(cls, blocks: int, batch: int, heads: int, slots: int, head_dim: int, shift: int = 0, *,
@@ -175,4 +185,4 @@ class PrefixCache:
         return entry
 
 
-__all__ = ["KVCache", "PrefixCache", "PrefixKey", "image_digest"]
+__all__ = ["KVCache", "PrefixCache", "PrefixKey", "SharedHeads", "image_digest"]

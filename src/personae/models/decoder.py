@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import DecoderCfg
-from personae.models.cache import KVCache
+from personae.models.cache import KVCache, SharedHeads
 from personae.models.layers import MLP
 
 
@@ -58,6 +58,33 @@ def token_shift(qkv: torch.Tensor, mix: torch.Tensor, recent: torch.Tensor | Non
     return mixed, seq.gather(1, order[..., None].expand(B, shift, C))
 
 
+def shared_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          shared: SharedHeads, layer: int) -> torch.Tensor:
+    """One new token per row (q (B, H, 1, d)) attending, in one softmax, to its own slots (k, v
+    (B, H, S, d), mask (B, 1, 1, S) or None) and, for rows with a shared head, to the head's slots.
+
+    A head's keys and values are read once for all its rows (one matrix product), not once per row.
+    """
+    scale = q.shape[-1] ** -0.5
+    own = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, 1, S); each row's own new slot is real
+    if mask is not None:
+        own = own.masked_fill(~mask, float("-inf"))
+    top = own.amax(-1, keepdim=True)  # (B, H, 1, 1)
+    heads = []
+    for head, rows in shared.groups:
+        keys = head.keys[layer, :, :, : head.length]  # (1, H, P, d)
+        scores = torch.matmul(q[rows].permute(2, 1, 0, 3), keys.transpose(-1, -2)) * scale  # (1, H, n, P)
+        heads.append(scores)
+        top[rows] = torch.maximum(top[rows], scores.amax(-1, keepdim=True).permute(2, 1, 0, 3))
+    weights = (own - top).exp()
+    total, out = weights.sum(-1, keepdim=True), torch.matmul(weights, v)  # (B, H, 1, 1), (B, H, 1, d)
+    for (head, rows), scores in zip(shared.groups, heads):
+        weights = (scores - top[rows].permute(2, 1, 0, 3)).exp()  # (1, H, n, P)
+        total[rows] += weights.sum(-1, keepdim=True).permute(2, 1, 0, 3)
+        out[rows] += torch.matmul(weights, head.values[layer, :, :, : head.length]).permute(2, 1, 0, 3)
+    return out / total
+
+
 class CausalSelfAttention(nn.Module):
     """Fused-QKV causal attention on SDPA that reads and extends a KV cache when given one.
 
@@ -99,10 +126,13 @@ class CausalSelfAttention(nn.Module):
             cache.keys[layer, :, :, start : start + T] = k
             cache.values[layer, :, :, start : start + T] = v
             k, v = cache.keys[layer, :, :, : start + T], cache.values[layer, :, :, : start + T]  # (B, H, S, d)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        if cache is not None and cache.shared is not None and T == 1:
+            y = shared_head_attention(q, k, v, mask, cache.shared, layer)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 

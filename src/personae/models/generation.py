@@ -31,7 +31,7 @@ from torch import nn
 
 from personae.data.tokenizer import Tokenizer
 from personae.models.adapter_bank import AdapterBank
-from personae.models.cache import KVCache, PrefixCache, image_digest
+from personae.models.cache import KVCache, PrefixCache, SharedHeads, image_digest
 from personae.models.next_token import (
     MAX_LOOP_NGRAM,
     Generation,
@@ -63,6 +63,9 @@ class CausalLM(Protocol):
     def new_cache(self, batch: int, slots: int, *, device: torch.device, dtype: torch.dtype) -> KVCache: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    # optional: `supports_shared_heads = True` says decode() honours KVCache.shared (a prompt head
+    # stored once for the rows it precedes); without it every row holds its own copy of the head
 
 
 class AdapterRouting(Protocol):
@@ -140,6 +143,7 @@ class _Part:
     positions: torch.Tensor  # (b,)
     logits: torch.Tensor  # (b, V)
     slots: torch.Tensor  # (b,)
+    head: KVCache | None = None  # the shared prompt head before these rows' own slots (not copied into them)
 
 
 class DecodeBatch:
@@ -149,6 +153,9 @@ class DecodeBatch:
                  adapters: AdapterRouting | None = None, max_rows: int = 0) -> None:
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.max_rows = max_rows  # rows the cache keeps room for, so that joins up to it need no copy
+        # rows attend to a prefix-cached head stored once, when several rows may share it (a lone row
+        # attends faster to its own copy through one fused attention call)
+        self._share_heads = bool(getattr(model, "supports_shared_heads", False)) and max_rows > 1
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.max_len = model.max_positions
         parameter = next(model.parameters())
@@ -205,7 +212,7 @@ class DecodeBatch:
         self.real, self.positions, self.logits = self.real[on_device], self.positions[on_device], self.logits[on_device]
         self.slots, self.tokens = self.slots[on_device], self.tokens[index]
         self.seen, self.history, self.generated = self.seen[index], self.history[index], self.generated[index]
-        self.uniform = self.uniform[index]
+        self.uniform, self.row_head = self.uniform[index], self.row_head[index]
         self._settings_changed()
 
     def clear(self) -> None:
@@ -221,6 +228,8 @@ class DecodeBatch:
         self.history = torch.zeros(0, 0, dtype=torch.long)  # (B, W) last W generated ids, newest last, -1 before
         self.generated = torch.zeros(0, dtype=torch.long)  # (B,) tokens each row generated
         self.uniform = torch.zeros(0, DRAW_STEPS)  # (B, DRAW_STEPS) each sampling row's drawn uniforms
+        self.heads: list[KVCache] = []  # shared prompt heads (one-row caches) the rows attend to
+        self.row_head = torch.zeros(0, dtype=torch.long)  # (B,) each row's index in heads, -1: none
         self._settings_changed()
 
     # ---- a step ---------------------------------------------------------------------------------
@@ -272,6 +281,7 @@ class DecodeBatch:
         self.real[:, slot] = True
         mask = None if self._gapless else self.real[:, : slot + 1]
         tokens = self.tokens.to(self.device)
+        self.cache.shared = self._shared
         with self._guard(), self._route(self.slots):
             hidden = self.model.decode(self.model.embed_prompt(tokens[:, None]), self.positions[:, None], mask,
                                        self.cache)
@@ -300,7 +310,8 @@ class DecodeBatch:
                 head_len = len(key[1][1])
                 head = self.prefixes.get(key[1], lambda: self._prefill_alone(rows[0].request, head_len))
                 suffixes = [r.request.prompt_ids[head_len:] for r in rows]
-                return self._prefill_ids(suffixes, None, head, slots, self._headroom(rows))
+                part = self._prefill_ids(suffixes, None, head, slots, self._headroom(rows))
+                return self._without_head(part, head) if self._share_heads else part
             pixels = None
             if key[0] == "image":
                 pixels = torch.stack([r.request.pixel_values for r in rows]).to(self.device, self.dtype)
@@ -310,6 +321,14 @@ class DecodeBatch:
         """The one-row cache of [image; the first head_len prompt tokens]."""
         pixels = request.pixel_values[None].to(self.device, self.dtype) if request.pixel_values is not None else None
         return self._prefill_ids([request.prompt_ids[:head_len]], pixels, None, self.slots[:0]).cache
+
+    @staticmethod
+    def _without_head(part: _Part, head: KVCache) -> _Part:
+        """The part's rows without their copy of the head's slots (they attend to the shared head instead)."""
+        cache, start = part.cache, head.length
+        recent = cache.recent_qkv
+        own = KVCache(cache.keys[:, :, :, start:], cache.values[:, :, :, start:], recent, cache.length - start)
+        return _Part(own, part.real[:, start:], part.positions, part.logits, part.slots, head)
 
     def _headroom(self, rows: Sequence[Row]) -> int:
         """The most tokens any of `rows` (and the running rows) may still generate."""
@@ -365,6 +384,8 @@ class DecodeBatch:
             self.store = store
         self.cache = self.store.first_rows(count, length)
         self.real = self._real_slots(parts, offsets, count)
+        self.row_head = torch.cat([self.row_head] + [torch.full((p.cache.rows,), self._head_index(p.head))
+                                                      for p in parts[1 if self.rows else 0:]])
         self.positions = torch.cat([p.positions for p in parts])
         self.logits = torch.cat([p.logits for p in parts])
         self.slots = torch.cat([p.slots for p in parts])
@@ -382,6 +403,27 @@ class DecodeBatch:
             history[: self.history.shape[0], width - kept :] = self.history[:, self.history.shape[1] - kept :]
         self.history = history
         self._settings_changed()
+
+    def _head_index(self, head: KVCache | None) -> int:
+        """Where `head` is in self.heads (added if new); -1 for no head."""
+        if head is None:
+            return -1
+        for index, known in enumerate(self.heads):
+            if known is head:
+                return index
+        self.heads.append(head)
+        return len(self.heads) - 1
+
+    def _share(self) -> None:
+        """Drop heads no row attends to any more; group the rows by head for the decode steps."""
+        used = sorted(set(self.row_head.tolist()) - {-1})
+        if used != list(range(len(self.heads))):
+            remap = torch.full((len(self.heads) + 1,), -1, dtype=torch.long)
+            remap[torch.tensor(used, dtype=torch.long)] = torch.arange(len(used))
+            self.row_head = remap[self.row_head]  # -1 indexes the last entry, which stays -1
+            self.heads = [self.heads[h] for h in used]
+        groups = [(head, (self.row_head == h).nonzero()[:, 0].to(self.device)) for h, head in enumerate(self.heads)]
+        self._shared = SharedHeads(groups) if groups else None
 
     def _real_slots(self, parts: list[_Part], offsets: list[int], count: int) -> torch.Tensor:
         """(count, capacity) real-slot mask of the joined rows: each part's, moved right by its offset."""
@@ -408,6 +450,7 @@ class DecodeBatch:
         self._penalised = any(p.repetition_penalty != 1.0 for p in params)
         self._loops = any(p.max_repeats > 0 for p in params)
         self._gapless = bool(self.real[:, : self.cache.length].all()) if self.cache is not None else True
+        self._share()
 
     # ---- room in the cache ----------------------------------------------------------------------
 

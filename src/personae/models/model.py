@@ -186,6 +186,8 @@ class PersonaeModel(nn.Module):
 
     # ---- the generation engine's interface (personae.models.generation.CausalLM) -------------
 
+    supports_shared_heads = True  # the decoder attends to a prompt head stored once for many rows (KVCache.shared)
+
     @property
     def max_positions(self) -> int:
         """Decoder positions a sequence may take (image prefix, prompt and reply)."""
