@@ -311,7 +311,9 @@ class DecodeBatch:
                 head = self.prefixes.get(key[1], lambda: self._prefill_alone(rows[0].request, head_len))
                 suffixes = [r.request.prompt_ids[head_len:] for r in rows]
                 part = self._prefill_ids(suffixes, None, head, slots, self._headroom(rows))
-                return self._without_head(part, head) if self._share_heads else part
+                # a lone row in an idle batch keeps its copy: one fused attention call is faster for it
+                share = self._share_heads and (len(rows) > 1 or bool(self.rows))
+                return self._without_head(part, head) if share else part
             pixels = None
             if key[0] == "image":
                 pixels = torch.stack([r.request.pixel_values for r in rows]).to(self.device, self.dtype)
