@@ -35,11 +35,12 @@ from personae.models.cache import KVCache, PrefixCache, SharedHeads, image_diges
 from personae.models.next_token import (
     MAX_LOOP_NGRAM,
     Generation,
+    Row,
+    RowRequest,
     SamplingParams,
     apply_repetition_penalty,
     ban_loops,
     choose_tokens,
-    stream_piece,
 )
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
@@ -73,65 +74,6 @@ class AdapterRouting(Protocol):
 
     lock: contextlib.AbstractContextManager
     bank: AdapterBank | None
-
-
-@dataclass
-class RowRequest:
-    """What one row needs to start decoding."""
-
-    prompt_ids: Sequence[int]
-    pixel_values: torch.Tensor | None  # (3, S, S) normalised, or None for a text-only prompt
-    params: SamplingParams
-    seed: int  # of the row's own generator
-    head_len: int = 0  # leading prompt tokens that many requests share (prefix-cached)
-    adapter: str | None = None  # whose LoRA adapter this row decodes with (None: the model's own)
-    ignore_eos: bool = False  # the end token is never sampled
-    stream: bool = False  # the text is decoded every step (for new_text); else once, at the end
-    owner: object = None  # the caller's tag (the scheduler's request and choice index)
-
-
-class Row:
-    """One decoding sequence: its request, generator, tokens, text, what was streamed, why it ended."""
-
-    def __init__(self, request: RowRequest, tokenizer: Tokenizer, max_new: int) -> None:
-        self.request, self.tokenizer, self.max_new = request, tokenizer, max_new
-        self.params = request.params
-        self.generator = torch.Generator().manual_seed(request.seed)
-        self.draws = 0  # samples drawn so far (the uniforms are drawn DRAW_STEPS at a time)
-        self.ids: list[int] = []
-        self.emitted, self.finish = 0, ""
-        self._text: str | None = ""
-        self._eager = request.stream or any(self.params.stop)  # decode every step only when read every step
-
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            self._text = self.tokenizer.decode(self.ids)
-        return self._text
-
-    def push(self, token: int) -> None:
-        """Record a sampled token: the end token, a stop string or the length limit end the row."""
-        if token == self.tokenizer.eos_id and not self.request.ignore_eos:
-            self.finish = "stop"
-            return
-        self.ids.append(token)
-        self._text = None
-        if self._eager and self.params.stop:
-            text = self.text
-            cut = min((text.find(s) for s in self.params.stop if s and s in text), default=-1)
-            if cut >= 0:
-                self._text, self.finish = text[:cut], "stop"
-                return
-        if len(self.ids) >= self.max_new:
-            self.finish = "length"
-
-    def new_text(self) -> str:
-        """Text not yet emitted, holding back what may be half a character or the start of a stop string."""
-        piece, self.emitted = stream_piece(self.text, self.emitted, bool(self.finish), self.params.stop)
-        return piece
-
-    def generation(self) -> Generation:
-        return Generation(text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length")
 
 
 @dataclass

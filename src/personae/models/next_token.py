@@ -1,6 +1,7 @@
 """The next-token pipeline, vectorised over rows with per-row settings, and streaming hold-back.
 
-`SamplingParams` says how a row picks tokens and `Generation` is a finished reply.
+`SamplingParams` says how a row picks tokens, `RowRequest` / `Row` are one sequence's request and
+decoding state (tokens, text, stop strings, what was streamed), `Generation` a finished reply.
 
 Each stage takes (B, V) logits and per-row (B,) settings, so a batch mixing sampling settings
 needs no grouping and no Python work per row (except the draws from each sampled row's generator).
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from personae.data.tokenizer import Tokenizer
 
 MAX_LOOP_NGRAM = 8  # loop breaking looks at n-grams of up to this many tokens
 
@@ -169,5 +172,65 @@ def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) 
     return text[emitted:safe], max(emitted, safe)
 
 
-__all__ = ["MAX_LOOP_NGRAM", "Generation", "SamplingParams", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
+
+@dataclass
+class RowRequest:
+    """What one row needs to start decoding."""
+
+    prompt_ids: Sequence[int]
+    pixel_values: torch.Tensor | None  # (3, S, S) normalised, or None for a text-only prompt
+    params: SamplingParams
+    seed: int  # of the row's own generator
+    head_len: int = 0  # leading prompt tokens that many requests share (prefix-cached)
+    adapter: str | None = None  # whose LoRA adapter this row decodes with (None: the model's own)
+    ignore_eos: bool = False  # the end token is never sampled
+    stream: bool = False  # the text is decoded every step (for new_text); else once, at the end
+    owner: object = None  # the caller's tag (the scheduler's request and choice index)
+
+
+class Row:
+    """One decoding sequence: its request, generator, tokens, text, what was streamed, why it ended."""
+
+    def __init__(self, request: RowRequest, tokenizer: Tokenizer, max_new: int) -> None:
+        self.request, self.tokenizer, self.max_new = request, tokenizer, max_new
+        self.params = request.params
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.draws = 0  # samples drawn so far from the generator (the engine draws a few steps at a time)
+        self.ids: list[int] = []
+        self.emitted, self.finish = 0, ""
+        self._text: str | None = ""
+        self._eager = request.stream or any(self.params.stop)  # decode every step only when read every step
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.tokenizer.decode(self.ids)
+        return self._text
+
+    def push(self, token: int) -> None:
+        """Record a sampled token: the end token, a stop string or the length limit end the row."""
+        if token == self.tokenizer.eos_id and not self.request.ignore_eos:
+            self.finish = "stop"
+            return
+        self.ids.append(token)
+        self._text = None
+        if self._eager and self.params.stop:
+            text = self.text
+            cut = min((text.find(s) for s in self.params.stop if s and s in text), default=-1)
+            if cut >= 0:
+                self._text, self.finish = text[:cut], "stop"
+                return
+        if len(self.ids) >= self.max_new:
+            self.finish = "length"
+
+    def new_text(self) -> str:
+        """Text not yet emitted, holding back what may be half a character or the start of a stop string."""
+        piece, self.emitted = stream_piece(self.text, self.emitted, bool(self.finish), self.params.stop)
+        return piece
+
+    def generation(self) -> Generation:
+        return Generation(text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length")
+
+
+__all__ = ["MAX_LOOP_NGRAM", "Generation", "Row", "RowRequest", "SamplingParams", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
            "stream_piece"]
