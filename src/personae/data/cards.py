@@ -10,17 +10,15 @@ See ``docs/guide/cards.md``.
 from __future__ import annotations
 
 import base64
-import binascii
 import colorsys
 import copy
 import hashlib
 import io
 import json
 import re
-import struct
 import unicodedata
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -30,9 +28,19 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from personae.data.card_png import (
+    CARD_CHUNKS,
+    PNG_SIGNATURE,
+    TEXT_CHUNKS,
+    Where,
+    card_text,
+    decode_payload,
+    parse_card_json,
+    png_chunks,
+)
 from personae.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
-from personae.data.jsonl import JsonError, check_json_value, strict_json_loads
-from personae.errors import DataError
+from personae.data.jsonl import JsonError, check_json_value
+from personae.errors import CardError, DataError
 from personae.files import write_bytes_atomic
 
 __all__ = [
@@ -80,18 +88,10 @@ _V3_KEYS = (
 )  # fmt: skip
 _ROOT_KEYS = ("spec", "spec_version", "data")
 _V1_KEYS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_CARD_CHUNKS = ("ccv3", "chara")  # in order of preference
-_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 _BACKFILL_NOTE = (
     "This character card is Character Card V3, but it is loaded as a Character Card V2. "
     "Please use a Character Card V3 compatible application to use this character card properly."
 )
-Where = str | PathLike[str] | None  # what an error message names
-
-
-class CardError(DataError):
-    """A character card that cannot be read or written; the message names the file."""
 
 
 def _is_str_list(value: Any) -> bool:
@@ -381,7 +381,7 @@ def load_card(
 ) -> CharacterCard:
     """Read a card from a JSON or PNG file (or their bytes; ``name`` labels them in errors)."""
     raw, where = _read_source(source, name, max(max_json_bytes, max_png_bytes))
-    if raw.startswith(_PNG_SIGNATURE):
+    if raw.startswith(PNG_SIGNATURE):
         if len(raw) > max_png_bytes:
             raise CardError(f"PNG card is over the limit of {max_png_bytes} bytes", where)
         return _load_png(raw, where, max_json_bytes, max_pixels)
@@ -389,7 +389,7 @@ def load_card(
         raise CardError("not a character card: neither a PNG nor a JSON object", where)
     if len(raw) > max_json_bytes:
         raise CardError(f"JSON card is over the limit of {max_json_bytes} bytes", where)
-    return CharacterCard.from_json(_parse_json(raw, where, "card"), where)
+    return CharacterCard.from_json(parse_card_json(raw, where, "card"), where)
 
 
 def _read_source(source: str | PathLike[str] | bytes, name: str | None, limit: int) -> tuple[bytes, str]:
@@ -409,110 +409,25 @@ def _read_source(source: str | PathLike[str] | bytes, name: str | None, limit: i
     return raw, where
 
 
-def _parse_json(raw: bytes, where: Where, what: str) -> Any:
-    """Decode UTF-8 JSON (a BOM is allowed) strictly (see ``data/jsonl.py``), with CardErrors."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CardError(f"{what} is not UTF-8 text: {exc}", where) from None
-    try:
-        return strict_json_loads(text)
-    except JsonError as exc:
-        raise CardError(f"{what} is not valid JSON: {exc}", where) from None
-
-
 def _load_png(raw: bytes, where: str, max_json_bytes: int, max_pixels: int) -> CharacterCard:
     """A card from its PNG: the preferred text chunk's JSON plus the decoded avatar."""
     payloads: dict[str, bytes] = {}
-    image_parts = [_PNG_SIGNATURE]  # the PNG without its text: Pillow caps text chunks at 1 MB
-    for chunk_type, body, whole in _png_chunks(raw, where):
-        found = _card_text(chunk_type, body, where, max_json_bytes)
+    image_parts = [PNG_SIGNATURE]  # the PNG without its text: Pillow caps text chunks at 1 MB
+    for chunk_type, body, whole in png_chunks(raw, where):
+        found = card_text(chunk_type, body, where, max_json_bytes)
         if found is not None and found[0] not in payloads:
             payloads[found[0]] = found[1]
-        if chunk_type not in _TEXT_CHUNKS:
+        if chunk_type not in TEXT_CHUNKS:
             image_parts.append(whole)
-    keyword = next((key for key in _CARD_CHUNKS if key in payloads), None)
+    keyword = next((key for key in CARD_CHUNKS if key in payloads), None)
     if keyword is None:
         raise CardError("PNG has no 'chara' or 'ccv3' text chunk: an image, not a character card", where)
-    card = CharacterCard.from_json(_decode_payload(keyword, payloads[keyword], where, max_json_bytes), where)
+    card = CharacterCard.from_json(decode_payload(keyword, payloads[keyword], where, max_json_bytes), where)
     try:
         card.avatar = load_image_bytes(b"".join(image_parts), max_pixels=max_pixels, name=where)
     except DataError as exc:
         raise CardError(f"avatar: {exc.message}", where) from None
     return card
-
-
-def _png_chunks(raw: bytes, where: str) -> Iterator[tuple[bytes, bytes, bytes]]:
-    """Yield (type, body, whole chunk) for each chunk up to IEND, checking lengths and CRCs."""
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= len(raw):
-        length, chunk_type = struct.unpack(">I4s", raw[pos : pos + 8])
-        end = pos + 12 + length
-        if end > len(raw):
-            kind = chunk_type.decode("latin-1")
-            raise CardError(f"PNG is truncated: chunk {kind!r} at byte {pos} is cut short", where)
-        body = raw[pos + 8 : end - 4]
-        if zlib.crc32(chunk_type + body) != struct.unpack(">I", raw[end - 4 : end])[0]:
-            kind = chunk_type.decode("latin-1")
-            raise CardError(f"PNG chunk {kind!r} at byte {pos} has a bad CRC (damaged file)", where)
-        yield chunk_type, body, raw[pos:end]
-        if chunk_type == b"IEND":
-            return
-        pos = end
-    raise CardError("PNG is truncated: no IEND chunk", where)
-
-
-def _card_text(chunk_type: bytes, body: bytes, where: str, limit: int) -> tuple[str, bytes] | None:
-    """(keyword, payload) of a tEXt/zTXt/iTXt chunk named chara/ccv3 (any case), else None."""
-    if chunk_type not in _TEXT_CHUNKS:
-        return None
-    keyword_bytes, sep, rest = body.partition(b"\0")
-    keyword = keyword_bytes.decode("latin-1").lower()
-    if not sep or keyword not in _CARD_CHUNKS:
-        return None
-    payload_limit = limit * 4 // 3 + 4  # base64 of the largest JSON we accept
-    if chunk_type == b"tEXt":
-        return keyword, rest
-    if chunk_type == b"zTXt":  # compression method byte, then zlib data
-        return keyword, _inflate(rest[1:], keyword, where, payload_limit)
-    parts = rest[2:].split(b"\0", 2)  # iTXt: flag, method, language\0, translated keyword\0, text
-    if len(parts) < 3:
-        raise CardError(f"PNG iTXt chunk '{keyword}' is malformed", where)
-    compressed = rest[:1] == b"\x01"
-    return keyword, _inflate(parts[2], keyword, where, payload_limit) if compressed else parts[2]
-
-
-def _inflate(data: bytes, keyword: str, where: str, limit: int) -> bytes:
-    """zlib-decompress a text chunk, refusing to expand past ``limit`` bytes."""
-    inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise CardError(f"PNG chunk '{keyword}' is not valid compressed data: {exc}", where) from None
-    if len(out) > limit:
-        raise CardError(f"PNG chunk '{keyword}' expands past the limit of {limit} bytes", where)
-    if not inflater.eof:
-        raise CardError(f"PNG chunk '{keyword}' has truncated compressed data", where)
-    return out
-
-
-def _decode_payload(keyword: str, payload: bytes, where: str, limit: int) -> Any:
-    """The JSON object in a chara/ccv3 payload: base64 of UTF-8 JSON (bare JSON also accepted)."""
-    text = payload.strip()
-    if not text:
-        raise CardError(f"PNG chunk '{keyword}' is empty", where)
-    if len(text) > limit * 4 // 3 + 4:
-        raise CardError(f"PNG chunk '{keyword}' is over the limit of {limit} bytes of JSON", where)
-    if text.startswith(b"{"):  # some old writers stored the JSON itself
-        return _parse_json(text, where, f"PNG chunk '{keyword}'")
-    compact = re.sub(rb"\s+", b"", text)
-    try:
-        raw = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
-    except binascii.Error as exc:
-        raise CardError(f"PNG chunk '{keyword}' is not valid base64: {exc}", where) from None
-    if len(raw) > limit:
-        raise CardError(f"PNG chunk '{keyword}' holds {len(raw)} bytes of JSON, over {limit}", where)
-    return _parse_json(raw, where, f"PNG chunk '{keyword}'")
 
 
 # --------------------------------------------------------------------------- writing
