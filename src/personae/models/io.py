@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -136,7 +137,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except Exception as exc:  # safetensors raises its own SafetensorsError (and OSError) on bad bytes
+    except (SafetensorError, OSError, ValueError) as exc:  # what safetensors raises on bad bytes
         raise CheckpointError(f"{path}: damaged or not a safetensors file ({exc})") from None
 
 
