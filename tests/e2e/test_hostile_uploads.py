@@ -29,7 +29,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto s
                          ids=["eps", "bmp", "tiff", "avif"])
 def test_chat_images_in_other_formats_are_400_invalid_image(client: TestClient, raw: bytes) -> None:
     content = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": data_url(raw)}}]
-    response = client.post("/v1/chat/completions", json=chat_body() | {"messages": [{"role": "user", "content": content}]})
+    body = chat_body() | {"messages": [{"role": "user", "content": content}]}
+    response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_image" and "personae decodes only PNG, JPEG, WebP and GIF" in error["message"]

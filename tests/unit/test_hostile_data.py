@@ -92,7 +92,8 @@ def test_manifest_deep_nesting_is_a_skippable_row_error_never_recursion(tmp_path
 
 
 def test_a_caption_with_a_lone_surrogate_fails_validation_naming_the_line(tmp_path: Path) -> None:
-    path = _write_pairs(tmp_path, ['{"image": "a.png", "caption": "ok"}', '{"image": "a.png", "caption": "bad\\udc80"}'])
+    rows = ['{"image": "a.png", "caption": "ok"}', '{"image": "a.png", "caption": "bad\\udc80"}']
+    path = _write_pairs(tmp_path, rows)
     with pytest.raises(DataError, match=r"pairs.jsonl:2: invalid JSON: caption holds a lone surrogate U\+DC80"):
         read_pairs(path)
     assert len(read_pairs(path, skip_bad=True)) == 1

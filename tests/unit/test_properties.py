@@ -37,7 +37,8 @@ SLOW = settings(max_examples=max(1, EXAMPLES * 3 // 8), deadline=None,
 
 text = st.text(max_size=40)  # hypothesis never draws lone surrogates here: valid Unicode
 name = text.filter(lambda s: s.strip() != "")
-scalar = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | text
+finite = st.floats(allow_nan=False, allow_infinity=False)
+scalar = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | finite | text
 json_value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
                           max_leaves=12)
 
@@ -76,7 +77,7 @@ def test_every_accepted_card_saves_and_reads_back_as_png(card: CharacterCard, tm
 
 
 @FAST
-@given(raw=st.binary(max_size=300) | json_value.map(lambda v: json.dumps({"spec": "chara_card_v2", "data": v}).encode()))
+@given(raw=st.binary(max_size=300) | json_value.map(lambda v: json.dumps({"spec": SPEC_V2, "data": v}).encode()))
 def test_any_bytes_are_a_card_or_a_card_error(raw: bytes) -> None:
     try:
         card = load_card(raw, name="fuzz")
@@ -152,8 +153,9 @@ def test_manifests_write_and_read_back(records: list[PairRecord], tmp_path: Path
 
 
 turn = st.fixed_dictionaries({"user": json_value | name, "reply": json_value | name})
-dialogue_rows = st.fixed_dictionaries({"character": json_value | name, "turns": st.lists(turn, max_size=3) | json_value},
-                                      optional={"split": json_value, "image": json_value, "character_split": json_value})
+dialogue_rows = st.fixed_dictionaries(
+    {"character": json_value | name, "turns": st.lists(turn, max_size=3) | json_value},
+    optional={"split": json_value, "image": json_value, "character_split": json_value})
 
 
 @FAST
