@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from personae.data.cards import (
+    SPEC_V2,
     SPEC_V3,
     CardError,
     CharacterCard,
