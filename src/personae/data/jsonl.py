@@ -53,7 +53,8 @@ def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH, where: str 
         item, depth, at = stack.pop()
         if isinstance(item, (dict, list)):
             if depth >= max_depth:
-                raise JsonError(f"{at or 'the value'} is nested more than {max_depth} levels deep")
+                shown = at if len(at) <= 60 else at[:57] + "..."  # the first steps say where
+                raise JsonError(f"{shown or 'the value'} is nested more than {max_depth} levels deep")
             if isinstance(item, dict):
                 for key, child in item.items():
                     if not isinstance(key, str):
