@@ -66,6 +66,10 @@ class RolePlayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def lengths(self) -> list[int]:
+        """Tokens of each example's prompt (what `train.group_by_length` sorts by)."""
+        return [len(ids) for ids, _ in self.examples]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         ids, labels = self.examples[index]
         item: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "index": index}
