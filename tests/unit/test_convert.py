@@ -60,7 +60,8 @@ def test_openai_messages_in_with_data_urls_paths_and_bad_rows(tmp_path):
         assert f"chats.jsonl:{line}" in reasons and reason in reasons
     records = read_dialogues(tmp_path / "out" / "dialogues.jsonl")
     assert [r.character for r in records] == ["mira", "assistant"]
-    assert [(t.user, t.reply) for t in records[0].turns] == [("What is this?", "A red square."), ("And now?", "Still red.")]
+    turns = [(t.user, t.reply) for t in records[0].turns]
+    assert turns == [("What is this?", "A red square."), ("And now?", "Still red.")]
     assert np.asarray(Image.open(records[1].image))[0, 0].tolist() == [0, 0, 255]  # the file next to the input
     cards = load_character_cards(tmp_path / "out" / "characters")
     assert cards["mira"].system_prompt == "You are Mira, a witch." and cards["mira"].name == "Mira"
@@ -127,7 +128,8 @@ def test_out_to_openai_round_trips_through_the_openai_reader(tmp_path):
 
 def test_personae_dialogues_out_to_openai(tmp_path):
     (tmp_path / "characters").mkdir()
-    save_card_json(CharacterCard(name="Mira", description="{{char}} is a witch."), tmp_path / "characters" / "mira.json")
+    mira = CharacterCard(name="Mira", description="{{char}} is a witch.")
+    save_card_json(mira, tmp_path / "characters" / "mira.json")
     (tmp_path / "img.png").write_bytes(png_bytes())
     write_jsonl(tmp_path / "dialogues.jsonl", [
         {"id": "d1", "character": "mira", "image": "img.png", "turns": [{"user": "hi", "reply": "hello"}]},
@@ -140,11 +142,11 @@ def test_personae_dialogues_out_to_openai(tmp_path):
 
 
 def test_more_than_one_image_is_refused_into_personae_and_kept_for_openai(tmp_path):
-    two = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
-                                                     {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]},
-                        {"role": "assistant", "content": "Two squares."}]}
+    part = {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}
+    two = {"messages": [{"role": "user", "content": [part, part]}, {"role": "assistant", "content": "Two squares."}]}
     source = write_jsonl(tmp_path / "two.jsonl", [two])
-    assert "2 images: a personae conversation looks at one image" in convert(source, "openai", tmp_path / "o").refused[0]
+    refused = convert(source, "openai", tmp_path / "o").refused
+    assert "2 images: a personae conversation looks at one image" in refused[0]
     assert convert(source, "openai", tmp_path / "o.jsonl", to="openai").kept == 1
 
 

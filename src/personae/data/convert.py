@@ -67,7 +67,8 @@ def slugify(name: str) -> str:
     return slug or "character"
 
 
-def convert(source: Path, fmt: str, out: Path, *, to: str = "personae", card: CharacterCard | None = None) -> ConvertReport:
+def convert(source: Path, fmt: str, out: Path, *, to: str = "personae",
+            card: CharacterCard | None = None) -> ConvertReport:
     """Convert `source` (format `fmt`) into `out`; a bad row is refused and counted, never fatal."""
     if fmt not in READERS:
         raise DataError(f"unknown input format {fmt!r}; choose one of {', '.join(READERS)}")

@@ -149,7 +149,8 @@ def _entry(raw: Any, index: int, where: str) -> LoreEntry:
         raise LorebookError(f"'{where}.extensions.selectiveLogic' must be one of 0, 1, 2, 3, got {logic!r}")
     order = _number(raw, "insertion_order", 100, where)
     return LoreEntry(
-        index=index, content=content, keys=_keys(raw, "keys", where), secondary_keys=_keys(raw, "secondary_keys", where),
+        index=index, content=content, keys=_keys(raw, "keys", where),
+        secondary_keys=_keys(raw, "secondary_keys", where),
         selective=_flag(raw, "selective", False, where), logic=SELECTIVE_LOGIC[logic],
         constant=_flag(raw, "constant", False, where), enabled=_flag(raw, "enabled", True, where),
         insertion_order=order, priority=_number(raw, "priority", order, where), position=position,
