@@ -63,6 +63,7 @@ def test_openai_messages_in_with_data_urls_paths_and_bad_rows(tmp_path):
     turns = [(t.user, t.reply) for t in records[0].turns]
     assert turns == [("What is this?", "A red square."), ("And now?", "Still red.")]
     assert np.asarray(Image.open(records[1].image))[0, 0].tolist() == [0, 0, 255]  # the file next to the input
+    assert "1 conversation(s) have an image and 1 do not" not in report.summary()  # both have one
     cards = load_character_cards(tmp_path / "out" / "characters")
     assert cards["mira"].system_prompt == "You are Mira, a witch." and cards["mira"].name == "Mira"
 
@@ -158,6 +159,7 @@ def test_one_card_for_all_and_the_command_line(tmp_path, capsys):
     status = main(["data", "convert", str(source), "--from", "openai", "--out", str(tmp_path / "out"),
                    "--card", str(card_path)])
     printed = capsys.readouterr().out
+    assert "note:" not in printed
     assert status == 0 and "kept 1 row(s), refused 1, 1 character card(s)" in printed and "in.jsonl:2" in printed
     assert load_card(tmp_path / "out" / "characters" / "mira.json").description == "A witch."
     assert read_dialogues(tmp_path / "out" / "dialogues.jsonl")[0].character == "mira"
@@ -168,3 +170,14 @@ def test_one_card_for_all_and_the_command_line(tmp_path, capsys):
 def test_unknown_formats_are_errors(tmp_path):
     with pytest.raises(DataError, match="choose one of openai, sharegpt, sillytavern, personae"):
         convert(tmp_path, "alpaca", tmp_path / "out")
+
+
+def test_a_mix_of_image_and_text_only_conversations_is_noted(tmp_path):
+    source = write_jsonl(tmp_path / "mix.jsonl", [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "See?"},
+                                                   {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]},
+                      {"role": "assistant", "content": "Yes."}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    report = convert(source, "openai", tmp_path / "out")
+    assert report.kept == 2 and report.notes == [
+        "1 conversation(s) have an image and 1 do not; training takes one kind per data set, so split the file by kind"]

@@ -48,12 +48,14 @@ class ConvertReport:
     refused: list[str] = field(default_factory=list)  # "file:row: reason", one per refused row
     characters: int = 0  # cards written (personae target)
     out: str = ""
+    notes: list[str] = field(default_factory=list)  # about the output as a whole
 
     def summary(self, shown: int = 20) -> str:
         """A few lines for the terminal: the counts, then the first refusals."""
         lines = [f"{self.source} -> {self.target}: kept {self.kept} row(s), refused {len(self.refused)}"
                  + (f", {self.characters} character card(s)" if self.target == "personae" else "")
                  + f"; wrote {self.out}"]
+        lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  refused {reason}" for reason in self.refused[:shown]]
         if len(self.refused) > shown:
             lines.append(f"  ... and {len(self.refused) - shown} more")
@@ -173,6 +175,10 @@ def _write_personae(rows: Iterator[Conversation | DataError], out: Path, report:
         with (staging / "dialogues.jsonl").open("w", encoding="utf-8", newline="\n") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     report.characters = len(cards.cards)
+    with_image = sum(1 for record in records if "image" in record)
+    if 0 < with_image < len(records):
+        report.notes.append(f"{with_image} conversation(s) have an image and {len(records) - with_image} do not; "
+                            f"training takes one kind per data set, so split the file by kind")
 
 
 def _personae_record(conversation: Conversation, index: int, staging: Path, cards: _Cards) -> dict:
