@@ -277,11 +277,11 @@ def _add_data_parser(sub: argparse._SubParsersAction) -> None:
                                            "dialogues (or any of them out to OpenAI messages JSONL)")
     conv.add_argument("input", metavar="IN", help="the input file (JSONL or a JSON array; for sillytavern also a "
                                                   "folder of chat .jsonl files; for personae a dialogues folder)")
-    conv.add_argument("--from", dest="source_format", choices=sorted(READERS), required=True,
+    conv.add_argument("--from", dest="source_format", choices=sorted(READERS), required=True, metavar="FORMAT",
                       help="the input's format")
     conv.add_argument("--out", required=True, metavar="OUT",
                       help="a new folder (--to personae) or a new .jsonl file (--to openai)")
-    conv.add_argument("--to", choices=TARGETS, default="personae",
+    conv.add_argument("--to", choices=TARGETS, default="personae", metavar="FORMAT",
                       help="personae: dialogues.jsonl + characters/ + images/; openai: messages JSONL, images inline")
     conv.add_argument("--card", type=Path, default=None, metavar="CARD",
                       help="one character card (JSON or PNG) for every conversation, instead of one card per "
