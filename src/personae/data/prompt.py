@@ -135,51 +135,47 @@ class PromptBuilder:
         """Assemble `turns` (the last one's reply None when generating) into at most max_tokens ids."""
         if not turns:
             raise ValueError("a prompt needs at least one turn")
-        system = [self.tok.system_id] + self._text(definition_text(card, user)[0]) + [self.tok.eos_id]
-        definition = self._text(definition_text(card, user)[1])
-        lore = self._lore(card, turns, user)
-        examples = [self._example(dialogue) for dialogue in card.example_dialogues(user)] if include_examples else []
-        history = [self._exchange(t) for t in turns[:-1]]
-        latest = [self.tok.user_id] + self._text(turns[-1].user) + self._tail(card, user)
-        reply = self._text(turns[-1].reply) + [self.tok.eos_id] if turns[-1].reply is not None else []
-        fixed = len(system) + len(latest) + len(reply)
-
-        def over() -> bool:
-            lore_size = sum(len(ids) for _, ids in lore)
-            return fixed + len(definition) + lore_size + _size(examples) + _size(history) > max_tokens
-
-        dropped_turns = 0
-        while history and over():
-            history.pop(0)
-            dropped_turns += 1
-        activated, examples_given = len(lore), len(examples)
-        if lore and over():
-            room = max_tokens - fixed - len(definition) - _size(examples) - _size(history)
-            sizes = {entry.index: len(ids) for entry, ids in lore}
-            kept = {e.index for e in parse_lorebook(card.character_book).within_budget(  # type: ignore[union-attr]
-                [entry for entry, _ in lore], lambda e: sizes[e.index], max(room, 0))}
-            lore = [(entry, ids) for entry, ids in lore if entry.index in kept]
-        while examples and over():
-            examples.pop()
-        definition, cut_words, words = self._cut_description(card, user, definition,
-                                                             max_tokens - fixed - _size(examples) - _size(history))
-        if fixed + len(definition) > max_tokens:
-            raise PromptTooLong(f"the system prompt, the character definition without its description and the "
-                                f"latest message take {fixed + len(definition)} tokens, more than the budget of "
-                                f"{max_tokens}; shorten the card's system prompt, personality or scenario, or "
-                                f"the message")
-        before = [i for entry, ids in lore if entry.position == "before_char" for i in ids]
-        after = [i for entry, ids in lore if entry.position != "before_char" for i in ids]
-        head = system + before + definition + after
-        ids = head + [i for e in examples for i in e] + [i for h, _ in history for i in h] + latest + reply
-        labels = ([IGNORE_INDEX] * (len(head) + _size(examples)) + [x for _, lab in history for x in lab]
-                  + [IGNORE_INDEX] * len(latest) + reply)
-        segments = {"definition": len(head), "lore": len(before) + len(after), "examples": _size(examples),
-                    "history": _size(history), "latest": len(latest), "reply": len(reply)}
-        prompt = Prompt(ids, labels, dropped_turns, examples_given - len(examples), segments, len(lore),
-                        activated - len(lore), cut_words)
+        parts = _Parts(
+            system=[self.tok.system_id] + self._text(definition_text(card, user)[0]) + [self.tok.eos_id],
+            definition=self._text(definition_text(card, user)[1]),
+            lore=self._lore(card, turns, user),
+            examples=[self._example(d) for d in card.example_dialogues(user)] if include_examples else [],
+            history=[self._exchange(t) for t in turns[:-1]],
+            latest=[self.tok.user_id] + self._text(turns[-1].user) + self._tail(card, user),
+            reply=self._text(turns[-1].reply) + [self.tok.eos_id] if turns[-1].reply is not None else [],
+        )
+        activated, examples_given = len(parts.lore), len(parts.examples)
+        dropped_turns, cut_words, words = self._fit(parts, card, user, max_tokens)
+        prompt = parts.assemble()
+        prompt.dropped_turns, prompt.dropped_examples = dropped_turns, examples_given - len(parts.examples)
+        prompt.dropped_lore, prompt.description_cut = activated - len(parts.lore), cut_words
         prompt.warnings = _warnings(prompt, activated, examples_given, words, max_tokens)
         return prompt
+
+    def _fit(self, parts: _Parts, card: CharacterCard, user: str, max_tokens: int) -> tuple[int, int, int]:
+        """Cut `parts` to max_tokens in the module docstring's order; (turns dropped, words cut, words)."""
+        dropped_turns = 0
+        while parts.history and parts.total() > max_tokens:
+            parts.history.pop(0)
+            dropped_turns += 1
+        if parts.lore and parts.total() > max_tokens:
+            room = max_tokens - (parts.total() - parts.lore_size())
+            sizes = {entry.index: len(ids) for entry, ids in parts.lore}
+            book = parse_lorebook(card.character_book)
+            assert book is not None  # entries came from it
+            kept = {e.index for e in book.within_budget([e for e, _ in parts.lore], lambda e: sizes[e.index],
+                                                        max(room, 0))}
+            parts.lore = [(entry, ids) for entry, ids in parts.lore if entry.index in kept]
+        while parts.examples and parts.total() > max_tokens:
+            parts.examples.pop()
+        room = max_tokens - (parts.total() - len(parts.definition))
+        parts.definition, cut_words, words = self._cut_description(card, user, parts.definition, room)
+        if parts.fixed() + len(parts.definition) > max_tokens:
+            raise PromptTooLong(f"the system prompt, the character definition without its description and the "
+                                f"latest message take {parts.fixed() + len(parts.definition)} tokens, more than "
+                                f"the budget of {max_tokens}; shorten the card's system prompt, personality or "
+                                f"scenario, or the message")
+        return dropped_turns, cut_words, words
 
     def _lore(self, card: CharacterCard, turns: list[Turn], user: str) -> list[tuple[LoreEntry, list[int]]]:
         """Activated lorebook entries within the book's own token budget, each with its ids, in insertion order."""
@@ -225,6 +221,42 @@ class PromptBuilder:
         instructions = card.prompt_fields(user)["post_history_instructions"]
         ids = [self.tok.system_id] + self._text(instructions) if instructions else []
         return ids + [self.tok.char_id]
+
+
+@dataclass
+class _Parts:
+    """A prompt's pieces as token ids, while they are cut to fit."""
+
+    system: list[int]
+    definition: list[int]
+    lore: list[tuple[LoreEntry, list[int]]]  # kept entries, in insertion order
+    examples: list[list[int]]
+    history: list[tuple[list[int], list[int]]]  # (ids, labels) per past exchange
+    latest: list[int]
+    reply: list[int]
+
+    def fixed(self) -> int:
+        """What is never cut: the system prompt, the latest message with its cue, the reply."""
+        return len(self.system) + len(self.latest) + len(self.reply)
+
+    def lore_size(self) -> int:
+        return sum(len(ids) for _, ids in self.lore)
+
+    def total(self) -> int:
+        return self.fixed() + len(self.definition) + self.lore_size() + _size(self.examples) + _size(self.history)
+
+    def assemble(self) -> Prompt:
+        """The ids and labels in template order, and the tokens of each part."""
+        before = [i for entry, ids in self.lore if entry.position == "before_char" for i in ids]
+        after = [i for entry, ids in self.lore if entry.position != "before_char" for i in ids]
+        head = self.system + before + self.definition + after
+        examples = [i for e in self.examples for i in e]
+        ids = head + examples + [i for h, _ in self.history for i in h] + self.latest + self.reply
+        labels = ([IGNORE_INDEX] * (len(head) + len(examples)) + [x for _, lab in self.history for x in lab]
+                  + [IGNORE_INDEX] * len(self.latest) + self.reply)
+        segments = {"definition": len(head), "lore": len(before) + len(after), "examples": len(examples),
+                    "history": _size(self.history), "latest": len(self.latest), "reply": len(self.reply)}
+        return Prompt(ids, labels, segments=segments, lore_entries=len(self.lore))
 
 
 def _size(parts: list) -> int:
