@@ -46,6 +46,7 @@ def test_openai_messages_in_with_data_urls_paths_and_bad_rows(tmp_path):
                       {"role": "assistant", "content": "Blue!"}]},
         "{not json",
         {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "c1"}]}]},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
                       {"role": "assistant", "content": "?"}]},
         {"messages": [{"role": "user", "content": "only a question"}]},
@@ -53,10 +54,11 @@ def test_openai_messages_in_with_data_urls_paths_and_bad_rows(tmp_path):
                       {"role": "assistant", "content": "?"}]},
     ])
     report = convert(source, "openai", tmp_path / "out")
-    assert report.kept == 2 and len(report.refused) == 5
+    assert report.kept == 2 and len(report.refused) == 6
     reasons = "\n".join(report.refused)
-    for line, reason in [(3, "invalid JSON"), (4, "role 'tool' is not supported"), (5, "remote image URL"),
-                         (6, "no user message followed by an assistant reply"), (7, "image file not found")]:
+    for line, reason in [(3, "invalid JSON"), (4, "role 'tool' is not supported"), (5, "is a tool call"),
+                         (6, "remote image URL"), (7, "no user message followed by an assistant reply"),
+                         (8, "image file not found")]:
         assert f"chats.jsonl:{line}" in reasons and reason in reasons
     records = read_dialogues(tmp_path / "out" / "dialogues.jsonl")
     assert [r.character for r in records] == ["mira", "assistant"]
@@ -181,3 +183,13 @@ def test_a_mix_of_image_and_text_only_conversations_is_noted(tmp_path):
     report = convert(source, "openai", tmp_path / "out")
     assert report.kept == 2 and report.notes == [
         "1 conversation(s) have an image and 1 do not; training takes one kind per data set, so split the file by kind"]
+
+
+def test_a_png_card_given_for_all_keeps_its_image(tmp_path):
+    card = CharacterCard(name="Mira")
+    card.avatar = np.full((8, 8, 3), 90, dtype=np.uint8)
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    convert(source, "openai", tmp_path / "out", card=card)
+    saved = load_card(tmp_path / "out" / "characters" / "mira.png")
+    assert saved.name == "Mira" and saved.avatar[0, 0].tolist() == [90, 90, 90]

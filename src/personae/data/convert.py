@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personae.data.cards import CharacterCard, save_card_json
+from personae.data.cards import CharacterCard, save_card_json, save_card_png
 from personae.data.convert_readers import Conversation, read_openai, read_personae, read_sharegpt, read_sillytavern
 from personae.errors import DataError
 from personae.files import atomic_directory, atomic_path
@@ -171,7 +171,10 @@ def _write_personae(rows: Iterator[Conversation | DataError], out: Path, report:
                 report.refused.append(str(error))
         (staging / "characters").mkdir()
         for cid, character in cards.cards.items():
-            save_card_json(character, staging / "characters" / f"{cid}.json")
+            if character.avatar is not None:  # a PNG card given with --card keeps its image
+                save_card_png(character, staging / "characters" / f"{cid}.png")
+            else:
+                save_card_json(character, staging / "characters" / f"{cid}.json")
         with (staging / "dialogues.jsonl").open("w", encoding="utf-8", newline="\n") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     report.characters = len(cards.cards)

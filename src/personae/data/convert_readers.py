@@ -141,6 +141,8 @@ def _openai_row(row: dict[str, Any], path: Path, number: int, where: str) -> Con
         if role is None:
             raise DataError(f"messages[{i}].role {message.get('role')!r} is not supported: personae converts "
                             f"conversations of system, user and assistant messages (no tools)")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise DataError(f"messages[{i}] is a tool call: personae converts conversations in text, without tools")
         text, images = _openai_content(message.get("content"), f"messages[{i}].content", path.parent, where)
         if role == "assistant" and isinstance(message.get("name"), str) and name is None:
             name = message["name"]
