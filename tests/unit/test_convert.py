@@ -193,3 +193,21 @@ def test_a_png_card_given_for_all_keeps_its_image(tmp_path):
     convert(source, "openai", tmp_path / "out", card=card)
     saved = load_card(tmp_path / "out" / "characters" / "mira.png")
     assert saved.name == "Mira" and saved.avatar[0, 0].tolist() == [90, 90, 90]
+
+
+def test_converted_data_trains_as_role_play_with_reply_labels(tmp_path):
+    from personae.data.labels import IGNORE_INDEX
+    from personae.data.roleplay import RolePlayDataset
+    from personae.data.tokenizer import train_tokenizer
+
+    source = write_jsonl(tmp_path / "share.jsonl", [
+        {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Bob."}],
+         "system": "You are Bob."},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}])
+    assert convert(source, "sharegpt", tmp_path / "out").kept == 2
+    records = read_dialogues(tmp_path / "out" / "dialogues.jsonl")
+    cards = load_character_cards(tmp_path / "out" / "characters")
+    tok = train_tokenizer(["Who are you? Bob. Hi Hello. You are Bob."] * 10, vocab_size=300)
+    data = RolePlayDataset(records, cards, tok, image_size=16, max_tokens=512, progress=False)
+    ids, labels = data.examples[0]
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == "Bob."

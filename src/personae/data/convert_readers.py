@@ -191,7 +191,7 @@ def read_sharegpt(path: Path) -> Iterator[Conversation | DataError]:
 
 
 def _sharegpt_row(row: dict[str, Any], path: Path, number: int) -> Conversation:
-    turns = row.get("conversations")
+    turns = row.get("conversations", row.get("messages"))  # LLaMA-Factory's sharegpt sets use either name
     if not isinstance(turns, list) or not turns:
         raise DataError(f"field 'conversations' must be a non-empty array, got {json_type(turns)}")
     refs = row.get("images", [])
