@@ -53,6 +53,12 @@ def test_selective_secondary_keys_by_logic(logic, secondary_text, expected):
     assert active(lore, secondary_text) == []  # the primary key is always required
 
 
+def test_null_settings_mean_their_defaults():
+    lore = book(entry("A", ["wolf"], selective=True, secondary_keys=["moon"], case_sensitive=None, priority=None,
+                      extensions={"selectiveLogic": None, "match_whole_words": None}))
+    assert active(lore, "a WOLF and the moon") == ["A"] and lore.entries[0].priority == 100
+
+
 def test_secondary_keys_are_ignored_without_selective():
     lore = book(entry("A", ["wolf"], secondary_keys=["moon"]))
     assert active(lore, "a wolf") == ["A"]

@@ -144,7 +144,8 @@ def _entry(raw: Any, index: int, where: str) -> LoreEntry:
     position = raw.get("position") or "after_char"
     if position not in POSITIONS:
         raise LorebookError(f"'{where}.position' must be one of {', '.join(POSITIONS)}, got {position!r}")
-    logic = extensions.get("selectiveLogic", 0)
+    logic = extensions.get("selectiveLogic")
+    logic = 0 if logic is None else logic  # SillyTavern writes null for "the default"
     if logic not in SELECTIVE_LOGIC:
         raise LorebookError(f"'{where}.extensions.selectiveLogic' must be one of 0, 1, 2, 3, got {logic!r}")
     order = _number(raw, "insertion_order", 100, where)
