@@ -21,7 +21,7 @@ from common import alternate, emit, env_info, median, note, set_threads, spread 
 
 from personae.config import load_preset  # noqa: E402
 from personae.models import PersonaeModel  # noqa: E402
-from personae.models.sampling import SamplingParams, generate  # noqa: E402
+from personae.models.generation import SamplingParams, generate  # noqa: E402
 
 
 class NoEosTokenizer:

@@ -90,7 +90,6 @@ class DecoderCfg:
     heads: int = 4  # attention heads per block
     mlp_ratio: float = 4.0  # MLP hidden width / width
     max_len: int = 256  # positions: image prefix + prompt + reply
-    copy: bool = False  # a copy-attention layer after the blocks (models/copy_attention.py)
     shift: int = 0  # q, k, v also mix in those of this many previous tokens (models/decoder.py)
 
 
@@ -154,7 +153,7 @@ class FinetuneCfg:
     freeze_vision: bool = False  # keep the image tower's weights fixed
     max_new_tokens: int = 64  # room kept free in the decoder for a reply when prompts are cut
     # greedy replies in evaluation and chat: no n-gram more than this many times in a row (0: off;
-    # personae.models.sampling.loop_breakers)
+    # personae.models.next_token.ban_loops)
     max_repeats: int = 3
     # scene worlds: this fraction of the conversations speaks with freshly drawn markers (in card and
     # replies alike, personae.world.persona_swap), so the model learns to take a voice from the card

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from personae.chat.session import load_run_for_character
 from personae.data.episodes import examples_file
+from personae.models.generation import SamplingParams, generate
 from personae.models.lora import load_adapter
-from personae.models.sampling import SamplingParams, generate
 from personae.serve.adapt import adapt_in_memory
 from personae.serve.adapters import ServerAdapters
 from personae.serve.app import create_app, load_run

@@ -16,8 +16,8 @@ from personae.data.cards import CharacterCard, load_card, save_card_png
 from personae.data.images import load_image_bytes, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.meta.adapt import CharacterAdapter
+from personae.models.generation import SamplingParams, generate
 from personae.models.lora import load_adapter
-from personae.models.sampling import SamplingParams, generate
 from personae.serve.app import RunBundle
 from personae.serve.schemas import (
     CharacterInfo,

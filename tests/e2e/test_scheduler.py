@@ -1,4 +1,5 @@
-"""The batching scheduler against the library's `generate`: same tokens alone, batched, joining mid-way, compacted."""
+"""The scheduler on the generation engine: the same tokens as a lone `generate` when batched, joining
+mid-way, compacted or prefix-cached; admission, cancellation and a full queue."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from personae.config import apply_overrides
+from personae.models.generation import SamplingParams, generate
 from personae.models.model import PersonaeModel
-from personae.models.sampling import SamplingParams, generate
 from personae.serve.app import RunBundle
 from personae.serve.scheduler import Done, Failed, GenerationJob, QueueFull, Scheduler, SchedulerStopped
 from tests.conftest import micro_config
@@ -20,23 +21,19 @@ def random_model(bundle: RunBundle, *overrides: str) -> PersonaeModel:
     cfg.model.text.vocab_size = bundle.tokenizer.vocab_size
     torch.manual_seed(0)
     model = PersonaeModel(cfg.model).eval()
-    if model.decoder.copy is not None:  # make the copy layer weigh in, so a wrong slot changes tokens
-        torch.nn.init.normal_(model.decoder.copy.proj.weight, std=0.5)
-    for block in model.decoder.blocks if cfg.model.decoder.shift else ():  # the same for a token shift
+    for block in model.decoder.blocks if cfg.model.decoder.shift else ():  # make the shift weigh in: a wrong slot shows
         torch.nn.init.normal_(block.attn.shift_mix, std=0.7)
     return model
 
 
-# the micro config inherits the tiny preset's token shift: "plain" and "copy" turn it off
-VARIANTS = {"plain": ["model.decoder.shift=0"], "copy": ["model.decoder.copy=true", "model.decoder.shift=0"],
-            "shift": ["model.decoder.shift=2"]}
+# the micro config inherits the tiny preset's token shift: "plain" turns it off
+VARIANTS = {"plain": ["model.decoder.shift=0"], "shift": ["model.decoder.shift=2"]}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def short_model(bundle: RunBundle, request) -> PersonaeModel:
     """A random micro model whose decoder has only 48 positions, so that the cache must compact
-    (plain, with copy attention, whose keys and values ride in the cache as one more layer, and with
-    a token shift, whose inputs ride as one more layer per block)."""
+    (plain, and with a token shift, whose previous projections ride in the cache per row)."""
     return random_model(bundle, "model.decoder.max_len=48", *VARIANTS[request.param])
 
 

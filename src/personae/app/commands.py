@@ -13,8 +13,8 @@ from personae.data.kinds import open_data
 from personae.data.manifest import read_pairs
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
+from personae.models.generation import SamplingParams
 from personae.models.io import load_model
-from personae.models.sampling import SamplingParams
 from personae.train.distributed import pick_device
 
 

@@ -1,5 +1,5 @@
 """personae.chat: talking to a character — the interactive terminal session.
 
 Cards and prompt assembly live in `personae.data` (training reads them too) and generation in
-`personae.models.sampling` (evaluation generates too); the dependency rule lets chat use both.
+`personae.models.generation` (evaluation generates too); the dependency rule lets chat use both.
 """

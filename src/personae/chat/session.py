@@ -20,6 +20,7 @@ from personae.data.images import ImageSource, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.models.generation import SamplingParams, stream_batch
 from personae.models.io import load_model
 from personae.models.lora import (
     LORA_MARKERS,
@@ -30,7 +31,6 @@ from personae.models.lora import (
     lora_settings,
 )
 from personae.models.model import PersonaeModel
-from personae.models.sampling import SamplingParams, stream_batch
 
 HELP = """commands:
   /image PATH   look at another image          /card    show the character card

@@ -42,8 +42,8 @@ from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.eval.roleplay import generate_all, pending_replies, score_rows
 from personae.meta.adapt import Adaptation, AdaptSpec, learned_rates
+from personae.models.generation import SamplingParams
 from personae.models.io import CONFIG_FILE, load_model, require_file
-from personae.models.sampling import SamplingParams
 
 KS = (1, 5, 10)
 STEPS = (0, 1, 2, 5, 10, 20)

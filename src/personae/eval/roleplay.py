@@ -26,8 +26,8 @@ from personae.data.labels import IGNORE_INDEX
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
+from personae.models.generation import SamplingParams, generate
 from personae.models.model import PersonaeModel
-from personae.models.sampling import SamplingParams, generate
 
 CHARACTER_SPLITS = ("train", "heldout")
 

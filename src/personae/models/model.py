@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from personae.config import ModelCfg
-from personae.models.decoder import Decoder, KVCache
+from personae.data.tokenizer import Tokenizer
+from personae.models.cache import KVCache
+from personae.models.decoder import Decoder
 from personae.models.fusion import FusionOutput, build_fusion
+from personae.models.generation import Generation, SamplingParams, generate
 from personae.models.layers import init_weights
 from personae.models.lora import add_decoder_lora
 from personae.models.text import TextEncoder
@@ -134,14 +138,15 @@ class PersonaeModel(nn.Module):
 
     # ---- role-play decoder -------------------------------------------------------------------
 
-    def _require_decoder(self) -> Decoder:
+    def require_decoder(self) -> Decoder:
+        """The role-play decoder; a clear error for a pretrained-only model, which has none."""
         if self.decoder is None:
             raise ValueError("this model has no decoder (model.decoder.enabled is false): fine-tune it first")
         return self.decoder
 
     def init_decoder_from_text(self) -> None:
         """Seed the decoder with the pretrained text tower: word embeddings and, where shapes agree, blocks."""
-        decoder = self._require_decoder()
+        decoder = self.require_decoder()
         with torch.no_grad():
             if decoder.tok_embed.weight.shape == self.text.tok_embed.weight.shape:
                 decoder.tok_embed.weight.copy_(self.text.tok_embed.weight)
@@ -167,31 +172,41 @@ class PersonaeModel(nn.Module):
 
     def lm_hidden(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, D) states of the tokens."""
-        decoder = self._require_decoder()
+        decoder = self.require_decoder()
         hidden = decoder(decoder.embed(input_ids, self.image_prefix(pixel_values)))  # (B, R+T, D); right padding needs no mask
         return hidden[:, hidden.shape[1] - input_ids.shape[1]:]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) decoder states -> (..., V) next-token logits."""
-        return self._require_decoder().logits(hidden)
+        return self.require_decoder().logits(hidden)
 
     def lm_logits(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, V) next-token logits after each token (image prefix first when given)."""
         return self.lm_head(self.lm_hidden(pixel_values, input_ids))
 
-    def prefill(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, lengths: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
-        """Run right-padded prompts through the decoder into `cache`; (B, V) logits after each real prompt."""
-        decoder = self._require_decoder()
-        hidden = decoder(decoder.embed(input_ids, self.image_prefix(pixel_values)), cache=cache)  # (B, R+T, D)
-        prefix = hidden.shape[1] - input_ids.shape[1]
-        last = prefix + lengths - 1  # (B,) position of each prompt's last real token
-        return decoder.logits(hidden[torch.arange(len(lengths)), last])
+    # ---- the generation engine's interface (personae.models.generation.CausalLM) -------------
 
-    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None,
-                    cache: KVCache) -> torch.Tensor:
-        """One new token per row: (B,) ids at (B,) positions; attention_mask (B, S) marks real cache slots
-        (None: every slot is real)."""
-        decoder = self._require_decoder()
-        hidden = decoder(decoder.tok_embed(token_ids[:, None]), positions[:, None], attention_mask, cache)
-        return decoder.logits(hidden[:, 0])  # (B, V)
+    supports_shared_heads = True  # the decoder attends to a prompt head stored once for many rows (KVCache.shared)
+
+    @property
+    def max_positions(self) -> int:
+        """Decoder positions a sequence may take (image prefix, prompt and reply)."""
+        return self.cfg.decoder.max_len
+
+    def embed_prompt(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids and optional (B, 3, S, S) images -> (B, R+T, D) decoder input embeddings."""
+        return self.require_decoder().embed(input_ids, self.image_prefix(pixel_values))
+
+    def decode(self, embeddings: torch.Tensor, positions: torch.Tensor | None, attention_mask: torch.Tensor | None,
+               cache: KVCache) -> torch.Tensor:
+        """Causal pass of (B, T, D) embeddings that reads and extends `cache` -> (B, T, D) states."""
+        return self.require_decoder()(embeddings, positions, attention_mask, cache)
+
+    def new_cache(self, batch: int, slots: int, *, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """An empty cache for `batch` rows of up to `slots` positions."""
+        return self.require_decoder().new_cache(batch, slots, device=device, dtype=dtype)
+
+    def generate(self, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None,
+                 params: SamplingParams) -> list[Generation]:
+        """Decode prompts (token ids) with optional images (B, 3, S, S) to finished replies."""
+        return generate(self, tokenizer, prompts, pixel_values, params)

@@ -94,7 +94,7 @@ def load_run(run_dir: Path, device: str | None = None) -> RunBundle:
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config, tokenizer = load_model(Path(run_dir), device)
-    model._require_decoder()  # a pretrained-only run cannot chat: say so at start, not per request
+    model.require_decoder()  # a pretrained-only run cannot chat: say so at start, not per request
     return RunBundle(model.eval(), tokenizer, config.finetune.include_examples, config)
 
 

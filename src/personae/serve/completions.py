@@ -35,8 +35,8 @@ from personae.data.images import model_pixels
 from personae.data.prompt import PromptBuilder, PromptTooLong, Turn, client_system_card
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
+from personae.models.generation import Generation, SamplingParams
 from personae.models.model import PersonaeModel
-from personae.models.sampling import Generation, SamplingParams
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import CharacterRegistry
 from personae.serve.errors import ApiError, error_body

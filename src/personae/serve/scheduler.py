@@ -2,9 +2,10 @@
 
 Requests wait in a bounded queue (full -> :class:`QueueFull`, which the app answers with 503 and
 ``Retry-After``). Between two decoding steps the scheduler admits waiting requests into the
-running :class:`~personae.serve.batch.DecodeBatch` (continuous batching: a request does not wait
-for the batch to finish), so every step is one forward pass for all rows. A request with
-``n > 1`` is n rows with seeds ``seed, seed + 1, ...``, as in :func:`personae.models.sampling.generate`,
+running :class:`~personae.models.generation.DecodeBatch` (continuous batching: a request does not
+wait for the batch to finish), so every step is one forward pass for all rows; decoding and token
+choice are the engine's, the scheduler keeps admission, cancellation, queueing and events. A request
+with ``n > 1`` is n rows with seeds ``seed, seed + 1, ...``, as in :func:`personae.models.generation.generate`,
 so a request gives the same reply alone, batched, or joining a batch mid-way (up to float
 rounding of different batch shapes). With ``batching=False`` one request runs at a time (the
 benchmark's baseline).
@@ -29,17 +30,9 @@ import torch
 
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.models.generation import DecodeBatch, Generation, Row, RowRequest, SamplingParams
 from personae.models.model import PersonaeModel
-from personae.models.sampling import (
-    Generation,
-    SamplingParams,
-    apply_repetition_penalty,
-    ban_loops,
-    choose_tokens,
-    stream_piece,
-)
 from personae.serve.adapters import ServerAdapters
-from personae.serve.batch import DecodeBatch, RowInput
 
 log = logging.getLogger(__name__)
 
@@ -148,50 +141,6 @@ class RequestHandle:
                 raise event.error
 
 
-class _RowState:
-    """One decoding row: its request, seeded generator, tokens, text and what was already sent."""
-
-    def __init__(self, handle: RequestHandle, index: int, tokenizer: Tokenizer, max_new: int, seed: int) -> None:
-        self.handle, self.index, self.tokenizer = handle, index, tokenizer
-        self.params, self.max_new = handle.job.params, max_new
-        self.generator = torch.Generator().manual_seed(seed)
-        self.ids: list[int] = []
-        self.text, self.emitted, self.finish = "", 0, ""
-
-    @property
-    def key(self) -> tuple:
-        """Rows with equal keys are sampled together in one call."""
-        p = self.params
-        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.max_repeats, self.handle.job.ignore_eos)
-
-    def push(self, token: int) -> None:
-        """Record a sampled token: end token, stop string and length end the row.
-
-        The text is decoded only when something reads it every step (a stream or stop strings);
-        otherwise once, when the row ends.
-        """
-        if token == self.tokenizer.eos_id:
-            self.finish = "stop"
-        else:
-            self.ids.append(token)
-            if len(self.ids) >= self.max_new:
-                self.finish = "length"
-        if not (self.finish or self.params.stop or self.handle.job.stream):
-            return
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((self.text.find(s) for s in self.params.stop if s and s in self.text), default=-1)
-        if cut >= 0:
-            self.text, self.finish = self.text[:cut], "stop"
-
-    def new_text(self) -> str:
-        """Text not yet sent, holding back half a character or what may begin a stop string."""
-        piece, self.emitted = stream_piece(self.text, self.emitted, bool(self.finish), self.params.stop)
-        return piece
-
-    def generation(self) -> Generation:
-        return Generation(text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length")
-
-
 @dataclass
 class SchedulerStats:
     """Counters of what the scheduler did (read by /stats and the benchmark)."""
@@ -217,9 +166,8 @@ class Scheduler:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.batching, self.retry_after = max_batch, max_queue, batching, retry_after
-        self.batch = DecodeBatch(model, tokenizer.pad_id, prefix_cache_bytes, adapters)
-        self.seen = torch.zeros(0, model.cfg.text.vocab_size, dtype=torch.bool)  # (B, V) tokens each row produced
-        self.rows: list[_RowState] = []
+        self.batch = DecodeBatch(model, tokenizer, prefix_cache_bytes=prefix_cache_bytes, adapters=adapters,
+                                 max_rows=max_batch if batching else 1)
         self.stats = SchedulerStats()
         self._waiting: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
@@ -244,10 +192,10 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:
-            for handle in list(self._waiting) + [r.handle for r in self.rows]:
+            for handle in list(self._waiting) + list({id(h): h for h in map(_handle, self.rows)}.values()):
                 handle.emit(Failed(SchedulerStopped("the server is shutting down")))
             self._waiting.clear()
-        self.rows = []
+        self.batch.clear()
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -281,6 +229,11 @@ class Scheduler:
     @property
     def queued(self) -> int:
         return len(self._waiting)
+
+    @property
+    def rows(self) -> list[Row]:
+        """The running rows (each row's request and choice index are its `request.owner`)."""
+        return self.batch.rows
 
     # ---- the decoding thread -----------------------------------------------------------------
 
@@ -332,98 +285,69 @@ class Scheduler:
 
     def _admit(self, handles: list[RequestHandle]) -> None:
         """Prefill the admitted requests' rows and add them to the running batch."""
-        inputs, states = [], []
+        requests = []
         for handle in handles:
             job = handle.job
-            room = self.batch.prompt_room(len(job.prompt_ids), job.pixel_values is not None)
-            if room < 1:
+            if self.batch.room(len(job.prompt_ids), job.pixel_values is not None) < 1:
                 handle.emit(Failed(ValueError(f"a prompt of {len(job.prompt_ids)} tokens leaves no room to reply")))
                 continue
             base_seed = job.params.seed if job.params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            for index in range(job.n):
-                inputs.append(RowInput(job.prompt_ids, job.pixel_values, job.head_len, job.adapter))
-                states.append(_RowState(handle, index, self.tokenizer, min(job.params.max_new_tokens, room),
-                                        base_seed + index))
-        if not inputs:
+            requests += [RowRequest(job.prompt_ids, job.pixel_values, job.params, base_seed + index, job.head_len,
+                                    job.adapter, job.ignore_eos, job.stream, owner=(handle, index))
+                         for index in range(job.n)]
+        if not requests:
             return
         if self.rows:
             self.stats.joins_mid_batch += len(handles)
-        headroom = max(s.max_new - len(s.ids) for s in self.rows + states)
-        order = self.batch.join(inputs, headroom)
-        self.rows += [states[i] for i in order]
-        fresh = torch.zeros(len(order), self.seen.shape[1], dtype=torch.bool)
-        self.seen = torch.cat([self.seen, fresh])
+        self.batch.join(requests)
 
     def _step(self) -> None:
         """Sample a token for every row, send the new text, drop finished rows, run the next forward."""
-        gone = torch.tensor([r.handle.cancelled for r in self.rows])
-        tokens = self._choose()
+        gone = [_handle(row).cancelled for row in self.rows]  # read once: a cancel may land meanwhile
+        self.batch.sample()
         self.stats.steps += 1
         self.stats.row_steps += len(self.rows)
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self.rows))
-        for row, token, cancelled in zip(self.rows, tokens.tolist(), gone.tolist()):
+        for row, cancelled in zip(self.rows, gone):
             if not cancelled:
-                row.push(token)
                 self._send(row)
-        self.stats.tokens += int((~gone).sum())
-        self.seen[torch.arange(len(self.rows)), tokens] = True
-        keep = torch.tensor([not (r.finish or g) for r, g in zip(self.rows, gone.tolist())])  # `gone` once: no race
+        self.stats.tokens += len(gone) - sum(gone)
         self._count_cancelled(gone)
-        self.rows = [r for r, k in zip(self.rows, keep.tolist()) if k]
-        self.seen = self.seen[keep]
-        self.batch.keep(keep.to(self.batch.device))
+        self.batch.leave([not (row.finish or cancelled) for row, cancelled in zip(self.rows, gone)])
         if self.rows:
-            self.batch.step(tokens[keep].to(self.batch.device))
+            self.batch.forward()
 
-    def _choose(self) -> torch.Tensor:
-        """(B,) next tokens on the CPU; rows with the same sampling settings are sampled in one call.
-
-        Sampling runs on the CPU because every row's generator is a CPU generator (its seed must
-        give the same reply on any device); moving (B, V) logits is cheap next to a forward pass.
-        """
-        logits = self.batch.logits.float().cpu()
-        tokens = torch.zeros(len(self.rows), dtype=torch.long)
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            groups.setdefault(row.key, []).append(i)
-        for key, members in groups.items():
-            index = torch.tensor(members)
-            group_logits = logits[index]
-            if key[-1]:  # ignore_eos: the end token is never sampled
-                group_logits[:, self.tokenizer.eos_id] = float("-inf")
-            params = self.rows[members[0]].params
-            group_logits = apply_repetition_penalty(group_logits, self.seen[index], params.repetition_penalty)
-            group_logits = ban_loops(group_logits, [self.rows[i].ids for i in members], params.max_repeats)
-            tokens[index] = choose_tokens(group_logits, params, [self.rows[i].generator for i in members])
-        return tokens
-
-    def _send(self, row: _RowState) -> None:
+    def _send(self, row: Row) -> None:
         """Emit the row's new text; when it ends, its Finished event (and Done after the last choice)."""
-        stream = row.handle.job.stream
+        handle, index = row.request.owner  # type: ignore[misc]
+        stream = handle.job.stream
         piece = row.new_text() if stream else ""
         if piece:
-            row.handle.emit(Piece(row.index, piece))
+            handle.emit(Piece(index, piece))
         if row.finish:
             generation = row.generation()
-            row.handle.generations[row.index] = generation
+            handle.generations[index] = generation
             if stream:
-                row.handle.emit(Finished(row.index, generation))
-            if all(g is not None for g in row.handle.generations):
-                row.handle.emit(Done([g for g in row.handle.generations if g is not None]))
+                handle.emit(Finished(index, generation))
+            if all(g is not None for g in handle.generations):
+                handle.emit(Done([g for g in handle.generations if g is not None]))
 
-    def _count_cancelled(self, gone: torch.Tensor) -> None:
+    def _count_cancelled(self, gone: list[bool]) -> None:
         """Tell each cancelled request (once) that it is over."""
-        handles = {id(r.handle): r.handle for r, g in zip(self.rows, gone.tolist()) if g}
+        handles = {id(_handle(r)): _handle(r) for r, g in zip(self.rows, gone) if g}
         for handle in handles.values():
             self.stats.cancelled += 1
             handle.emit(Failed(asyncio.CancelledError()))
 
     def _fail_all(self, admitted: list[RequestHandle], error: Exception) -> None:
         """Fail every running row (and the requests being admitted) and start from an empty batch."""
-        handles = {id(h): h for h in admitted + [r.handle for r in self.rows]}
+        handles = {id(h): h for h in admitted + [_handle(r) for r in self.rows]}
         for handle in handles.values():
             handle.emit(Failed(error))
         self.stats.failed += len(handles)
-        self.rows = []
-        self.seen = self.seen[:0]
         self.batch.clear()
+
+
+def _handle(row: Row) -> RequestHandle:
+    """The request a running row belongs to."""
+    return row.request.owner[0]  # type: ignore[index]
