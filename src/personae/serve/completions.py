@@ -106,7 +106,8 @@ class CompletionService:
                                 top_p=request.top_p, repetition_penalty=request.repetition_penalty, stop=stop,
                                 max_repeats=request.max_repeats,
                                 seed=request.seed)
-        head = prompt.segments["definition"] + prompt.segments["examples"]  # per card (and its active lore): cached by tokens
+        # the same for every request to the card with the same lore entries active: cached by its tokens
+        head = prompt.segments["definition"] + prompt.segments["examples"]
         job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,
                             stream=request.stream, adapter=adapter)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
