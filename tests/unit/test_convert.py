@@ -47,6 +47,7 @@ def test_openai_messages_in_with_data_urls_paths_and_bad_rows(tmp_path):
         "{not json",
         {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{"id": "c1"}]}]},
+        {"messages": [{"role": ["user"], "content": "hi"}]},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
                       {"role": "assistant", "content": "?"}]},
         {"messages": [{"role": "user", "content": "only a question"}]},
@@ -54,11 +55,11 @@ def test_openai_messages_in_with_data_urls_paths_and_bad_rows(tmp_path):
                       {"role": "assistant", "content": "?"}]},
     ])
     report = convert(source, "openai", tmp_path / "out")
-    assert report.kept == 2 and len(report.refused) == 6
+    assert report.kept == 2 and len(report.refused) == 7
     reasons = "\n".join(report.refused)
     for line, reason in [(3, "invalid JSON"), (4, "role 'tool' is not supported"), (5, "is a tool call"),
-                         (6, "remote image URL"), (7, "no user message followed by an assistant reply"),
-                         (8, "image file not found")]:
+                         (6, "role ['user'] is not supported"), (7, "remote image URL"),
+                         (8, "no user message followed by an assistant reply"), (9, "image file not found")]:
         assert f"chats.jsonl:{line}" in reasons and reason in reasons
     records = read_dialogues(tmp_path / "out" / "dialogues.jsonl")
     assert [r.character for r in records] == ["mira", "assistant"]

@@ -101,9 +101,10 @@ def load_image_ref(ref: str, base: Path, where: str) -> ConvertedImage:
     else:
         path = Path(ref.removeprefix("file://"))
         path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            raise DataError(f"image file not found: {ref} (looked for {path})", where)
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except (OSError, ValueError):  # missing, a folder, unreadable, or a name with a NUL byte
+            raise DataError(f"image file not found: {ref} (looked for {path})", where) from None
     load_image_bytes(data, name=f"{where}: image {ref[:60]}")  # refuses broken, oversized and non-images
     kind = (Image.open(io.BytesIO(data)).format or "png").lower()
     return ConvertedImage(data, "." + {"jpeg": "jpg"}.get(kind, kind))
@@ -137,7 +138,7 @@ def _openai_row(row: dict[str, Any], path: Path, number: int, where: str) -> Con
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"messages[{i}] must be an object, got {json_type(message)}")
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = _ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
         if role is None:
             raise DataError(f"messages[{i}].role {message.get('role')!r} is not supported: personae converts "
                             f"conversations of system, user and assistant messages (no tools)")
@@ -210,7 +211,7 @@ def _sharegpt_row(row: dict[str, Any], path: Path, number: int) -> Conversation:
     messages = [Message("system", row["system"])] if isinstance(row.get("system"), str) and row["system"] else []
     for i, (turn, text) in enumerate(zip(turns, texts)):
         speaker = turn.get("from", turn.get("role"))
-        role = _SHAREGPT_ROLES.get(speaker)  # type: ignore[arg-type]
+        role = _SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise DataError(f"conversations[{i}].from {speaker!r} is not supported; use one of "
                             f"{', '.join(sorted(_SHAREGPT_ROLES))}")
