@@ -81,6 +81,16 @@ def test_recursive_scanning_follows_activated_content():
     assert len(active(book(*entries, recursive_scanning=True), "we reach the castle")) == 3
 
 
+def test_recursion_can_be_excluded_or_prevented_per_entry():
+    castle = entry("the castle has a dungeon", ["castle"])
+    dungeon = entry("the dungeon holds a dragon", ["dungeon"])
+    excluded = book(castle, {**dungeon, "extensions": {"exclude_recursion": True}}, recursive_scanning=True)
+    assert active(excluded, "we reach the castle") == ["the castle has a dungeon"]
+    assert len(active(excluded, "the castle and its dungeon")) == 2  # the messages still activate it
+    prevented = book({**castle, "extensions": {"prevent_recursion": True}}, dungeon, recursive_scanning=True)
+    assert active(prevented, "we reach the castle") == ["the castle has a dungeon"]
+
+
 def test_token_budget_keeps_higher_priority_then_orders_by_insertion_order():
     lore = book(entry("low", ["x"], priority=1, insertion_order=1), entry("high", ["x"], priority=9, insertion_order=5),
                 entry("mid", ["x"], priority=5, insertion_order=3), token_budget=2)

@@ -12,7 +12,8 @@ The rules (``docs/guide/cards.md`` has the table):
   ``extensions.selectiveLogic``: 0 AND ANY (default), 1 NOT ALL, 2 NOT ANY, 3 AND ALL.
 * ``constant: true`` entries are always activated; ``enabled: false`` entries never are.
 * With the book's ``recursive_scanning: true``, the content of activated entries is scanned too,
-  until no new entry activates.
+  until no new entry activates; an entry with ``extensions.exclude_recursion`` is activated only by
+  the messages, and one with ``extensions.prevent_recursion`` has its content left out of the scan.
 * Activated entries are kept by importance until ``token_budget`` (book field, in tokens; absent:
   no budget beyond the prompt's) is spent: higher ``priority`` first (absent: its
   ``insertion_order``), constants before others at equal priority, then earlier entries. Kept
@@ -55,6 +56,8 @@ class LoreEntry:
     position: str = "after_char"
     case_sensitive: bool = False
     whole_words: bool = False
+    exclude_recursion: bool = False  # not activated by other entries' content
+    prevent_recursion: bool = False  # its content activates no other entry
 
     def matches(self, text: str) -> bool:
         """Whether the scanned text triggers this entry (its keys, then its secondary keys)."""
@@ -92,8 +95,8 @@ class Lorebook:
         active = {e.index for e in live if e.constant or e.matches(scanned)}
         grew = self.recursive
         while grew:  # recursion: activated content may name the keys of other entries
-            content = "\n".join(e.content for e in live if e.index in active)
-            new = {e.index for e in live if e.index not in active and e.matches(content)}
+            content = "\n".join(e.content for e in live if e.index in active and not e.prevent_recursion)
+            new = {e.index for e in live if e.index not in active and not e.exclude_recursion and e.matches(content)}
             active |= new
             grew = bool(new)
         return [e for e in live if e.index in active]
@@ -157,6 +160,8 @@ def _entry(raw: Any, index: int, where: str) -> LoreEntry:
         insertion_order=order, priority=_number(raw, "priority", order, where), position=position,
         case_sensitive=_flag(raw, "case_sensitive", False, where) or _flag(extensions, "case_sensitive", False, where),
         whole_words=_flag(extensions, "match_whole_words", False, where),
+        exclude_recursion=_flag(extensions, "exclude_recursion", False, where),
+        prevent_recursion=_flag(extensions, "prevent_recursion", False, where),
     )
 
 
