@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from personae.data.cards import CharacterCard, load_card, save_card_png
+from personae.data.prompt import PromptBuilder, Turn
 from personae.serve.app import RunBundle
 from tests.e2e.helpers import chat_body
 
@@ -79,3 +80,19 @@ def test_a_system_message_carrying_the_card_is_not_doubled(make_app: Callable[..
     carrying = prompt_tokens(f"Write Zed's next reply in a role-play.\n{description}")
     other = prompt_tokens("Write Zed's next reply in a role-play.")  # the card's definition is added to this one
     assert abs(carrying - other) < described // 2  # the description is in the prompt once, not twice
+
+
+def test_the_server_adds_the_lorebook_entries_a_message_activates(make_app: Callable[..., FastAPI], run_copy: Path,
+                                                                  bundle: RunBundle) -> None:
+    client = TestClient(make_app(run=run_copy))
+    assert client.post("/v1/characters", json=V3_CARD).status_code == 201
+
+    def prompt_tokens(text: str) -> int:
+        answer = client.post("/v1/chat/completions", json=chat_body(text, model="personae/zed-quill"))
+        return answer.json()["usage"]["prompt_tokens"]
+
+    builder, card = PromptBuilder(bundle.tokenizer), load_card(json.dumps(V3_CARD).encode())
+    for text, entries in (("Is it sunny", 0), ("Is it RAIN", 1)):
+        prompt = builder.build(card, [Turn(text)], max_tokens=10_000)
+        assert prompt.lore_entries == entries
+        assert prompt_tokens(text) == len(prompt.ids) + bundle.model.image_prefix_length()
