@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from personae.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
+from personae.data.lorebook import LorebookError, parse_lorebook
 from personae.errors import DataError
 from personae.files import write_bytes_atomic
 
@@ -154,6 +155,10 @@ def _check_fields(values: dict[str, Any], where: Where, prefix: str) -> None:
             raise CardError(f"'{prefix}{key}' must be {expected}, got {_describe(value)}", where)
     if not values["name"].strip():
         raise CardError(f"'{prefix}name' is empty: every card needs a character name", where)
+    try:  # a lorebook is checked on load so that a bad one fails at upload, not at the first message
+        parse_lorebook(values.get("character_book"), f"{prefix}character_book")
+    except LorebookError as error:
+        raise CardError(error.message, where) from None
 
 
 @dataclass
