@@ -129,6 +129,9 @@ class TrainCfg:
     log_every: int = 10  # steps between log lines (metrics.jsonl)
     save_every: int = 200  # steps between checkpoints
     num_workers: int = 0  # DataLoader worker processes
+    # batches of similar length: each run of this many batches of an epoch's shuffled examples is
+    # sorted by length before it is cut into batches (less padding; 0: off; data sets with lengths only)
+    group_by_length: int = 0
     compile: bool = False  # run the stage's task through torch.compile
 
 

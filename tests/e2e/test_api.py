@@ -208,7 +208,7 @@ ROUTE_MODELS = [
     ("get", "/v1/models", "200", "ModelList"),
     ("get", "/v1/models/{model_id}", "200", "ModelInfo"),
     ("get", "/v1/characters", "200", "CharacterList"),
-    ("post", "/v1/characters", "201", "CharacterInfo"),
+    ("post", "/v1/characters", "201", "CharacterUploaded"),
     ("get", "/v1/characters/{character_id}", "200", "CharacterInfo"),
     ("delete", "/v1/characters/{character_id}", "200", "CharacterDeleted"),
     ("post", "/v1/characters/{character_id}/adapt", "202", "AdaptJobCreated"),

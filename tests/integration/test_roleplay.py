@@ -57,6 +57,21 @@ def test_terminal_chat_streams_and_handles_commands(finetuned, small_world):
     assert text.count(f"{card.name}: ") >= 2
 
 
+def test_terminal_chat_with_a_too_long_card_notes_the_cut_and_answers(finetuned):
+    import dataclasses
+
+    out, _ = finetuned
+    model, _, tokenizer = load_model(out)
+    card = find_character(out, next((out / "characters").glob("*.json")).stem)
+    long_card = dataclasses.replace(card, description="A very long story of the sea. " * 300)
+    lines = iter(["Hello?", "And now?", "/quit"])
+    buffer = io.StringIO()
+    run_terminal_chat(ChatSession(model, tokenizer, long_card), read=lambda prompt: next(lines), out=buffer)
+    text = buffer.getvalue()
+    assert text.count(f"{card.name}: ") >= 2  # both messages answered, not refused
+    assert text.count("(note: the description was cut") == 1  # said once, while the cut stays the same
+
+
 def test_unknown_character_lists_the_known_ones(finetuned):
     out, _ = finetuned
     with pytest.raises(CharacterNotFound, match="known: "):

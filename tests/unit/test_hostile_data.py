@@ -127,3 +127,13 @@ def test_strict_loader_accepts_standard_json_exactly() -> None:
     assert strict_json_loads(_nested(MAX_JSON_DEPTH - 1))  # the limit itself is allowed
     with pytest.raises(JsonError, match="nested more than 64"):
         strict_json_loads(_nested(MAX_JSON_DEPTH + 1))
+
+
+def test_a_json_array_of_chat_rows_is_read_strictly_too(tmp_path: Path) -> None:
+    from personae.data.convert_readers import read_rows
+
+    for name, text in (("deep", "[" + "[" * 100_000 + "]" * 100_000 + "]"), ("nan", '[{"a": NaN}]')):
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        with pytest.raises(DataError, match=f"{name}.json: not a JSON array of rows: "):
+            list(read_rows(path))

@@ -87,6 +87,12 @@ def _eval_adaptation(args: argparse.Namespace) -> None:
                             progress=not args.quiet)
 
 
+def _data_convert(args: argparse.Namespace) -> None:
+    from personae.app.commands import data_convert
+
+    data_convert(Path(args.input), args.source_format, Path(args.out), to=args.to, card=args.card)
+
+
 def _shakespeare_build(args: argparse.Namespace) -> None:
     from personae.app.commands import shakespeare_build
 
@@ -262,6 +268,27 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     adaptation.set_defaults(handler=_eval_adaptation, takes_overrides=False)
 
 
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae data` command line."""
+    from personae.data.convert import READERS, TARGETS
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    conv = data.add_parser("convert", help="convert OpenAI messages, ShareGPT or SillyTavern chats into personae's "
+                                           "dialogues (or any of them out to OpenAI messages JSONL)")
+    conv.add_argument("input", metavar="IN", help="the input file (JSONL or a JSON array; for sillytavern also a "
+                                                  "folder of chat .jsonl files; for personae a dialogues folder)")
+    conv.add_argument("--from", dest="source_format", choices=sorted(READERS), required=True, metavar="FORMAT",
+                      help="the input's format")
+    conv.add_argument("--out", required=True, metavar="OUT",
+                      help="a new folder (--to personae) or a new .jsonl file (--to openai)")
+    conv.add_argument("--to", choices=TARGETS, default="personae", metavar="FORMAT",
+                      help="personae: dialogues.jsonl + characters/ + images/; openai: messages JSONL, images inline")
+    conv.add_argument("--card", type=Path, default=None, metavar="CARD",
+                      help="one character card (JSON or PNG) for every conversation, instead of one card per "
+                           "character name and system text")
+    conv.set_defaults(handler=_data_convert, takes_overrides=False)
+
+
 def _add_shakespeare_parser(sub: argparse._SubParsersAction) -> None:
     """The `personae shakespeare` command line."""
     bard = sub.add_parser("shakespeare", help="the Shakespeare text-only track").add_subparsers(
@@ -322,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report_parser(sub)
     _add_serve_parser(sub)
     _add_eval_parser(sub)
+    _add_data_parser(sub)
     _add_shakespeare_parser(sub)
     _add_demo_parser(sub)
     _add_ablate_parser(sub)

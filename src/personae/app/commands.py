@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from personae.config import Config
+from personae.data.cards import load_card
+from personae.data.convert import ConvertReport, convert
 from personae.data.kinds import open_data
 from personae.data.manifest import read_pairs
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
@@ -115,3 +117,10 @@ def shakespeare_build(out: Path, *, min_speeches: int = 50, heldout: int = 8, ex
     print(f"Shakespeare set in {out}: {counts['characters']} speakers ({counts['heldout']} held out), "
           f"{counts['conversations']} exchanges")
     return counts
+
+
+def data_convert(source: Path, fmt: str, out: Path, *, to: str = "personae", card: Path | None = None) -> ConvertReport:
+    """`personae data convert`: convert, then print the rows kept and refused (and why)."""
+    report = convert(source, fmt, out, to=to, card=load_card(card) if card else None)
+    print(report.summary())
+    return report

@@ -97,6 +97,7 @@ class ChatSession:
         self.user, self.include_examples = user, include_examples
         self.builder = PromptBuilder(tokenizer)
         self.history: list[Turn] = []
+        self.warnings: list[str] = []  # how the last prompt cut the card to fit (Prompt.warnings)
         self.set_image_array(card.avatar if card.avatar is not None else np.asarray(default_avatar(card.name)))
 
     def set_image(self, path: str | Path) -> None:
@@ -119,6 +120,7 @@ class ChatSession:
         budget = self.model.text_budget(self.params.max_new_tokens, with_image=True)
         prompt = self.builder.build(self.card, turns, max_tokens=budget, user=self.user,
                                     include_examples=self.include_examples)
+        self.warnings = prompt.warnings
         reply = ""
         for pieces in stream_batch(self.model, self.tokenizer, [prompt.ids], self.pixels, self.params):
             reply += pieces[0]
@@ -147,10 +149,13 @@ def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, 
                 return
             continue
         out.write(f"{name}: ")
+        shown = session.warnings
         for piece in session.respond(line):
             out.write(piece)
             out.flush()
         out.write("\n")
+        if session.warnings and session.warnings != shown:  # say it when the cut changes, not every message
+            out.write("".join(f"(note: {warning})\n" for warning in session.warnings))
 
 
 def _command(session: ChatSession, line: str, out: TextIO) -> bool:

@@ -40,6 +40,7 @@ from personae.data.card_png import (
 )
 from personae.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
 from personae.data.jsonl import JsonError, check_json_value
+from personae.data.lorebook import LorebookError, parse_lorebook
 from personae.errors import CardError, DataError
 from personae.files import write_bytes_atomic
 
@@ -159,6 +160,10 @@ def _check_fields(values: dict[str, Any], where: Where, prefix: str) -> None:
     if not values["name"].strip():
         raise CardError(f"'{prefix}name' is empty: every card needs a character name", where)
     _check_plain_json(values, where, prefix.rstrip("."))
+    try:  # a lorebook is checked on load so that a bad one fails at upload, not at the first message
+        parse_lorebook(values.get("character_book"), f"{prefix}character_book")
+    except LorebookError as error:
+        raise CardError(error.message, where) from None
 
 
 def _check_plain_json(values: Any, where: Where, at: str) -> None:

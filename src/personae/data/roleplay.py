@@ -23,7 +23,8 @@ class RolePlayDataset(Dataset):
     """One item per conversation: the whole exchange as one sequence, every reply carrying the loss.
 
     `max_tokens` is the text budget (the decoder's positions minus the image prefix); long
-    conversations lose their oldest turns, never the character definition. `variants` replaces some
+    conversations lose their oldest turns, then the card is cut (lorebook, examples, description
+    tail: the rules of `personae.data.prompt`). `variants` replaces some
     conversations (by index) with another (record, card), e.g. a persona swap; a variant whose
     definition does not fit the budget falls back to the plain conversation (`fallbacks` counts them).
     """
@@ -65,6 +66,10 @@ class RolePlayDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        """Tokens of each example's prompt (what `train.group_by_length` sorts by)."""
+        return [len(ids) for ids, _ in self.examples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ids, labels = self.examples[index]

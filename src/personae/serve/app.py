@@ -11,6 +11,7 @@ the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/gui
     POST /v1/characters                     upload a card (raw JSON or PNG body)
     DELETE /v1/characters/{id}              remove an uploaded character
     GET  /v1/characters/{id}/avatar         the card's image as PNG
+    GET  /v1/characters/{id}/card[.png]     export the card: JSON, or the PNG as uploaded
     POST /v1/characters/{id}/adapt          start an adaptation job (501 without an adapt_fn)
     GET  /v1/characters/{id}/adapt[/{job}]  poll it
     GET  /stats                             scheduler counters and the limits
@@ -38,7 +39,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from personae import __version__
 from personae.config import Config
-from personae.data.cards import CardError
+from personae.data.cards import CardError, CharacterCard
+from personae.data.prompt import PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.model import PersonaeModel
@@ -61,6 +63,7 @@ from personae.serve.schemas import (
     CharacterDeleted,
     CharacterInfo,
     CharacterList,
+    CharacterUploaded,
     ChatCompletion,
     ChatCompletionRequest,
     ErrorResponse,
@@ -313,7 +316,7 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
         return _character_info(_entry(context, character_id), context.adapters)
 
     @app.post("/v1/characters", status_code=201, tags=["characters"])
-    async def upload_character(request: Request) -> CharacterInfo:
+    async def upload_character(request: Request) -> CharacterUploaded:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind.startswith("multipart/"):
             raise ApiError(415, "send the card file itself as the body (Content-Type: application/json or "
@@ -329,7 +332,9 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
             raise ApiError(400, f"not a valid character card: {error}", code="invalid_card") from None
         except CharacterExists as error:
             raise ApiError(409, str(error), code="character_exists") from None
-        return _character_info(entry, context.adapters)
+        tokens, budget, warnings = await run_in_threadpool(_card_fit, context, entry.card)
+        return CharacterUploaded(**_character_info(entry, context.adapters).model_dump(), prompt_tokens=tokens,
+                                 prompt_budget=budget, warnings=warnings)
 
     @app.delete("/v1/characters/{character_id}", tags=["characters"])
     async def delete_character(character_id: str) -> CharacterDeleted:
@@ -346,6 +351,31 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
         entry = _entry(context, character_id)
         png = await run_in_threadpool(context.registry.avatar_png, entry)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=300"})
+
+    @app.get("/v1/characters/{character_id}/card", tags=["characters"])
+    async def card_json(character_id: str) -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(context.registry.card_json, _entry(context, character_id)))
+
+    @app.get("/v1/characters/{character_id}/card.png", tags=["characters"])
+    async def card_png(character_id: str) -> Response:
+        entry = _entry(context, character_id)
+        png = await run_in_threadpool(context.registry.card_png, entry)
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": f'attachment; filename="{entry.id}.png"'})
+
+
+def _card_fit(context: ServerContext, card: CharacterCard) -> tuple[int, int, list[str]]:
+    """(uncut prompt tokens around an empty message, the default request's budget, the cuts it would make)."""
+    service, settings = context.completions, context.settings
+    budget = service.model.text_budget(int(settings.default_max_tokens or 64), with_image=True)
+    if settings.max_prompt_tokens is not None:
+        budget = min(budget, settings.max_prompt_tokens)
+    full = service.builder.build(card, [Turn("")], max_tokens=2**31, include_examples=service.include_examples)
+    try:
+        fitted = service.builder.build(card, [Turn("")], max_tokens=budget, include_examples=service.include_examples)
+    except PromptTooLong as error:
+        return len(full.ids), budget, [f"the card cannot be used with the default max_tokens: {error}"]
+    return len(full.ids), budget, fitted.warnings
 
 
 def _adapt_routes(app: FastAPI, context: ServerContext) -> None:

@@ -1,8 +1,9 @@
 """The characters a server knows: trained (RUN/characters), uploaded (RUN/uploads), and their adapters.
 
 * Trained cards come with the fine-tuned run and are read-only here.
-* Uploaded cards (JSON or PNG, validated by :func:`personae.data.cards.load_card`) are written to
-  ``RUN/uploads/<id>.json|png`` so that they survive a restart; DELETE removes the file.
+* Uploaded cards (JSON or PNG, validated by :func:`personae.data.cards.load_card`) are written, byte
+  for byte as uploaded, to ``RUN/uploads/<id>.json|png`` so that they survive a restart and export
+  losslessly (the PNG keeps its transparency and every chunk); DELETE removes the file.
 * A character is *adapted* when ``RUN/adapters/<id>.safetensors`` exists (written by `personae
   adapt` or by an adaptation job); :mod:`personae.serve.adapters` applies it per request.
 
@@ -12,6 +13,8 @@ A character's id is its card file's stem (trained) or a slug of its name (upload
 from __future__ import annotations
 
 import io
+import json
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from personae.data.cards import (
-    MAX_AVATAR_PIXELS,
-    CharacterCard,
-    character_id,
-    default_avatar,
-    load_card,
-    save_card_json,
-    save_card_png,
-)
+from personae.data.cards import MAX_AVATAR_PIXELS, CharacterCard, default_avatar, load_card, save_card_png
+from personae.data.convert import slugify
 from personae.data.images import model_pixels
 from personae.errors import PersonaeError
+from personae.files import write_bytes_atomic
 
 Source = Literal["trained", "uploaded"]
 MODEL_PREFIX = "personae/"
@@ -72,11 +69,6 @@ class CharacterEntry:
     @property
     def created(self) -> int:
         return int(self.path.stat().st_mtime) if self.path.exists() else 0
-
-
-def slugify(name: str) -> str:
-    """A file- and URL-safe id from a character name ("Chef Baptiste!" -> "chef-baptiste"; any script)."""
-    return character_id(name)
 
 
 class CharacterRegistry:
@@ -141,13 +133,8 @@ class CharacterRegistry:
                 where = self._entries[entry_id].source
                 raise CharacterExists(f"a {where} character with id '{entry_id}' already exists; "
                                       f"delete it first or rename the card")
-            self.upload_dir.mkdir(parents=True, exist_ok=True)
-            if card.avatar is not None:
-                path = self.upload_dir / f"{entry_id}.png"
-                save_card_png(card, path)
-            else:
-                path = self.upload_dir / f"{entry_id}.json"
-                save_card_json(card, path)
+            path = self.upload_dir / f"{entry_id}{'.png' if card.avatar is not None else '.json'}"
+            write_bytes_atomic(path, raw)  # the upload itself, validated: what an export gives back
             entry = CharacterEntry(entry_id, card, path, "uploaded", self.adapter_dir / f"{entry_id}.safetensors")
             self._entries[entry_id] = entry
             return entry
@@ -163,6 +150,21 @@ class CharacterRegistry:
             del self._entries[entry.id]
             self._pixels.pop(entry.id, None)
             return entry
+
+    def card_json(self, entry: CharacterEntry) -> dict:
+        """The card as JSON: a JSON card file as it is, a PNG card's card JSON (V3 when it has one)."""
+        if entry.path.suffix.lower() == ".json":
+            return json.loads(entry.path.read_bytes().decode("utf-8-sig"))
+        return entry.card.to_json()
+
+    def card_png(self, entry: CharacterEntry) -> bytes:
+        """The card as PNG: a PNG card file byte for byte, else a PNG of the card on its generated avatar."""
+        if entry.path.suffix.lower() == ".png":
+            return entry.path.read_bytes()
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "card.png"
+            save_card_png(entry.card, path)
+            return path.read_bytes()
 
     def avatar(self, entry: CharacterEntry, size: int = 256) -> Image.Image:
         """The card's own image, else a generated one."""

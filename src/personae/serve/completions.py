@@ -5,7 +5,8 @@ How a request is read:
 * **character**: the `character` field (an id or name), else `model` (`personae/<id>`, an id, or a
   card name). When neither names a known character but the request has a system message, the
   system text defines an ad-hoc character (named after an assistant message's `name`, else
-  "Assistant"). With a known character, system messages replace the card's `system_prompt`.
+  "Assistant"). With a known character, system messages replace the card's `system_prompt`, or its
+  whole definition when they already carry its description (`data.prompt.client_system_card`).
 * **conversation**: user and assistant messages become the prompt's turns (consecutive messages
   of one role are joined; an assistant message before any user message is a greeting); the last
   message must be the user's. Old turns are dropped when the prompt does not fit.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 import re
 import threading
@@ -32,7 +32,7 @@ import torch
 from personae import __version__
 from personae.data.cards import CharacterCard, default_avatar
 from personae.data.images import model_pixels
-from personae.data.prompt import PromptBuilder, PromptTooLong, Turn
+from personae.data.prompt import PromptBuilder, PromptTooLong, Turn, client_system_card
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.generation import Generation, SamplingParams
@@ -69,6 +69,7 @@ class PreparedRequest:
     dropped_turns: int
     stream: bool
     include_usage: bool
+    warnings: tuple[str, ...] = ()  # how the card was cut to fit (Prompt.warnings)
 
 
 class CompletionService:
@@ -105,12 +106,13 @@ class CompletionService:
                                 top_p=request.top_p, repetition_penalty=request.repetition_penalty, stop=stop,
                                 max_repeats=request.max_repeats,
                                 seed=request.seed)
-        head = prompt.segments["definition"] + prompt.segments["examples"]  # the same for every request to the card
+        # the same for every request to the card with the same lore entries active: cached by its tokens
+        head = prompt.segments["definition"] + prompt.segments["examples"]
         job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,
                             stream=request.stream, adapter=adapter)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
-                               prompt.dropped_turns, request.stream, include_usage)
+                               prompt.dropped_turns, request.stream, include_usage, tuple(prompt.warnings))
 
     def _check_options(self, request: ChatCompletionRequest) -> None:
         s = self.settings
@@ -152,7 +154,7 @@ class CompletionService:
         if entry is not None:
             card = entry.card
             if conversation.system:
-                card = dataclasses.replace(card, system_prompt=conversation.system)
+                card = client_system_card(card, conversation.system)
             adapter = self.adapters.key(entry.id) if self.adapters is not None else None
             return card, entry.model, self.registry.pixels(entry), adapter
         if named and (param == "character" or not conversation.system):
@@ -278,7 +280,8 @@ def completion_body(prepared: PreparedRequest, generations: list[Generation], ci
     choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
                 "logprobs": None} for i, g in enumerate(generations)]
     return {"id": cid, "object": "chat.completion", "created": created, "model": prepared.model,
-            "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(prepared, generations)}
+            "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(prepared, generations),
+            "warnings": list(prepared.warnings)}
 
 
 def _chunk(cid: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -293,7 +296,7 @@ async def stream_chunks(handle: RequestHandle, prepared: PreparedRequest) -> Asy
     try:
         roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                  for i in range(handle.job.n)]
-        yield _chunk(cid, created, model, roles)
+        yield _chunk(cid, created, model, roles, **({"warnings": list(prepared.warnings)} if prepared.warnings else {}))
         while True:
             event = await handle.next_event()
             if isinstance(event, Piece):

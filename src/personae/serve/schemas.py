@@ -122,6 +122,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str
     choices: list[Choice]
     usage: Usage
+    warnings: list[str] = Field(default_factory=list, description="personae's: how the card was cut to fit")
 
 
 class ModelInfo(BaseModel):
@@ -157,6 +158,14 @@ class CharacterInfo(BaseModel):
     greeting: str
     avatar_url: str
     tags: list[str]
+
+
+class CharacterUploaded(CharacterInfo):
+    """The answer to an upload: the character, and how its card fits the model's prompt budget."""
+
+    prompt_tokens: int = Field(description="tokens of the card's whole prompt around an empty message, uncut")
+    prompt_budget: int = Field(description="the prompt tokens a request with the default max_tokens may use")
+    warnings: list[str] = Field(description="how the card will be cut to fit (lorebook, examples, description)")
 
 
 class CharacterList(BaseModel):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from personae.config import Config, TrainCfg
+from personae.config import Config, ConfigError, TrainCfg
 from personae.data.tokenizer import Tokenizer
 from personae.models.io import MODEL_FILE, load_tensors, require_file
 from personae.models.model import PersonaeModel
@@ -61,26 +61,49 @@ class StepBatchSampler:
 
     Every process draws the same global batch of batch_size * world_size indices and keeps its
     own slice, so a resumed run (start > 0) sees exactly the batches it would have seen.
+
+    With `lengths` and `group` > 0, each run of `group` global batches of the permutation is sorted
+    by length before it is cut into batches, and those batches are shuffled among themselves: the
+    epoch holds the same examples, and a batch pads to a length near its rows' own (less work on
+    padding for variable-length conversations).
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, lengths: Sequence[int] | None = None, group: int = 0) -> None:
         self.global_batch = batch_size * world_size
         if size < self.global_batch:
             raise ValueError(f"the data set has {size} examples, fewer than one global batch ({self.global_batch})")
+        if group and (lengths is None or len(lengths) != size):
+            raise ValueError(f"grouping batches by length needs one length per example ({size}), "
+                             f"got {None if lengths is None else len(lengths)}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start, self.stop, self.rank = start, stop, rank
         self.per_epoch = size // self.global_batch
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self.lengths = torch.as_tensor(lengths) if group else None
+        self.group = group
+        self._order_epoch, self._order = -1, torch.empty(0, 0, dtype=torch.long)
+
+    def _epoch_batches(self, epoch: int) -> torch.Tensor:
+        """(per_epoch, global_batch) indices of an epoch's global batches, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        perm = torch.randperm(self.size, generator=generator)[: self.per_epoch * self.global_batch]
+        batches = perm.view(self.per_epoch, self.global_batch)
+        if not self.group:
+            return batches
+        grouped = []
+        for first in range(0, self.per_epoch, self.group):
+            run = batches[first : first + self.group].flatten()
+            run = run[torch.argsort(self.lengths[run], descending=True, stable=True)].view(-1, self.global_batch)
+            grouped.append(run[torch.randperm(len(run), generator=generator)])
+        return torch.cat(grouped)
 
     def indices(self, micro_step: int) -> list[int]:
         """The indices this process uses at a given micro-step."""
         epoch, position = divmod(micro_step, self.per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            self._perm_epoch = epoch
-        first = position * self.global_batch + self.rank * self.batch_size
-        return self._perm[first : first + self.batch_size].tolist()
+        if epoch != self._order_epoch:
+            self._order, self._order_epoch = self._epoch_batches(epoch), epoch
+        first = self.rank * self.batch_size
+        return self._order[position, first : first + self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         for micro_step in range(self.start, self.stop):
@@ -193,8 +216,13 @@ class Trainer:
         """The batches of micro-steps start..stop-1: from batch_fn, or the dataset's deterministic sampler."""
         if self.batch_fn is not None:
             return (self.batch_fn(micro_step) for micro_step in range(start, stop))
+        group = self.cfg.group_by_length
+        if group and not callable(getattr(self.dataset, "lengths", None)):
+            raise ConfigError(f"{self.stage}: group_by_length={group} needs a data set that knows its examples' "
+                              f"lengths ({type(self.dataset).__name__} does not); set it to 0")
+        lengths = self.dataset.lengths() if group else None
         sampler = StepBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, start, stop,
-                                   self.dist.rank, self.dist.world_size)
+                                   self.dist.rank, self.dist.world_size, lengths, group)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.cfg.num_workers))
 

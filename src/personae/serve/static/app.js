@@ -130,7 +130,8 @@ async function uploadCard(file) {
     const character = await (await api("/v1/characters", {
       method: "POST", body: file, headers: { "Content-Type": type },
     })).json();
-    setStatus("sidebar-status", "added " + character.name);
+    const cut = (character.warnings || []).join("; ");  // a card too long for the model is cut, not refused
+    setStatus("sidebar-status", "added " + character.name + (cut ? " (" + cut + ")" : ""));
     await loadCharacters(character.id);
   } catch (error) {
     setStatus("sidebar-status", error.message, true);
@@ -239,6 +240,7 @@ async function reply() {
   const message = { role: "assistant", text: "", image: null };
   const item = addMessage(message, "streaming");
   const textEl = item.querySelector(".text");
+  let warnings = [];
   setBusy(true);
   state.abort = new AbortController();
   try {
@@ -248,7 +250,8 @@ async function reply() {
       body: JSON.stringify(requestBody()),
       signal: state.abort.signal,
     });
-    await readStream(response, (piece) => { message.text += piece; textEl.textContent = message.text; });
+    await readStream(response, (piece) => { message.text += piece; textEl.textContent = message.text; },
+      (cuts) => { warnings = cuts; });
     item.dataset.state = "done";
     addRegenerate(item);
   } catch (error) {
@@ -258,6 +261,7 @@ async function reply() {
   } finally {
     state.abort = null;
     setBusy(false);
+    if (warnings.length) setStatus("chat-status", "note: " + warnings.join("; "));
   }
 }
 
@@ -276,7 +280,7 @@ function requestBody() {
 }
 
 // Server-sent events: lines of "data: {json}" separated by blank lines, ending with "data: [DONE]".
-async function readStream(response, onPiece) {
+async function readStream(response, onPiece, onWarnings) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -293,6 +297,7 @@ async function readStream(response, onPiece) {
       if (data === "[DONE]") return;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.warnings && onWarnings) onWarnings(chunk.warnings);  // how the card was cut to fit
       for (const choice of chunk.choices) {
         if (choice.delta && choice.delta.content) onPiece(choice.delta.content);
       }
