@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from personae.data.cards import CardError, CharacterCard, character_id, load_card, save_card_json
+from personae.data.convert_readers import read_rows
 from personae.data.dialogues import read_dialogues
 from personae.data.jsonl import MAX_JSON_DEPTH, JsonError, numbered_lines, strict_json_loads
 from personae.data.manifest import read_pairs
@@ -130,8 +131,6 @@ def test_strict_loader_accepts_standard_json_exactly() -> None:
 
 
 def test_a_json_array_of_chat_rows_is_read_strictly_too(tmp_path: Path) -> None:
-    from personae.data.convert_readers import read_rows
-
     for name, text in (("deep", "[" + "[" * 100_000 + "]" * 100_000 + "]"), ("nan", '[{"a": NaN}]')):
         path = tmp_path / f"{name}.json"
         path.write_text(text)
