@@ -88,6 +88,10 @@ def test_exists_accuracy() -> None:
     assert response_accuracy("Yep, a car.", is_car, SCENE) == 1.0
     assert response_accuracy("I spy a car.", is_car, SCENE) == 1.0  # no yes/no: the mention counts
     assert response_accuracy("No car here.", is_car, SCENE) == 0.0
+    assert response_accuracy("I spy no cats, matey.", is_cat, SCENE) == 1.0  # a counted "no cats" answers
+    # neither a yes/no word nor a counted mention: no answer, wrong whether the object is there or not
+    assert response_accuracy("Ahoy, matey! I spy a sight on the beach.", is_cat, SCENE) == 0.0
+    assert response_accuracy("Ahoy, matey! I spy a sight on the beach.", is_car, SCENE) == 0.0
     assert parse_yes_no("Hmm. Well, yes.") is True and parse_yes_no("Maybe.") is None
 
 
