@@ -189,7 +189,7 @@ def _grounding_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
     if not result:
         return None
     return {"loss": result["loss"].get("by_kind") or {"all tokens": result["loss"]["all"]},
-            "attention": result["attention"]["all tokens"]}
+            "attention": result["attention"].get("all tokens") or {}}
 
 
 def _grounding_lines(grounding: dict[str, Any]) -> list[str]:

@@ -164,7 +164,8 @@ class _Totals:
 @torch.no_grad()
 def _score_batch(model: PersonaeModel, items: Sequence[ScoredTokens], pixels: dict[str, torch.Tensor],
                  pad_id: int, totals: _Totals) -> None:
-    """The three passes over one batch: reply-token losses for every image, attention for the true one."""
+    """The three passes over one batch: reply-token losses for every image, attention for the true one
+    (when the decoder can give its weights: ``forward_with_attention``)."""
     decoder = model.require_decoder()
     device = next(model.parameters()).device
     ids, _ = pad_ids([torch.tensor(item.ids) for item in items], pad_id)
@@ -174,15 +175,18 @@ def _score_batch(model: PersonaeModel, items: Sequence[ScoredTokens], pixels: di
     where = chosen.nonzero().tolist()
     kinds = [items[b].kinds[t + 1] for b, t in where]
     types = [items[b].types[t + 1] for b, t in where]
+    prefix, weights = model.image_prefix_length(), None
     for image in IMAGES:
-        embeddings = decoder.embed(ids, model.image_prefix(pixels[image].to(device)))
-        prefix = embeddings.shape[1] - ids.shape[1]
-        if image == IMAGES[0]:
-            hidden, weights = decoder.forward_with_attention(embeddings)
+        images = pixels[image].to(device)
+        if image == IMAGES[0] and hasattr(decoder, "forward_with_attention"):
+            hidden, weights = decoder.forward_with_attention(model.embed_prompt(ids, images))
+            hidden = hidden[:, prefix:]
         else:
-            hidden = decoder(embeddings)
-        logits = model.lm_head(hidden[:, prefix:][:, :-1][chosen])
+            hidden = model.lm_hidden(images, ids)
+        logits = model.lm_head(hidden[:, :-1][chosen])
         totals.add_loss(image, F.cross_entropy(logits, targets[chosen], reduction="none"), types, kinds)
+    if weights is None:
+        return
     onto_prefix = torch.stack([w[..., :prefix].sum(-1) for w in weights], dim=1)  # (B, L, H, T_full)
     for (b, t), kind in zip(where, kinds):
         query = prefix + t  # the full-sequence position whose output predicts the reply token
@@ -208,8 +212,8 @@ def _summary(totals: _Totals, kinds: Sequence[str]) -> dict[str, Any]:
         loss["by_kind"] = {kind: _loss_row(totals, [k for k in keys if k[1] == kind]) for kind in kinds}
         loss["by_type_and_kind"] = {qtype: {kind: _loss_row(totals, [(qtype, kind)]) for kind in kinds
                                             if totals.count.get((qtype, kind))} for qtype in types}
-    groups = {ALL: list(totals.queries), **{kind: [kind] for kind in kinds}}
-    attention = {}
+    groups = {ALL: list(totals.queries), **{kind: [kind] for kind in kinds}} if totals.queries else {}
+    attention = {}  # empty when the decoder gives no attention weights
     for name, members in groups.items():
         n = sum(totals.queries.get(m, 0) for m in members)
         mass = torch.stack([totals.mass[m] for m in members if m in totals.mass]).sum(0) if n else None
@@ -268,12 +272,14 @@ def format_grounding_table(result: dict[str, Any]) -> str:
     loss = result["loss"]
     lines = [f"reply-token loss (nats) on {result['conversations']} {result['split']} conversations",
              f"{'':<16}{'tokens':>8}" + "".join(f"{image:>9}" for image in IMAGES)]
-    rows = [(ALL, loss["all"])] + list(loss.get("by_kind", {}).items()) + \
-        [(f"type {qtype}", row) for qtype, row in loss["by_type"].items()]
+    rows = [(ALL, loss["all"]), *loss.get("by_kind", {}).items(),
+            *((f"type {qtype}", row) for qtype, row in loss["by_type"].items())]
     for name, row in rows:
         lines.append(f"{name:<16}{row['n']:>8}" + "".join(_cell(row[image]) for image in IMAGES))
-    lines += ["", f"attention on the {result['prefix_positions']} image positions from answer positions "
-              "(true image)", f"{'':<16}{'tokens':>8}{'mean':>9}{'top head':>9}{'uniform':>9}"]
+    if not result["attention"]:
+        return "\n".join([*lines, "", "attention: this decoder gives no attention weights"])
+    title = f"attention on the {result['prefix_positions']} image positions from answer positions (true image)"
+    lines += ["", title, f"{'':<16}{'tokens':>8}{'mean':>9}{'top head':>9}{'uniform':>9}"]
     for name, row in result["attention"].items():
         heads = [h for layer in (row["mass"] or []) for h in layer]
         mean, top = (sum(heads) / len(heads), max(heads)) if heads else (None, None)
@@ -283,8 +289,8 @@ def format_grounding_table(result: dict[str, Any]) -> str:
 
 def worth_line(result: dict[str, Any], kind: str = "object names") -> str:
     """One summary line: KIND's loss with the true / shuffled / blank image (all tokens if KIND is absent)."""
-    name, row = (kind, result["loss"]["by_kind"][kind]) if kind in result["loss"].get("by_kind", {}) \
-        else (ALL, result["loss"]["all"])
+    by_kind = result["loss"].get("by_kind", {})
+    name, row = (kind, by_kind[kind]) if kind in by_kind else (ALL, result["loss"]["all"])
     values = " / ".join(f"{row[image]:.2f}" if row[image] is not None else "-" for image in IMAGES)
     return f"image worth: {name} {values} nats (true / shuffled / blank)"
 
