@@ -180,3 +180,14 @@ def test_every_reference_reply_of_a_built_world_scores_one(small_world):
         assert not wrong, wrong[:3]
         overall = scorer.aggregate(rows)["overall"]
         assert all(overall[metric] == 1.0 for metric in scorer.metrics), overall
+
+
+def test_a_plain_folder_gets_the_question_types_and_all_tokens(finetuned, small_world, tmp_path):
+    for name in ("dialogues.jsonl", "characters", "images"):  # the world's files without its world.json marker
+        (tmp_path / name).symlink_to(small_world / name)
+    _, model, tokenizer = finetuned
+    result = evaluate_grounding(model, tokenizer, tmp_path, limit=3, progress=False)
+    assert result["kinds"] == [] and "by_kind" not in result["loss"] and set(result["attention"]) == {"all tokens"}
+    assert result["loss"]["all"]["n"] == sum(row["n"] for row in result["loss"]["by_type"].values()) > 0
+    assert "object names" not in format_grounding_table(result)
+    assert worth_line(result).startswith("image worth: all tokens ")
