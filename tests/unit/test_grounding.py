@@ -10,6 +10,7 @@ import torch
 from personae.config import DecoderCfg
 from personae.data.dialogues import read_dialogues
 from personae.data.kinds import open_data
+from personae.errors import DataError
 from personae.eval.grounding import (
     IMAGES,
     OTHER,
@@ -102,6 +103,9 @@ def test_shuffled_images_never_give_a_conversation_its_own_scene(small_world):
     shuffle = shuffled_images(records, seed=0)
     assert all(records[j].scene_id != r.scene_id for r, j in zip(records, shuffle))
     assert shuffle == shuffled_images(records, seed=0) and shuffle != shuffled_images(records, seed=1)
+    one_scene = [r for r in records if r.scene_id == records[0].scene_id]
+    with pytest.raises(DataError, match="at least two scenes; raise --limit"):
+        shuffled_images(one_scene, seed=0)
 
 
 @pytest.fixture(scope="module")
