@@ -12,9 +12,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from personae.config import DECODER_KINDS, Config, DecoderCfg, FinetuneCfg, ModelCfg, choices_of
 from personae.data.cards import CharacterCard
-from personae.data.hf_tokenizer import HFChatTokenizer, card_messages
+from personae.data.dialogues import DialogueRecord, DialogueTurn
+from personae.data.hf_tokenizer import ChatTemplateBuilder, HFChatTokenizer, card_messages, prompt_builder
 from personae.data.labels import IGNORE_INDEX
-from personae.data.prompt import Turn
+from personae.data.prompt import PromptTooLong, Turn
+from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.errors import DataError
 from personae.models.generation import DecodeBatch, RowRequest, SamplingParams, generate
 from personae.models.model import DECODERS, PersonaeModel
@@ -181,22 +183,36 @@ def test_rows_joining_mid_decode_share_a_cached_head_and_equal_lone_rows(folder)
     assert not model.supports_shared_heads
 
 
-def test_a_fine_tune_step_lowers_the_reply_loss(folder):
+def test_a_fine_tune_step_on_the_role_play_data_set_lowers_the_reply_loss(folder):
     model, tok = _model(folder), HFChatTokenizer(folder)
-    examples = [tok.example(card_messages(CARD, TURNS[:2])), tok.example(card_messages(CARD, TURNS[1:2]))]
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.tensor([i + [tok.pad_id] * (width - len(i)) for i, _ in examples])
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in examples])
+    records = [DialogueRecord("c1", "ann", (DialogueTurn("hello", "hi there"), DialogueTurn("how is the sea", "blue"))),
+               DialogueRecord("c2", "ann", (DialogueTurn("why", "the sea is blue"),))]
+    data = RolePlayDataset(records, {"ann": CARD}, tok, image_size=32, max_tokens=200, progress=False)
+    assert data.examples[1] == tok.example(card_messages(CARD, [Turn("why", "the sea is blue")]))
+    batch = collate_roleplay([data[0], data[1]], tok.pad_id)
     task = RolePlayTask(model.train(), FinetuneCfg())
     optimiser = torch.optim.AdamW(model.decoder.parameters(), lr=1e-2)
     losses = []
     for _ in range(10):
-        loss = task({"input_ids": ids, "labels": labels})["loss"]
+        loss = task(batch)["loss"]
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_the_chat_template_builder_drops_the_oldest_turns_to_fit(tmp_path):
+    _tokenizer("qwen2").save_pretrained(tmp_path)
+    tok = HFChatTokenizer(tmp_path)
+    builder = prompt_builder(tok)
+    assert isinstance(builder, ChatTemplateBuilder)
+    whole = builder.build(CARD, TURNS, max_tokens=1000)
+    assert whole.ids == _prompt(tok) and set(whole.labels) == {IGNORE_INDEX} and whole.dropped_turns == 0
+    cut = builder.build(CARD, TURNS, max_tokens=len(whole.ids) - 1)
+    assert cut.dropped_turns == 1 and cut.ids == _prompt(tok, TURNS[1:])
+    with pytest.raises(PromptTooLong):
+        builder.build(CARD, TURNS, max_tokens=len(_prompt(tok, TURNS[2:])) - 1)
 
 
 def _labelled(tok: HFChatTokenizer, messages) -> list[tuple[str, bool]]:

@@ -13,6 +13,13 @@ token carry the loss, the whitespace the template puts after the turn does not. 
 tokenized on its own, so the prompt of a reply is tokenized exactly as at generation time.
 ``eos_id`` is the template's end-of-turn token (e.g. ``<|eot_id|>``, ``<|im_end|>``), the token
 a reply ends with.
+
+:class:`ChatTemplateBuilder` has :class:`~personae.data.prompt.PromptBuilder`'s ``build`` and
+returns the same :class:`~personae.data.prompt.Prompt`; :func:`prompt_builder` picks the one that
+fits a tokenizer. The card's example dialogues go into the system message; when a prompt is over
+budget the oldest turns go first, and when the card and the latest message alone are over it the
+prompt is refused (``PromptTooLong``). Lorebooks and the description cut apply to personae's own
+template only.
 """
 
 from __future__ import annotations
@@ -21,22 +28,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from personae.data.cards import CharacterCard
 from personae.data.labels import IGNORE_INDEX
-from personae.data.prompt import Turn, definition_text
+from personae.data.prompt import Prompt, PromptBuilder, PromptTooLong, Turn, definition_text
+from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 
-__all__ = ["HFChatTokenizer", "card_messages"]
+__all__ = ["ChatTemplateBuilder", "HFChatTokenizer", "card_messages", "prompt_builder"]
 
 Message = dict[str, str]
 
 
-def card_messages(card: CharacterCard, turns: Sequence[Turn], user: str = "User") -> list[Message]:
-    """Chat messages of a card and conversation: the card as the system message, then the turns."""
+def card_messages(card: CharacterCard, turns: Sequence[Turn], user: str = "User",
+                  include_examples: bool = False) -> list[Message]:
+    """Chat messages of a card and conversation: the card (and its examples) as the system message, then the turns."""
     system, definition = definition_text(card, user)
-    messages = [{"role": "system", "content": f"{system}\n\n{definition}"}]
+    text = f"{system}\n\n{definition}"
+    if include_examples:
+        name = card.nickname or card.name
+        for dialogue in card.example_dialogues(user):
+            lines = [f"{name if who == 'char' else user}: {said}" for who, said in dialogue]
+            text += "\n\nExample dialogue:\n" + "\n".join(lines)
+    messages = [{"role": "system", "content": text}]
     for turn in turns:
         messages.append({"role": "user", "content": turn.user})
         if turn.reply is not None:
@@ -52,6 +66,8 @@ class HFChatTokenizer:
         if not (self.folder / "tokenizer_config.json").is_file():
             raise DataError("no tokenizer_config.json in the Hugging Face model folder: the decoder's "
                             "tokenizer (with its chat template) must be saved beside the model", self.folder)
+        from transformers import AutoTokenizer  # here, not at the top: transformers is the extra personae[hf]
+
         self.hf = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         if not getattr(self.hf, "chat_template", None):
             raise DataError("the tokenizer has no chat template (chat_template in tokenizer_config.json or "
@@ -117,3 +133,34 @@ class HFChatTokenizer:
             raise DataError("the tokenizer has neither an end-of-turn special token after an assistant reply "
                             "nor an eos_token", self.folder)
         return int(self.hf.eos_token_id)
+
+
+class ChatTemplateBuilder:
+    """Prompts from an LM's chat template with PromptBuilder's interface; see the module docstring."""
+
+    def __init__(self, tokenizer: HFChatTokenizer) -> None:
+        self.tok = tokenizer
+
+    def build(self, card: CharacterCard, turns: list[Turn], *, max_tokens: int, user: str = "User",
+              include_examples: bool = True) -> Prompt:
+        """Assemble `turns` (the last one's reply None when generating) into at most max_tokens ids."""
+        if not turns:
+            raise ValueError("a prompt needs at least one turn")
+        if any(t.reply is None for t in turns[:-1]):
+            raise ValueError("only the last turn may lack a reply")
+        for dropped in range(len(turns)):
+            messages = card_messages(card, turns[dropped:], user, include_examples)
+            if turns[-1].reply is None:
+                ids = self.tok.prompt_ids(messages)
+                labels = [IGNORE_INDEX] * len(ids)
+            else:
+                ids, labels = self.tok.example(messages)
+            if len(ids) <= max_tokens:
+                return Prompt(ids, labels, dropped_turns=dropped)
+        raise PromptTooLong(f"the card and the latest message take {len(ids)} tokens of the chat template; "
+                            f"the budget is {max_tokens}")
+
+
+def prompt_builder(tokenizer: Tokenizer | HFChatTokenizer) -> PromptBuilder | ChatTemplateBuilder:
+    """The prompt builder of a tokenizer: the LM's chat template for a Hugging Face one, else personae's."""
+    return ChatTemplateBuilder(tokenizer) if isinstance(tokenizer, HFChatTokenizer) else PromptBuilder(tokenizer)
