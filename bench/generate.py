@@ -17,6 +17,7 @@ batching, models/hf.py) against ``generate()`` with a padded batch.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -62,7 +63,8 @@ def build_hf_models(preset: str, folder: str | None, hidden: int, layers: int, v
     """personae's model around an HF causal LM (a random Llama written to a temporary folder unless given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if folder is None:
+    made = folder is None
+    if made:
         folder = tempfile.mkdtemp(prefix="bench-llama-")
         heads = max(1, hidden // 64)
         config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
@@ -72,6 +74,8 @@ def build_hf_models(preset: str, folder: str | None, hidden: int, layers: int, v
     cfg = load_preset(preset).model
     cfg.decoder = DecoderCfg(enabled=True, kind="hf", path=folder, max_len=max_len)
     ours = PersonaeModel(cfg).eval()
+    if made:  # the weights are loaded: the half-gigabyte folder can go
+        shutil.rmtree(folder)
     theirs = ours.decoder.lm
     note(f"hf decoder {folder}: {sum(p.numel() for p in theirs.parameters()) / 1e6:.0f} M parameters")
     return ours, theirs

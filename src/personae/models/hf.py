@@ -9,8 +9,8 @@ into the LM's hidden size and are placed as embeddings before the prompt.
 The engine's cache reaches the LM through :class:`EngineCache`, a ``transformers.Cache`` whose
 layers write each new key/value slice into the engine's pre-allocated per-layer tensors in place
 and return the filled slice, so join / leave / compaction / the prefix cache need no change. The
-mask is always an explicit 4-D additive mask over the cache slots (causal, padding gaps masked),
-and positions are the engine's per-row positions. Rows never attend to a shared prompt head stored
+mask is an explicit 4-D additive mask over the cache slots (causal, padding gaps masked; none
+for a decode step of rows without gaps, where HF's own causal mask is all-ones), and positions are the engine's per-row positions. Rows never attend to a shared prompt head stored
 once (``supports_shared_heads`` is off): each row holds its own copy of a cached card.
 
 Nothing is downloaded: a folder without ``config.json``, or whose architecture is not a causal LM,
@@ -154,8 +154,8 @@ class HFDecoder(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds model.decoder.max_len={self.cfg.max_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=embeddings.device).expand(B, T)
-        mask = None
-        if cache is not None or attention_mask is not None:
+        mask = None  # one new token per row and no gaps: it attends to every slot, and HF needs no mask
+        if attention_mask is not None or (cache is not None and T > 1):
             mask = _additive_mask(B, T, start, attention_mask, embeddings.device, embeddings.dtype)
         out = self.lm.base_model(inputs_embeds=embeddings, attention_mask=mask, position_ids=positions,
                                  cache=EngineCache(cache) if cache is not None else None,
