@@ -152,6 +152,31 @@ def test_batched_rows_with_images_equal_lone_rows_and_hf_on_the_embeddings(folde
     assert alone[1] == (theirs[: theirs.index(tok.eos_id)] if tok.eos_id in theirs else theirs)
 
 
+def test_seeded_sampling_with_every_option_is_the_same_alone_or_batched(folder):
+    model, tok = _model(folder), HFChatTokenizer(folder)
+    prompts = [_prompt(tok), _prompt(tok, TURNS[2:])]
+    options = {"max_new_tokens": 12, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2,
+               "max_repeats": 2}
+    batched = [g.token_ids for g in generate(model, tok, prompts, None, SamplingParams(**options, seed=5))]
+    alone = [generate(model, tok, [p], None, SamplingParams(**options, seed=5 + i))[0].token_ids
+             for i, p in enumerate(prompts)]
+    assert batched == alone and batched[0] != generate(model, tok, prompts[:1], None,
+                                                       SamplingParams(**options, seed=6))[0].token_ids
+
+
+def test_a_saved_state_dict_loads_into_a_fresh_model_with_the_same_logits(folder):
+    model = _model(folder)
+    with torch.no_grad():
+        model.decoder.image_proj[0].weight.add_(1.0)  # trained parts differ from a fresh build
+        next(model.decoder.lm.parameters()).add_(0.5)
+        ids, pixels = torch.tensor([[3, 4, 5, 6]]), torch.randn(1, 3, 32, 32)
+        before = model.lm_logits(pixels, ids)
+        fresh = _model(folder)
+        assert not torch.allclose(fresh.lm_logits(pixels, ids), before)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh.lm_logits(pixels, ids), before)
+
+
 def test_rows_joining_mid_decode_share_a_cached_head_and_equal_lone_rows(folder):
     """Continuous batching: padding gaps, the prefix cache (a copied head) and compaction at max_positions."""
     tok = HFChatTokenizer(folder)
