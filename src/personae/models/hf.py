@@ -37,7 +37,11 @@ __all__ = ["EngineCache", "HFDecoder", "load_causal_lm"]
 
 
 def load_causal_lm(path: str | Path) -> PreTrainedModel:
-    """The causal LM saved in local folder `path` (float32, SDPA attention); never downloads."""
+    """The causal LM saved in local folder `path`; never downloads.
+
+    Loaded in float32 (the rest of personae trains in float32; bf16 is autocast) with SDPA attention,
+    which takes the engine's explicit 4-D masks.
+    """
     folder = Path(path)
     config_file = folder / "config.json"
     if not str(path):

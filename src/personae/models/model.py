@@ -40,6 +40,7 @@ def _hf_decoder(cfg: DecoderCfg, vocab_size: int, image_width: int, dropout: flo
 
 # model.decoder.kind -> builder(cfg, vocab_size, image_width, dropout); keys = config.DECODER_KINDS
 DECODERS = {"own": _own_decoder, "hf": _hf_decoder}
+PRETRAINED_DECODERS = frozenset({"hf"})  # kinds whose weights come from a folder (not re-initialised here)
 
 
 @dataclass
@@ -85,12 +86,13 @@ class PersonaeModel(nn.Module):
         self.itm_head = nn.Linear(width, 2)
         self.mlm_head = MLMHead(width, cfg.text.vocab_size)
         self.decoder = None
-        pretrained = cfg.decoder.enabled and cfg.decoder.kind == "hf"
+        build = DECODERS[cfg.decoder.kind]
+        pretrained = cfg.decoder.kind in PRETRAINED_DECODERS  # added after the init: its weights are the folder's
         if cfg.decoder.enabled and not pretrained:
-            self.decoder = DECODERS[cfg.decoder.kind](cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
+            self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
-        if pretrained:  # added after the init: its weights are the folder's
-            self.decoder = DECODERS[cfg.decoder.kind](cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
+        if cfg.decoder.enabled and pretrained:
+            self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(min(math.log(1.0 / cfg.init_temperature), MAX_LOGIT_SCALE)))
         if cfg.lora_rank > 0:  # a run that carries LoRA (meta-trained) is rebuilt with it before loading
             if self.decoder is None:
