@@ -291,6 +291,8 @@ def test_reply_labels_cover_the_assistant_spans_qwen2_style(tmp_path):
 
 
 def test_bad_folders_name_the_folder_and_what_is_missing(tmp_path):
+    with pytest.raises(DataError, match="model.decoder.path is empty"):
+        _model("")
     with pytest.raises(DataError, match="no config.json") as error:
         _model(tmp_path)
     assert str(tmp_path) in str(error.value)
