@@ -28,6 +28,7 @@ INNER_PARAMS = ("auto", "all", "head", "lora")  # auto: the algorithm's own (lor
 INNER_OPTIMIZERS = ("sgd", "adam")
 VMAP_MODES = ("auto", "on", "off")
 RANDOMNESS_MODES = ("different", "same", "error")
+DECODER_KINDS = ("own", "hf")  # own: personae's decoder; hf: a local Hugging Face causal LM folder (models/hf.py)
 
 # Keys that older runs' config.json may hold and that nothing reads any more: load_config drops
 # them with a note (only while the schema has no field of that name); anywhere else they are unknown.
@@ -84,6 +85,10 @@ class DecoderCfg:
     """Causal decoder for role-play replies; the image regions are a prefix before the prompt (LLaVA-style)."""
 
     enabled: bool = False  # build the decoder (the role-play stage turns it on)
+    kind: str = choice("own", DECODER_KINDS)  # own: trained from scratch here; hf: the causal LM in `path`
+    # hf only: a local folder with config.json, the weights and a tokenizer with a chat template
+    # (never downloaded); the width / depth / heads / mlp_ratio / shift keys are then the folder's own
+    path: str = ""
     image_pool: int = 1  # average-pool the patch grid by this factor before the prefix (fewer positions)
     width: int = 128  # feature size of the decoder
     depth: int = 2  # transformer blocks

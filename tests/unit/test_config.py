@@ -68,7 +68,7 @@ def test_unknown_preset_lists_the_shipped_ones():
 
 
 CHOICE_KEYS = ["meta.algo", "meta.inner_params", "meta.inner_optimizer", "meta.vmap", "meta.randomness",
-               "model.fusion.kind"]
+               "model.fusion.kind", "model.decoder.kind"]
 
 
 def _choices(key: str) -> tuple[str, ...]:

@@ -16,8 +16,9 @@ import torch
 
 from personae.config import Config
 from personae.data.cards import CharacterCard, default_avatar, load_card
+from personae.data.hf_tokenizer import prompt_builder
 from personae.data.images import ImageSource, model_pixels
-from personae.data.prompt import PromptBuilder, Turn
+from personae.data.prompt import Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.generation import SamplingParams, stream_batch
@@ -95,7 +96,7 @@ class ChatSession:
         self.model, self.tokenizer, self.card = model.eval(), tokenizer, card
         self.params = params or SamplingParams(max_new_tokens=64, temperature=0.0)
         self.user, self.include_examples = user, include_examples
-        self.builder = PromptBuilder(tokenizer)
+        self.builder = prompt_builder(tokenizer)
         self.history: list[Turn] = []
         self.warnings: list[str] = []  # how the last prompt cut the card to fit (Prompt.warnings)
         self.set_image_array(card.avatar if card.avatar is not None else np.asarray(default_avatar(card.name)))

@@ -11,10 +11,11 @@ from tqdm.auto import tqdm
 
 from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord
+from personae.data.hf_tokenizer import prompt_builder
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
 from personae.data.labels import IGNORE_INDEX
-from personae.data.prompt import Prompt, PromptBuilder, PromptTooLong, Turn
+from personae.data.prompt import Prompt, PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.errors import DataError
 
@@ -40,7 +41,7 @@ class RolePlayDataset(Dataset):
             raise DataError("some conversations have an image and some do not; use one kind per data set "
                             f"(conversation {first.id!r} has none)", line=first.line)
         self.records, self.tokenizer = list(records), tokenizer
-        builder = PromptBuilder(tokenizer)
+        builder = prompt_builder(tokenizer)
 
         def assemble(record: DialogueRecord, card: CharacterCard) -> Prompt:
             return builder.build(card, [Turn(t.user, t.reply) for t in record.turns], max_tokens=max_tokens,

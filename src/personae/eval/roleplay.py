@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 
 from personae.data.cards import CharacterCard
 from personae.data.dialogues import DialogueRecord, load_character_cards, read_dialogues
+from personae.data.hf_tokenizer import prompt_builder
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
 from personae.data.kinds import ReplyScorer, open_data
 from personae.data.labels import IGNORE_INDEX
-from personae.data.prompt import PromptBuilder, Turn
+from personae.data.prompt import Turn
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.models.generation import SamplingParams, generate
@@ -44,7 +45,7 @@ class PendingReply:
 def pending_replies(records: Sequence[DialogueRecord], cards: dict[str, CharacterCard], tokenizer: Tokenizer,
                     budget: int, include_examples: bool) -> list[PendingReply]:
     """A generation prompt for every turn, with the reference replies as history."""
-    builder = PromptBuilder(tokenizer)
+    builder = prompt_builder(tokenizer)
     pending = []
     for r, record in enumerate(records):
         for t in range(len(record.turns)):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personae.config import ModelCfg
+from personae.config import DecoderCfg, ModelCfg
 from personae.data.tokenizer import Tokenizer
 from personae.models.cache import KVCache
 from personae.models.decoder import Decoder
@@ -23,6 +23,24 @@ from personae.models.vision import VisionEncoder, pool_regions
 
 # CLIP's bound exp(logit_scale) <= 100, kept on the parameter after each optimiser step
 MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _own_decoder(cfg: DecoderCfg, vocab_size: int, image_width: int, dropout: float) -> nn.Module:
+    return Decoder(cfg, vocab_size, image_width, dropout)
+
+
+def _hf_decoder(cfg: DecoderCfg, vocab_size: int, image_width: int, dropout: float) -> nn.Module:
+    # imported here, not at the top: transformers is the optional extra personae[hf]
+    try:
+        from personae.models.hf import HFDecoder
+    except ImportError as error:
+        raise ImportError("model.decoder.kind 'hf' needs transformers: pip install 'personae[hf]'") from error
+    return HFDecoder(cfg, image_width)  # its vocabulary and dropout are the LM's own
+
+
+# model.decoder.kind -> builder(cfg, vocab_size, image_width, dropout); keys = config.DECODER_KINDS
+DECODERS = {"own": _own_decoder, "hf": _hf_decoder}
+PRETRAINED_DECODERS = frozenset({"hf"})  # kinds whose weights come from a folder (not re-initialised here)
 
 
 @dataclass
@@ -68,9 +86,13 @@ class PersonaeModel(nn.Module):
         self.itm_head = nn.Linear(width, 2)
         self.mlm_head = MLMHead(width, cfg.text.vocab_size)
         self.decoder = None
-        if cfg.decoder.enabled:
-            self.decoder = Decoder(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
+        build = DECODERS[cfg.decoder.kind]
+        pretrained = cfg.decoder.kind in PRETRAINED_DECODERS  # added after the init: its weights are the folder's
+        if cfg.decoder.enabled and not pretrained:
+            self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
+        if cfg.decoder.enabled and pretrained:
+            self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(min(math.log(1.0 / cfg.init_temperature), MAX_LOGIT_SCALE)))
         if cfg.lora_rank > 0:  # a run that carries LoRA (meta-trained) is rebuilt with it before loading
             if self.decoder is None:
@@ -147,6 +169,8 @@ class PersonaeModel(nn.Module):
     def init_decoder_from_text(self) -> None:
         """Seed the decoder with the pretrained text tower: word embeddings and, where shapes agree, blocks."""
         decoder = self.require_decoder()
+        if not isinstance(decoder, Decoder):
+            return  # a pretrained (Hugging Face) decoder keeps its own weights
         with torch.no_grad():
             if decoder.tok_embed.weight.shape == self.text.tok_embed.weight.shape:
                 decoder.tok_embed.weight.copy_(self.text.tok_embed.weight)
@@ -186,7 +210,10 @@ class PersonaeModel(nn.Module):
 
     # ---- the generation engine's interface (personae.models.generation.CausalLM) -------------
 
-    supports_shared_heads = True  # the decoder attends to a prompt head stored once for many rows (KVCache.shared)
+    @property
+    def supports_shared_heads(self) -> bool:
+        """Whether the decoder attends to a prompt head stored once for many rows (KVCache.shared): the own one does."""
+        return isinstance(self.decoder, Decoder)
 
     @property
     def max_positions(self) -> int:
