@@ -38,10 +38,14 @@ from personae.models.next_token import (
     Row,
     RowRequest,
     SamplingParams,
+    TokenLogprob,
+    Truncation,
     apply_repetition_penalty,
     ban_loops,
     choose_tokens,
+    token_logprobs,
 )
+from personae.models.samplers import apply_frequency_presence, breaker_tokens, dry_penalties
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 
@@ -104,6 +108,7 @@ class DecodeBatch:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.rows: list[Row] = []
         self.compactions = 0
+        self._breaker_masks: dict[tuple[str, ...], torch.Tensor] = {}
         self.clear()
 
     # ---- membership ------------------------------------------------------------------------------
@@ -153,7 +158,7 @@ class DecodeBatch:
         self.rows = [self.rows[i] for i in order]
         self.real, self.positions, self.logits = self.real[on_device], self.positions[on_device], self.logits[on_device]
         self.slots, self.tokens = self.slots[on_device], self.tokens[index]
-        self.seen, self.history, self.generated = self.seen[index], self.history[index], self.generated[index]
+        self.counts, self.history, self.generated = self.counts[index], self.history[index], self.generated[index]
         self.uniform, self.row_head = self.uniform[index], self.row_head[index]
         self._settings_changed()
 
@@ -166,7 +171,7 @@ class DecodeBatch:
         self.logits = torch.zeros(0, 0, device=self.device)  # (B, V) next-token logits, not yet sampled
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) adapter slot per row
         self.tokens = torch.zeros(0, dtype=torch.long)  # (B,) the tokens sampled last, fed next
-        self.seen = torch.zeros(0, 0, dtype=torch.bool)  # (B, V) tokens each row generated
+        self.counts = torch.zeros(0, 0, dtype=torch.int32)  # (B, V) how often each row generated each token
         self.history = torch.zeros(0, 0, dtype=torch.long)  # (B, W) last W generated ids, newest last, -1 before
         self.generated = torch.zeros(0, dtype=torch.long)  # (B,) tokens each row generated
         self.uniform = torch.zeros(0, DRAW_STEPS)  # (B, DRAW_STEPS) each sampling row's drawn uniforms
@@ -179,25 +184,65 @@ class DecodeBatch:
     @torch.inference_mode()
     def sample(self) -> torch.Tensor:
         """Choose each row's next token from the pending logits and push it to the row; (B,) tokens."""
-        logits = self.logits.float().cpu()
-        if self._any_ignore_eos:
-            logits[self._ignore_eos, self.tokenizer.eos_id] = float("-inf")
-        if self._penalised:
-            logits = apply_repetition_penalty(logits, self.seen, self._penalty)
-        if self._loops:
-            logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
-        tokens = choose_tokens(logits, self._temperature, self._top_k, self._top_p, self._sampled_index,
-                               self._uniforms())
+        logits = self._penalised_logits(self.logits.float().cpu())
+        truncation = Truncation(self._top_k, self._top_p, self._typical, self._min_p, self._xtc_threshold,
+                                self._xtc_draws())
+        tokens = choose_tokens(logits, self._temperature, truncation, None, self._sampled_index, self._uniforms())
         # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
-        if self._penalised:
-            self.seen[torch.arange(len(tokens)), tokens] = True
+        if self._counted:
+            self.counts[torch.arange(len(tokens)), tokens] += 1
         if self._loops:
             self.history = torch.cat([self.history[:, 1:], tokens[:, None]], dim=1)
             self.generated += 1
-        for row, token in zip(self.rows, tokens.tolist()):
-            row.push(token)
+        logprobs = self._logprobs(logits, tokens)
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+            row.push(token, logprobs.get(i))
         self.tokens = tokens
         return tokens
+
+    def _penalised_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Ignore-eos, logit bias, repetition / frequency / presence penalties, DRY and loop breaking."""
+        if self._any_ignore_eos:
+            logits[self._ignore_eos, self.tokenizer.eos_id] = float("-inf")
+        if self._bias is not None:
+            logits = logits + self._bias
+        if self._penalised:
+            logits = apply_repetition_penalty(logits, self.counts > 0, self._penalty)
+        if self._freq_presence:
+            logits = apply_frequency_presence(logits, self.counts, self._frequency, self._presence)
+        for i in self._dry:
+            row, p = self.rows[i], self.rows[i].params
+            context = torch.tensor([*row.request.prompt_ids, *row.ids], dtype=torch.long)
+            breakers = self._breakers(tuple(p.dry_sequence_breakers), logits.shape[1])
+            logits[i] -= dry_penalties(context, breakers, p.dry_multiplier, p.dry_base, p.dry_allowed_length)
+        if self._loops:
+            logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
+        return logits
+
+    def _breakers(self, breakers: tuple[str, ...], vocab: int) -> torch.Tensor:
+        """(V,) bool: DRY's sequence-breaker tokens for these strings (cached: one decode of the vocabulary)."""
+        if breakers not in self._breaker_masks:
+            texts = [self.tokenizer.decode([i]) for i in range(vocab)]
+            special = [i for i in self.tokenizer.special_ids if i < vocab]
+            self._breaker_masks[breakers] = breaker_tokens(texts, breakers, special)
+        return self._breaker_masks[breakers]
+
+    def _xtc_draws(self) -> torch.Tensor | None:
+        """(B,) bool: the rows whose XTC coin (from their second generator) came up this step; None: no XTC row."""
+        if not self._xtc:
+            return None
+        active = torch.zeros(len(self.rows), dtype=torch.bool)
+        for i in self._xtc:
+            row = self.rows[i]
+            active[i] = float(torch.rand((), generator=row.xtc_generator)) < row.params.xtc_probability
+        return active
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
+        """Row index -> its chosen token's logprob (and alternatives), for the rows that asked."""
+        if not len(self._logprob_rows):
+            return {}
+        found = token_logprobs(logits[self._logprob_rows], tokens[self._logprob_rows], self._top_logprobs)
+        return dict(zip(self._logprob_rows.tolist(), found))
 
     def _uniforms(self) -> torch.Tensor:
         """(sampled rows,) this step's U(0, 1) draw of each sampling row, from its own generator."""
@@ -335,7 +380,7 @@ class DecodeBatch:
         self.slots = torch.cat([p.slots for p in parts])
         fresh = len(rows)
         vocab = self.logits.shape[1]
-        self.seen = torch.cat([self.seen.reshape(-1, vocab), torch.zeros(fresh, vocab, dtype=torch.bool)])
+        self.counts = torch.cat([self.counts.reshape(-1, vocab), torch.zeros(fresh, vocab, dtype=torch.int32)])
         self.generated = torch.cat([self.generated, torch.zeros(fresh, dtype=torch.long)])
         self.tokens = torch.cat([self.tokens, torch.zeros(fresh, dtype=torch.long)])
         self.uniform = torch.cat([self.uniform, torch.zeros(fresh, DRAW_STEPS)])
@@ -379,6 +424,19 @@ class DecodeBatch:
             first += part.cache.rows
         return real
 
+    def _logit_bias(self, params: list[SamplingParams]) -> torch.Tensor | None:
+        """(B, V) bias added to the logits, or None when no row has a logit_bias."""
+        if not any(p.logit_bias for p in params):
+            return None
+        vocab = self.logits.shape[-1]
+        bias = torch.zeros(len(params), vocab)
+        for i, p in enumerate(params):
+            for token, value in p.logit_bias.items():
+                if not 0 <= int(token) < vocab:
+                    raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
+                bias[i, int(token)] = float(value)
+        return bias
+
     def _settings_changed(self) -> None:
         """Per-row sampling settings as (B,) tensors, and which pipeline stages any row needs."""
         params = [row.params for row in self.rows]
@@ -393,6 +451,19 @@ class DecodeBatch:
         self._sampled_index = torch.tensor(self._sampled, dtype=torch.long)
         self._penalised = any(p.repetition_penalty != 1.0 for p in params)
         self._loops = any(p.max_repeats > 0 for p in params)
+        self._frequency = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
+        self._presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
+        self._freq_presence = any(p.frequency_penalty or p.presence_penalty for p in params)
+        self._counted = self._penalised or self._freq_presence
+        self._bias = self._logit_bias(params)
+        sampled = [params[i] for i in self._sampled]
+        self._typical = torch.tensor([p.typical_p for p in params]) if any(p.typical_p < 1 for p in sampled) else None
+        self._min_p = torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in sampled) else None
+        self._xtc = [i for i in self._sampled if params[i].xtc_probability > 0]
+        self._xtc_threshold = torch.tensor([p.xtc_threshold for p in params]) if self._xtc else None
+        self._dry = [i for i, p in enumerate(params) if p.dry_multiplier > 0]
+        self._logprob_rows = torch.tensor([i for i, p in enumerate(params) if p.logprobs], dtype=torch.long)
+        self._top_logprobs = max((p.top_logprobs for p in params if p.logprobs), default=0)
         self._gapless = bool(self.real[:, : self.cache.length].all()) if self.cache is not None else True
         self._share()
 
