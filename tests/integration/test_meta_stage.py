@@ -18,11 +18,11 @@ from personae.data.cards import load_card
 from personae.data.episodes import examples_file
 from personae.errors import DataError, PersonaeError
 from personae.meta.adapt import Adaptation, AdaptSpec, adapt_to_character, learned_rates, support_batch
+from personae.models.generation_config import read_generation_config
 from personae.models.io import load_model
 from personae.models.lora import load_adapter, lora_settings
 from personae.train.adapt import adapt_character, read_examples
 from personae.train.finetune import run_config, run_finetune
-from personae.models.generation_config import read_generation_config
 from personae.train.meta import run_meta_train
 
 # the LoRA recipe (per-row servable adapters), not the preset's full-parameter one

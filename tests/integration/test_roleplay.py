@@ -8,8 +8,8 @@ import pytest
 from personae.app.cli import main
 from personae.chat.session import CharacterNotFound, ChatSession, find_character, run_terminal_chat
 from personae.config import apply_overrides
-from personae.models.io import load_model
 from personae.models.generation_config import GenerationDefaults, read_generation_config
+from personae.models.io import load_model
 from personae.train.finetune import run_config, run_finetune
 
 
