@@ -38,3 +38,17 @@ def test_bad_files_are_refused_by_key(tmp_path, content, message):
     (tmp_path / "generation_config.json").write_text(json.dumps(content))
     with pytest.raises(PersonaeError, match=message):
         read_generation_config(tmp_path)
+
+
+def test_chat_starts_from_the_run_file_and_the_options_win(tmp_path):
+    from personae.app.commands import chat_params
+    from personae.config import load_preset
+
+    cfg = load_preset("tiny")
+    cfg.finetune.max_repeats = 5
+    older = chat_params(tmp_path, cfg)  # a run without the file: what evaluation decodes with
+    assert (older.temperature, older.max_repeats, older.max_new_tokens) == (0.0, 5, cfg.finetune.max_new_tokens)
+    write_generation_config(tmp_path, GenerationDefaults(temperature=0.6, top_p=0.9, max_repeats=2))
+    params = chat_params(tmp_path, cfg, temperature=None, top_p=0.5, max_new_tokens=20, seed=4)
+    assert (params.temperature, params.top_p, params.max_repeats, params.max_new_tokens, params.seed) == \
+        (0.6, 0.5, 2, 20, 4)

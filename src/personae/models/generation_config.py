@@ -14,6 +14,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from personae.config import Config
 from personae.errors import PersonaeError
 from personae.files import write_text_atomic
 from personae.models.next_token import SamplingParams
@@ -49,16 +50,22 @@ class GenerationDefaults:
 FALLBACK = GenerationDefaults()  # a run without generation_config.json: greedy with loop breaking
 
 
+def recommended_generation(cfg: Config) -> GenerationDefaults:
+    """What evaluation decodes a run of these settings with (greedy, loop breaking at finetune.max_repeats)."""
+    return GenerationDefaults(max_repeats=cfg.finetune.max_repeats, max_new_tokens=cfg.finetune.max_new_tokens)
+
+
 def write_generation_config(run: str | PathLike[str], defaults: GenerationDefaults) -> Path:
     """Write RUN/generation_config.json atomically."""
     return write_text_atomic(Path(run) / GENERATION_CONFIG_FILE, json.dumps(defaults.to_json(), indent=2) + "\n")
 
 
-def read_generation_config(run: str | PathLike[str]) -> GenerationDefaults:
-    """RUN/generation_config.json, or FALLBACK when the run has none; unknown keys are refused by name."""
+def read_generation_config(run: str | PathLike[str], fallback: GenerationDefaults = FALLBACK) -> GenerationDefaults:
+    """RUN/generation_config.json, or `fallback` when the run has none (a run older than the file: pass
+    recommended_generation(its config)); unknown keys are refused by name."""
     path = Path(run) / GENERATION_CONFIG_FILE
     if not path.exists():
-        return FALLBACK
+        return fallback
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -81,4 +88,4 @@ def read_generation_config(run: str | PathLike[str]) -> GenerationDefaults:
 
 
 __all__ = ["FALLBACK", "GENERATION_CONFIG_FILE", "GenerationDefaults", "read_generation_config",
-           "write_generation_config"]
+           "recommended_generation", "write_generation_config"]

@@ -43,7 +43,7 @@ from personae.data.cards import CardError, CharacterCard
 from personae.data.prompt import PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.meta.adapt import CharacterAdapter, learned_rates
-from personae.models.generation_config import read_generation_config
+from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
 from personae.serve.adapters import ServerAdapters
@@ -108,7 +108,8 @@ class ServerContext:
         self.registry = CharacterRegistry(self.run_dir, image_size=bundle.model.cfg.vision.image_size)
         self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir)
         include = bundle.include_examples if settings.include_examples is None else settings.include_examples
-        self.generation = read_generation_config(self.run_dir)  # the run's recommended sampling
+        # the run's recommended sampling (a run older than the file: what evaluation decodes with)
+        self.generation = read_generation_config(self.run_dir, recommended_generation(bundle.config))
         self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include,
                                              self.adapters, self.generation)
         self.text_completions = TextCompletionService(bundle.model, bundle.tokenizer, settings, self.generation)

@@ -16,7 +16,7 @@ from personae.data.marker_swap import swap_conversations
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
-from personae.models.generation_config import GenerationDefaults, write_generation_config
+from personae.models.generation_config import recommended_generation, write_generation_config
 from personae.models.io import CONFIG_FILE, CheckpointError, load_model, require_file
 from personae.models.model import PersonaeModel
 from personae.tasks import RolePlayTask
@@ -89,11 +89,6 @@ def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) ->
         return {}
     swap = open_data(data_dir).persona_swap(cfg.finetune.train.seed, "finetune.persona_swap")
     return swap_conversations(records, cards, swap, cfg.finetune.persona_swap, cfg.finetune.train.seed)
-
-
-def recommended_generation(cfg: Config) -> GenerationDefaults:
-    """The settings evaluation decodes with (greedy, loop breaking): the run's generation_config.json."""
-    return GenerationDefaults(max_repeats=cfg.finetune.max_repeats, max_new_tokens=cfg.finetune.max_new_tokens)
 
 
 def copy_cards(source: Path, target: Path, names: set[str]) -> None:

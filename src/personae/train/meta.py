@@ -32,12 +32,12 @@ from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.meta import MetaLearner, build_meta
 from personae.meta.adapt import HEAD, META_LRS_FILE, learned_rates
-from personae.models.generation_config import write_generation_config
+from personae.models.generation_config import recommended_generation, write_generation_config
 from personae.models.lora import add_decoder_lora, lora_settings
 from personae.models.model import PersonaeModel
 from personae.tasks import dense_roleplay_task
 from personae.train.distributed import init_distributed
-from personae.train.finetune import copy_cards, model_with_decoder, recommended_generation
+from personae.train.finetune import copy_cards, model_with_decoder
 from personae.train.trainer import Trainer, TrainerState
 
 log = logging.getLogger(__name__)
