@@ -74,7 +74,7 @@ def test_dry_penalises_the_token_that_would_extend_a_repeat():
     context = torch.tensor([5, 6, 7, 1, 5, 6, 7, 1, 5, 6])  # "5 6 7 1 5 6" matches 6 long before the second 7
     pen = dry_penalties(context, breakers, 0.8, 1.75, 2)
     assert pen[7].item() == pytest.approx(0.8 * 1.75 ** 4)
-    assert pen[1].item() == 0 and pen[5].item() == 0  # "... 6 1"? no: the context ends "5 6", not "7"
+    assert pen[1].item() == 0 and pen[5].item() == 0  # 1 and 5 never follow a copy of the ending "5 6"
     breakers[1] = True  # the repeat cannot run back across token 1: "5 6" only, match 2
     assert dry_penalties(context, breakers, 0.8, 1.75, 2)[7].item() == pytest.approx(0.8)
     assert dry_penalties(context, breakers, 0.8, 1.75, 3)[7].item() == 0  # a 2-token repeat is allowed
