@@ -15,6 +15,7 @@ from personae.models.next_token import token_logprobs
 from personae.models.samplers import (
     apply_frequency_presence,
     dry_penalties,
+    dry_penalties_rows,
     exclude_top_choices,
     filter_min_p,
     filter_typical_p,
@@ -156,3 +157,17 @@ def test_seeded_row_is_the_same_alone_and_batched_with_other_samplers(setup):
     assert together.ids == alone.ids and len(alone.ids) > 0
     assert [e.token_id for e in alone.logprobs] == alone.ids
     assert [e.logprob for e in together.logprobs] == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-4)
+
+
+def test_dry_rows_together_equal_each_row_alone():
+    breakers = torch.zeros(2, 10, dtype=torch.bool)
+    breakers[1, 1] = True
+    contexts = [torch.tensor([5, 6, 7, 1, 5, 6, 7, 1, 5, 6]), torch.tensor([3, 5, 6, 7, 1, 5, 6, 7, 1, 5, 6]),
+                torch.tensor([2])]
+    stacked = torch.stack([breakers[0], breakers[1], breakers[0]])
+    together = dry_penalties_rows(contexts, stacked, torch.tensor([0.8, 0.5, 1.0]), torch.tensor([1.75, 2.0, 1.75]),
+                                  torch.tensor([2, 2, 1]))
+    assert together[0, 7].item() == pytest.approx(0.8 * 1.75 ** 4) and together[1, 7].item() == pytest.approx(0.5)
+    assert not together[2].any()  # one token: nothing to repeat
+    for r, (m, b, a) in enumerate([(0.8, 1.75, 2), (0.5, 2.0, 2), (1.0, 1.75, 1)]):
+        assert torch.equal(together[r], dry_penalties(contexts[r], stacked[r], m, b, a))

@@ -45,7 +45,7 @@ from personae.models.next_token import (
     choose_tokens,
     token_logprobs,
 )
-from personae.models.samplers import apply_frequency_presence, breaker_tokens, dry_penalties
+from personae.models.samplers import apply_frequency_presence, breaker_tokens, dry_penalties_rows
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 
@@ -210,14 +210,21 @@ class DecodeBatch:
             logits = apply_repetition_penalty(logits, self.counts > 0, self._penalty)
         if self._freq_presence:
             logits = apply_frequency_presence(logits, self.counts, self._frequency, self._presence)
-        for i in self._dry:
-            row, p = self.rows[i], self.rows[i].params
-            context = torch.tensor([*row.request.prompt_ids, *row.ids], dtype=torch.long)
-            breakers = self._breakers(tuple(p.dry_sequence_breakers), logits.shape[1])
-            logits[i] -= dry_penalties(context, breakers, p.dry_multiplier, p.dry_base, p.dry_allowed_length)
+        if self._dry:
+            logits[self._dry] -= self._dry_penalties(logits.shape[1])
         if self._loops:
             logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
         return logits
+
+    def _dry_penalties(self, vocab: int) -> torch.Tensor:
+        """(D, V) DRY penalties of the rows using DRY, over each one's prompt and reply so far."""
+        rows = [self.rows[i] for i in self._dry]
+        contexts = [torch.tensor([*row.request.prompt_ids, *row.ids], dtype=torch.long) for row in rows]
+        breakers = torch.stack([self._breakers(tuple(row.params.dry_sequence_breakers), vocab) for row in rows])
+        params = [row.params for row in rows]
+        return dry_penalties_rows(contexts, breakers, torch.tensor([p.dry_multiplier for p in params]),
+                                  torch.tensor([p.dry_base for p in params]),
+                                  torch.tensor([p.dry_allowed_length for p in params]))
 
     def _breakers(self, breakers: tuple[str, ...], vocab: int) -> torch.Tensor:
         """(V,) bool: DRY's sequence-breaker tokens for these strings (cached: one decode of the vocabulary)."""

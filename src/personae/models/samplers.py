@@ -1,8 +1,8 @@
 """The next-token samplers beyond top-k / top-p: OpenAI's penalties and logit bias, min-p, typical-p, XTC, DRY.
 
 Every function takes (B, V) logits and per-row (B,) settings, where a setting's "off" value leaves
-a row unchanged, so a batch that mixes settings needs no grouping (DRY alone works row by row: it
-reads each row's whole context). The engine's order is: logit bias, penalties, DRY, loop breaking
+a row unchanged, so a batch that mixes settings needs no grouping (DRY reads each row's whole context: its rows are
+padded into one tensor). The engine's order is: logit bias, penalties, DRY, loop breaking
 (the distribution logprobs report), then temperature, top-k, top-p, typical-p, min-p, XTC, draw.
 """
 
@@ -68,36 +68,46 @@ def exclude_top_choices(logits: torch.Tensor, threshold: torch.Tensor, active: t
 
 def dry_penalties(context: torch.Tensor, breakers: torch.Tensor, multiplier: float, base: float,
                   allowed_length: int) -> torch.Tensor:
-    """DRY ("don't repeat yourself") penalties (V,) for one row's context (L,) of token ids.
+    """DRY ("don't repeat yourself") penalties (V,) for one row's context (L,) of token ids (see dry_penalties_rows)."""
+    return dry_penalties_rows([context], breakers[None], torch.tensor([multiplier]), torch.tensor([base]),
+                              torch.tensor([allowed_length]))[0]
+
+
+def dry_penalties_rows(contexts: Sequence[torch.Tensor], breakers: torch.Tensor, multiplier: torch.Tensor,
+                       base: torch.Tensor, allowed_length: torch.Tensor) -> torch.Tensor:
+    """DRY penalties (R, V) for R rows: contexts (each (L_r,) token ids), breakers (R, V) bool, settings (R,).
 
     For each earlier position j, the match is the length of the longest run of tokens ending the
-    context that also ends just before j (no run crosses a sequence-breaker token, `breakers` (V,)
-    bool). The token at j would extend that repeat; when the match is at least allowed_length it
-    is penalised by multiplier * base ** (match - allowed_length), the largest over its positions.
+    context that also ends just before j (no run crosses a sequence-breaker token). The token at j
+    would extend that repeat; when the match is at least allowed_length it is penalised by
+    multiplier * base ** (match - allowed_length), the largest over its positions. The contexts are
+    right-aligned in one (R, L) tensor (padding -1 on the left acts as a breaker), so the rows are
+    followed back together, one vectorised comparison per step back.
     """
-    penalties = torch.zeros(len(breakers))
-    length = len(context)
-    if length < 2 or multiplier <= 0:
-        return penalties
-    is_breaker = breakers[context]
-    j = torch.arange(1, length)  # the candidate positions (the token at j follows the match)
-    match = torch.zeros(length - 1, dtype=torch.long)
-    alive = torch.ones(length - 1, dtype=torch.bool)
-    for k in range(1, min(length, DRY_MAX_MATCH + 1)):
-        if bool(is_breaker[length - k]):
-            break
-        earlier = j - k
-        alive &= earlier >= 0
-        alive &= context[earlier.clamp(min=0)] == context[length - k]
+    rows, vocab = breakers.shape
+    width = max(len(c) for c in contexts)
+    padded = torch.full((rows, width), -1, dtype=torch.long)
+    for r, context in enumerate(contexts):
+        padded[r, width - len(context):] = context
+    is_breaker = breakers.gather(1, padded.clamp(min=0)) | (padded < 0)  # (R, L)
+    j = torch.arange(1, width)  # the candidate positions (the token at j follows the match)
+    match = torch.zeros(rows, max(width - 1, 0), dtype=torch.long)
+    alive = torch.ones_like(match, dtype=torch.bool) & (padded[:, 1:] >= 0)
+    going = torch.ones(rows, dtype=torch.bool)  # rows whose ending has not yet reached a breaker
+    for k in range(1, min(width, DRY_MAX_MATCH + 1)):
+        going &= ~is_breaker[:, width - k]
+        earlier = (j - k).clamp(min=0)
+        alive &= going[:, None] & (j - k >= 0) & (padded[:, earlier] == padded[:, width - k, None])
         if not bool(alive.any()):
             break
         match += alive.long()
-    hit = match >= allowed_length
+    penalties = torch.zeros(rows, vocab)
+    hit = (match >= allowed_length[:, None]) & (multiplier[:, None] > 0)
     if not bool(hit.any()):
         return penalties
-    exponent = (match[hit] - allowed_length).clamp(max=DRY_MAX_MATCH).double()
-    amounts = (multiplier * base ** exponent).float()
-    return penalties.scatter_reduce(0, context[1:][hit], amounts, reduce="amax")
+    exponent = (match - allowed_length[:, None]).clamp(0, DRY_MAX_MATCH).double()
+    amounts = (multiplier[:, None].double() * base[:, None].double() ** exponent).float() * hit
+    return penalties.scatter_reduce(1, padded[:, 1:].clamp(min=0), amounts, reduce="amax")
 
 
 def breaker_tokens(decode_one: Sequence[str], breakers: Sequence[str], special: Sequence[int]) -> torch.Tensor:
@@ -109,5 +119,5 @@ def breaker_tokens(decode_one: Sequence[str], breakers: Sequence[str], special: 
     return mask
 
 
-__all__ = ["DRY_MAX_MATCH", "LOGIT_BIAS_LIMIT", "apply_frequency_presence", "breaker_tokens", "dry_penalties",
+__all__ = ["DRY_MAX_MATCH", "LOGIT_BIAS_LIMIT", "apply_frequency_presence", "breaker_tokens", "dry_penalties", "dry_penalties_rows",
            "exclude_top_choices", "filter_min_p", "filter_typical_p"]
