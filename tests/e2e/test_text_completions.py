@@ -109,6 +109,7 @@ def test_tokenize_and_detokenize_round_trip(client: TestClient, bundle: RunBundl
     ({"max_tokens": 100000}, "max_tokens_too_large", "max_tokens"),
     ({"mirostat": 2}, "unsupported_sampler", "mirostat"),
     ({"tfs": 0.9}, "unsupported_sampler", "tfs"),
+    ({"use_beam_search": True}, "unsupported_sampler", "use_beam_search"),
     ({"logit_bias": {"x": 1}}, "invalid_value", "logit_bias"),
     ({"dry_sequence_breakers": "not json"}, "invalid_value", "dry_sequence_breakers"),
 ])

@@ -3,7 +3,8 @@
 Every field a request leaves out or sends as null takes the run's recommended value
 (``RUN/generation_config.json``, :mod:`personae.models.generation_config`). Names follow OpenAI
 where it has one, else llama.cpp / KoboldCpp as SillyTavern's Text Completion mode sends them.
-Samplers personae does not implement (mirostat, tail-free, top-a, smoothing, dynamic temperature)
+Samplers personae does not implement (mirostat, tail-free, top-a, smoothing, dynamic temperature,
+beam search, min_tokens)
 are refused with a 400 when set to anything but their neutral value, never silently ignored.
 """
 
@@ -23,7 +24,7 @@ from personae.serve.schemas import SamplerFields
 # unimplemented samplers: (field, neutral value); any other value is a 400
 UNSUPPORTED_SAMPLERS = (("mirostat", 0), ("mirostat_mode", 0), ("tfs", 1.0), ("tfs_z", 1.0), ("top_a", 0.0),
                         ("smoothing_factor", 0.0), ("dynatemp_range", 0.0), ("dynatemp", False),
-                        ("dry_penalty_last_n", -1))
+                        ("dry_penalty_last_n", -1), ("use_beam_search", False), ("min_tokens", 0))
 
 
 def check_unsupported(request: BaseModel) -> None:
