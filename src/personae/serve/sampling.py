@@ -4,8 +4,8 @@ Every field a request leaves out or sends as null takes the run's recommended va
 (``RUN/generation_config.json``, :mod:`personae.models.generation_config`). Names follow OpenAI
 where it has one, else llama.cpp / KoboldCpp as SillyTavern's Text Completion mode sends them.
 Samplers personae does not implement (mirostat, tail-free, top-a, smoothing, dynamic temperature,
-beam search, min_tokens)
-are refused with a 400 when set to anything but their neutral value, never silently ignored.
+beam search, min_tokens) are refused with a 400 when set to anything but their neutral value,
+never silently ignored.
 """
 
 from __future__ import annotations
