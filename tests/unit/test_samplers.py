@@ -104,7 +104,7 @@ def test_logit_bias_and_penalties_reach_the_engine(setup):
     token = int(batch.sample()[0])
     batch.forward()
     raw = batch.logits[0].float().cpu()
-    out = batch._penalised_logits(raw[None].clone())[0]
+    out = batch.settings.penalise(raw[None].clone(), batch.counts, batch.history, batch.generated)[0]
     expected = raw.clone()
     expected[17] += 1.0
     expected[token] -= 0.5 + 0.25  # generated once

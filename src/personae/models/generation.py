@@ -12,10 +12,12 @@ lies before them is masked out (``real`` is False there); positions are per row.
 * **room**: the cache grows when full, and when it reaches ``max_positions`` each row's real slots
   are gathered to the right, squeezing out the masked gaps.
 
-One next-token pipeline (:mod:`personae.models.next_token`) serves every row, vectorised over rows with per-row settings: ignore-eos,
-repetition penalty, loop breaking, temperature / top-k / top-p, and inverse-CDF sampling with each
-row's own seeded CPU generator (a prompt and seed give the same reply alone or batched, on any
-device). The model side is the small :class:`CausalLM` protocol, so a second decoder family plugs
+One next-token pipeline (:mod:`personae.models.next_token`, :mod:`personae.models.samplers`, the
+rows' settings in :mod:`personae.models.row_settings`) serves every row, vectorised over rows with
+per-row settings: ignore-eos, logit bias, repetition / frequency / presence penalties, DRY, loop
+breaking (then the optional logprobs), temperature / top-k / top-p / typical-p / min-p / XTC, and
+inverse-CDF sampling with each row's own seeded CPU generator (a prompt and seed give the same
+reply alone or batched, on any device). The model side is the small :class:`CausalLM` protocol, so a second decoder family plugs
 in without touching the engine.
 """
 
@@ -32,20 +34,9 @@ from torch import nn
 from personae.data.tokenizer import Tokenizer
 from personae.models.adapter_bank import AdapterBank
 from personae.models.cache import KVCache, PrefixCache, SharedHeads, image_digest
-from personae.models.next_token import (
-    MAX_LOOP_NGRAM,
-    Generation,
-    Row,
-    RowRequest,
-    SamplingParams,
-    TokenLogprob,
-    Truncation,
-    apply_repetition_penalty,
-    ban_loops,
-    choose_tokens,
-    token_logprobs,
-)
-from personae.models.samplers import apply_frequency_presence, breaker_tokens, dry_penalties_rows
+from personae.models.next_token import MAX_LOOP_NGRAM, Generation, Row, RowRequest, SamplingParams, choose_tokens
+from personae.models.row_settings import RowSettings
+from personae.models.samplers import breaker_tokens
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 
@@ -184,47 +175,21 @@ class DecodeBatch:
     @torch.inference_mode()
     def sample(self) -> torch.Tensor:
         """Choose each row's next token from the pending logits and push it to the row; (B,) tokens."""
-        logits = self._penalised_logits(self.logits.float().cpu())
-        truncation = Truncation(self._top_k, self._top_p, self._typical, self._min_p, self._xtc_threshold,
-                                self._xtc_draws())
-        tokens = choose_tokens(logits, self._temperature, truncation, None, self._sampled_index, self._uniforms())
+        settings = self.settings
+        logits = settings.penalise(self.logits.float().cpu(), self.counts, self.history, self.generated)
+        tokens = choose_tokens(logits, settings.temperature, settings.truncation(), None, settings.sampled_index,
+                               self._uniforms())
         # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
-        if self._counted:
+        if settings.counted:
             self.counts[torch.arange(len(tokens)), tokens] += 1
-        if self._loops:
+        if settings.loops:
             self.history = torch.cat([self.history[:, 1:], tokens[:, None]], dim=1)
             self.generated += 1
-        logprobs = self._logprobs(logits, tokens)
+        logprobs = settings.logprobs(logits, tokens)
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
             row.push(token, logprobs.get(i))
         self.tokens = tokens
         return tokens
-
-    def _penalised_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Ignore-eos, logit bias, repetition / frequency / presence penalties, DRY and loop breaking."""
-        if self._any_ignore_eos:
-            logits[self._ignore_eos, self.tokenizer.eos_id] = float("-inf")
-        if self._bias is not None:
-            logits = logits + self._bias
-        if self._penalised:
-            logits = apply_repetition_penalty(logits, self.counts > 0, self._penalty)
-        if self._freq_presence:
-            logits = apply_frequency_presence(logits, self.counts, self._frequency, self._presence)
-        if self._dry:
-            logits[self._dry] -= self._dry_penalties(logits.shape[1])
-        if self._loops:
-            logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
-        return logits
-
-    def _dry_penalties(self, vocab: int) -> torch.Tensor:
-        """(D, V) DRY penalties of the rows using DRY, over each one's prompt and reply so far."""
-        rows = [self.rows[i] for i in self._dry]
-        contexts = [torch.tensor([*row.request.prompt_ids, *row.ids], dtype=torch.long) for row in rows]
-        breakers = torch.stack([self._breakers(tuple(row.params.dry_sequence_breakers), vocab) for row in rows])
-        params = [row.params for row in rows]
-        return dry_penalties_rows(contexts, breakers, torch.tensor([p.dry_multiplier for p in params]),
-                                  torch.tensor([p.dry_base for p in params]),
-                                  torch.tensor([p.dry_allowed_length for p in params]))
 
     def _breakers(self, breakers: tuple[str, ...], vocab: int) -> torch.Tensor:
         """(V,) bool: DRY's sequence-breaker tokens for these strings (cached: one decode of the vocabulary)."""
@@ -234,36 +199,20 @@ class DecodeBatch:
             self._breaker_masks[breakers] = breaker_tokens(texts, breakers, special)
         return self._breaker_masks[breakers]
 
-    def _xtc_draws(self) -> torch.Tensor | None:
-        """(B,) bool: the rows whose XTC coin (from their second generator) came up this step; None: no XTC row."""
-        if not self._xtc:
-            return None
-        active = torch.zeros(len(self.rows), dtype=torch.bool)
-        for i in self._xtc:
-            row = self.rows[i]
-            active[i] = float(torch.rand((), generator=row.xtc_generator)) < row.params.xtc_probability
-        return active
-
-    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> dict[int, TokenLogprob]:
-        """Row index -> its chosen token's logprob (and alternatives), for the rows that asked."""
-        if not len(self._logprob_rows):
-            return {}
-        found = token_logprobs(logits[self._logprob_rows], tokens[self._logprob_rows], self._top_logprobs)
-        return dict(zip(self._logprob_rows.tolist(), found))
-
     def _uniforms(self) -> torch.Tensor:
         """(sampled rows,) this step's U(0, 1) draw of each sampling row, from its own generator."""
-        if not self._sampled:
+        sampled = self.settings.sampled
+        if not sampled:
             return self.uniform[:0, 0]
         phases = []
-        for i in self._sampled:
+        for i in sampled:
             row = self.rows[i]
             phase = row.draws % DRAW_STEPS
             if phase == 0:
                 self.uniform[i] = torch.rand(DRAW_STEPS, generator=row.generator)
             row.draws += 1
             phases.append(phase)
-        return self.uniform[self._sampled_index, torch.tensor(phases, dtype=torch.long)]
+        return self.uniform[self.settings.sampled_index, torch.tensor(phases, dtype=torch.long)]
 
     @torch.inference_mode()
     def forward(self) -> None:
@@ -431,46 +380,9 @@ class DecodeBatch:
             first += part.cache.rows
         return real
 
-    def _logit_bias(self, params: list[SamplingParams]) -> torch.Tensor | None:
-        """(B, V) bias added to the logits, or None when no row has a logit_bias."""
-        if not any(p.logit_bias for p in params):
-            return None
-        vocab = self.logits.shape[-1]
-        bias = torch.zeros(len(params), vocab)
-        for i, p in enumerate(params):
-            for token, value in p.logit_bias.items():
-                if not 0 <= int(token) < vocab:
-                    raise ValueError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
-                bias[i, int(token)] = float(value)
-        return bias
-
     def _settings_changed(self) -> None:
-        """Per-row sampling settings as (B,) tensors, and which pipeline stages any row needs."""
-        params = [row.params for row in self.rows]
-        self._temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        self._top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
-        self._top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        self._penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
-        self._max_repeats = torch.tensor([p.max_repeats for p in params], dtype=torch.long)
-        self._ignore_eos = torch.tensor([row.request.ignore_eos for row in self.rows], dtype=torch.bool)
-        self._any_ignore_eos = any(row.request.ignore_eos for row in self.rows)
-        self._sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-        self._sampled_index = torch.tensor(self._sampled, dtype=torch.long)
-        self._penalised = any(p.repetition_penalty != 1.0 for p in params)
-        self._loops = any(p.max_repeats > 0 for p in params)
-        self._frequency = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
-        self._presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
-        self._freq_presence = any(p.frequency_penalty or p.presence_penalty for p in params)
-        self._counted = self._penalised or self._freq_presence
-        self._bias = self._logit_bias(params)
-        sampled = [params[i] for i in self._sampled]
-        self._typical = torch.tensor([p.typical_p for p in params]) if any(p.typical_p < 1 for p in sampled) else None
-        self._min_p = torch.tensor([p.min_p for p in params]) if any(p.min_p > 0 for p in sampled) else None
-        self._xtc = [i for i in self._sampled if params[i].xtc_probability > 0]
-        self._xtc_threshold = torch.tensor([p.xtc_threshold for p in params]) if self._xtc else None
-        self._dry = [i for i, p in enumerate(params) if p.dry_multiplier > 0]
-        self._logprob_rows = torch.tensor([i for i, p in enumerate(params) if p.logprobs], dtype=torch.long)
-        self._top_logprobs = max((p.top_logprobs for p in params if p.logprobs), default=0)
+        """The rows' sampling settings as (B,) tensors, the mask of gaps, and the rows' shared heads."""
+        self.settings = RowSettings(self.rows, self.logits.shape[-1], self._breakers, self.tokenizer.eos_id)
         self._gapless = bool(self.real[:, : self.cache.length].all()) if self.cache is not None else True
         self._share()
 
