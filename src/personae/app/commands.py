@@ -61,7 +61,7 @@ def chat(run: Path, character: str, *, image: Path | None = None, temperature: f
     run_terminal_chat(session)
 
 
-def chat_params(run: Path, cfg: Config, *, seed: int | None = None, **given: float | int | None) -> SamplingParams:
+def chat_params(run: Path, cfg: Config, *, seed: int | None = None, **given: float | None) -> SamplingParams:
     """The run's recommended sampling (generation_config.json; without one, what evaluation uses) with
     every `given` value that is not None in its place."""
     defaults = read_generation_config(run, recommended_generation(cfg))

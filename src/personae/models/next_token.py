@@ -177,7 +177,11 @@ class Truncation:
     xtc_active: torch.Tensor | None = None  # (B,) bool: rows whose XTC draw fired this step
 
     def rows(self, index: torch.Tensor) -> Truncation:
-        pick = (lambda t: t[index] if t is not None else None)  # noqa: E731
+        """These settings for the rows `index` only."""
+
+        def pick(values: torch.Tensor | None) -> torch.Tensor | None:
+            return values[index] if values is not None else None
+
         return Truncation(self.top_k[index], self.top_p[index], pick(self.typical_p), pick(self.min_p),
                           pick(self.xtc_threshold), pick(self.xtc_active))
 
