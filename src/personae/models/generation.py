@@ -177,8 +177,11 @@ class DecodeBatch:
         """Choose each row's next token from the pending logits and push it to the row; (B,) tokens."""
         settings = self.settings
         logits = settings.penalise(self.logits.float().cpu(), self.counts, self.history, self.generated)
-        tokens = choose_tokens(logits, settings.temperature, settings.truncation(), None, settings.sampled_index,
-                               self._uniforms())
+        if settings.sampled:
+            tokens = choose_tokens(logits, settings.temperature, settings.truncation(), None, settings.sampled_index,
+                                   self._uniforms())
+        else:  # every row is greedy
+            tokens = logits.argmax(-1)
         # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
         if settings.counted:
             self.counts[torch.arange(len(tokens)), tokens] += 1
