@@ -58,7 +58,8 @@ def test_a_mixed_batch_decodes_each_row_with_its_own_adapter(adapted_run: Path) 
     handles = [scheduler.submit(job) for job in jobs]
     run_until_idle(scheduler)
     assert scheduler.stats.max_batch_seen == 4  # one batch mixing three adapters
-    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, max_repeats=jobs[0].params.max_repeats, stop=[])
+    assert jobs[0].params == params  # greedy, with the run's loop breaking (its generation_config.json)
     base = load_run(adapted_run, "cpu").model
     replies, base_replies = [], []
     for character, job, handle in zip(characters, jobs, handles):

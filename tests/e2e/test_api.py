@@ -17,6 +17,7 @@ from personae.data.images import load_image_bytes, model_pixels
 from personae.data.prompt import PromptBuilder, Turn
 from personae.meta.adapt import CharacterAdapter
 from personae.models.generation import SamplingParams, generate
+from personae.models.generation_config import read_generation_config
 from personae.models.lora import load_adapter
 from personae.serve.app import RunBundle
 from personae.serve.schemas import (
@@ -60,7 +61,8 @@ def test_completion_is_what_generate_writes_for_the_same_prompt(client: TestClie
     size = bundle.model.cfg.vision.image_size
     pixels = model_pixels(image, size)[None]
     expected = generate(bundle.model, bundle.tokenizer, [prompt.ids], pixels,
-                        SamplingParams(max_new_tokens=10, temperature=0.9, seed=11))[0]
+                        SamplingParams(max_new_tokens=10, temperature=0.9, seed=11,
+                                       max_repeats=read_generation_config(finetuned_run).max_repeats))[0]
     assert answer["object"] == "chat.completion" and answer["model"] == f"personae/{CHARACTER}"
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
     assert answer["choices"][0]["finish_reason"] == expected.finish_reason

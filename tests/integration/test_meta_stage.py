@@ -18,6 +18,7 @@ from personae.data.cards import load_card
 from personae.data.episodes import examples_file
 from personae.errors import DataError, PersonaeError
 from personae.meta.adapt import Adaptation, AdaptSpec, adapt_to_character, learned_rates, support_batch
+from personae.models.generation_config import read_generation_config
 from personae.models.io import load_model
 from personae.models.lora import load_adapter, lora_settings
 from personae.train.adapt import adapt_character, read_examples
@@ -88,6 +89,8 @@ def test_meta_train_loss_is_finite_falls_and_the_run_reloads_with_lora(meta_run)
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     model, cfg, _ = load_model(out)
     assert cfg.model.lora_rank == 4 and lora_settings(model) == {"rank": 4, "alpha": 8.0}
+    assert read_generation_config(out).max_repeats == cfg.finetune.max_repeats  # written, not the fallback file
+    assert (out / "generation_config.json").exists()
     rates = load_file(str(out / "meta_lrs.safetensors"))  # Meta-SGD: one rate per adapted element
     assert rates and all(key.endswith(("lora_A", "lora_B")) for key in rates)
     assert any(not torch.allclose(v, torch.full_like(v, 0.05)) for v in rates.values())  # they were learned

@@ -8,6 +8,7 @@ import pytest
 from personae.app.cli import main
 from personae.chat.session import CharacterNotFound, ChatSession, find_character, run_terminal_chat
 from personae.config import apply_overrides
+from personae.models.generation_config import GenerationDefaults, read_generation_config
 from personae.models.io import load_model
 from personae.train.finetune import run_config, run_finetune
 
@@ -27,6 +28,10 @@ def test_finetuning_lowers_the_reply_loss(finetuned):
     model, cfg, _ = load_model(out)
     assert model.decoder is not None and cfg.model.decoder.enabled
     assert (out / "characters" / "captain-saltbeard.json").exists() or any((out / "characters").glob("*.json"))
+    # the run recommends what evaluation decodes with: greedy with loop breaking
+    assert read_generation_config(out) == GenerationDefaults(temperature=0.0, max_repeats=cfg.finetune.max_repeats,
+                                                             max_new_tokens=cfg.finetune.max_new_tokens)
+    assert (out / "generation_config.json").exists()
 
 
 def test_eval_roleplay_scores_seen_and_heldout(finetuned, small_world, capsys):

@@ -204,9 +204,12 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
     talk.add_argument("run", metavar="RUN")
     talk.add_argument("--character", required=True, help="a character the run knows (id or name) or a card file")
     talk.add_argument("--image", type=Path, default=None, help="image to talk about (default: the card's avatar)")
-    talk.add_argument("--temperature", type=float, default=0.0)
-    talk.add_argument("--top-p", type=float, default=1.0)
-    talk.add_argument("--max-tokens", type=int, default=64)
+    talk.add_argument("--temperature", type=float, default=None,
+                      help="sampling temperature, 0: greedy (default: the run's generation_config.json)")
+    talk.add_argument("--top-p", type=float, default=None,
+                      help="nucleus sampling mass (default: the run's generation_config.json)")
+    talk.add_argument("--max-tokens", type=int, default=None,
+                      help="longest reply in tokens (default: the run's generation_config.json)")
     talk.add_argument("--seed", type=int, default=None)
     talk.add_argument("--user", default="User", help="your name in the conversation")
     talk.set_defaults(handler=_chat, takes_overrides=False)

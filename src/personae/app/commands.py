@@ -15,6 +15,7 @@ from personae.eval.grounding import evaluate_grounding, format_grounding_table, 
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
 from personae.models.generation import SamplingParams
+from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.io import load_model
 from personae.train.distributed import pick_device
 
@@ -57,19 +58,27 @@ def evaluate_grounding_run(run: Path, data: Path, *, split: str = "test", out: P
     return result
 
 
-def chat(run: Path, character: str, *, image: Path | None = None, temperature: float = 0.0, top_p: float = 1.0,
-         max_tokens: int = 64, seed: int | None = None, user: str = "User") -> None:
-    """`personae chat`: an interactive terminal chat that streams the replies."""
+def chat(run: Path, character: str, *, image: Path | None = None, temperature: float | None = None,
+         top_p: float | None = None, max_tokens: int | None = None, seed: int | None = None,
+         user: str = "User") -> None:
+    """`personae chat`: an interactive terminal chat that streams the replies (sampling: the run's
+    generation_config.json, with the options given in its place)."""
     from personae.chat.session import ChatSession, load_run_for_character, run_terminal_chat
 
     model, cfg, tokenizer, card = load_run_for_character(run, character, pick_device())
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            max_repeats=cfg.finetune.max_repeats)
+    params = chat_params(run, cfg, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed)
     session = ChatSession(model, tokenizer, card, params=params, user=user,
                           include_examples=cfg.finetune.include_examples)
     if image is not None:
         session.set_image(image)
     run_terminal_chat(session)
+
+
+def chat_params(run: Path, cfg: Config, *, seed: int | None = None, **given: float | None) -> SamplingParams:
+    """The run's recommended sampling (generation_config.json; without one, what evaluation uses) with
+    every `given` value that is not None in its place."""
+    defaults = read_generation_config(run, recommended_generation(cfg))
+    return SamplingParams(seed=seed, **defaults.with_overrides(**given))
 
 
 def meta_train(run: Path, data: Path, out: Path, cfg: Config | None = None, *, resume: bool = False,

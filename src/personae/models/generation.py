@@ -12,10 +12,12 @@ lies before them is masked out (``real`` is False there); positions are per row.
 * **room**: the cache grows when full, and when it reaches ``max_positions`` each row's real slots
   are gathered to the right, squeezing out the masked gaps.
 
-One next-token pipeline (:mod:`personae.models.next_token`) serves every row, vectorised over rows with per-row settings: ignore-eos,
-repetition penalty, loop breaking, temperature / top-k / top-p, and inverse-CDF sampling with each
-row's own seeded CPU generator (a prompt and seed give the same reply alone or batched, on any
-device). The model side is the small :class:`CausalLM` protocol, so a second decoder family plugs
+One next-token pipeline (:mod:`personae.models.next_token`, :mod:`personae.models.samplers`, the
+rows' settings in :mod:`personae.models.row_settings`) serves every row, vectorised over rows with
+per-row settings: ignore-eos, logit bias, repetition / frequency / presence penalties, DRY, loop
+breaking (then the optional logprobs), temperature / top-k / top-p / typical-p / min-p / XTC, and
+inverse-CDF sampling with each row's own seeded CPU generator (a prompt and seed give the same
+reply alone or batched, on any device). The model side is the small :class:`CausalLM` protocol, so a second decoder family plugs
 in without touching the engine.
 """
 
@@ -32,16 +34,9 @@ from torch import nn
 from personae.data.tokenizer import Tokenizer
 from personae.models.adapter_bank import AdapterBank
 from personae.models.cache import KVCache, PrefixCache, SharedHeads, image_digest
-from personae.models.next_token import (
-    MAX_LOOP_NGRAM,
-    Generation,
-    Row,
-    RowRequest,
-    SamplingParams,
-    apply_repetition_penalty,
-    ban_loops,
-    choose_tokens,
-)
+from personae.models.next_token import MAX_LOOP_NGRAM, Generation, Row, RowRequest, SamplingParams, choose_tokens
+from personae.models.row_settings import RowSettings
+from personae.models.samplers import breaker_tokens
 
 DRAW_STEPS = 16  # a sampling row draws its uniform numbers this many steps at a time (one call, not one per step)
 
@@ -104,6 +99,7 @@ class DecodeBatch:
         self.device, self.dtype = parameter.device, parameter.dtype
         self.rows: list[Row] = []
         self.compactions = 0
+        self._breaker_masks: dict[tuple[str, ...], torch.Tensor] = {}
         self.clear()
 
     # ---- membership ------------------------------------------------------------------------------
@@ -153,7 +149,7 @@ class DecodeBatch:
         self.rows = [self.rows[i] for i in order]
         self.real, self.positions, self.logits = self.real[on_device], self.positions[on_device], self.logits[on_device]
         self.slots, self.tokens = self.slots[on_device], self.tokens[index]
-        self.seen, self.history, self.generated = self.seen[index], self.history[index], self.generated[index]
+        self.counts, self.history, self.generated = self.counts[index], self.history[index], self.generated[index]
         self.uniform, self.row_head = self.uniform[index], self.row_head[index]
         self._settings_changed()
 
@@ -166,7 +162,7 @@ class DecodeBatch:
         self.logits = torch.zeros(0, 0, device=self.device)  # (B, V) next-token logits, not yet sampled
         self.slots = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) adapter slot per row
         self.tokens = torch.zeros(0, dtype=torch.long)  # (B,) the tokens sampled last, fed next
-        self.seen = torch.zeros(0, 0, dtype=torch.bool)  # (B, V) tokens each row generated
+        self.counts = torch.zeros(0, 0, dtype=torch.int32)  # (B, V) how often each row generated each token
         self.history = torch.zeros(0, 0, dtype=torch.long)  # (B, W) last W generated ids, newest last, -1 before
         self.generated = torch.zeros(0, dtype=torch.long)  # (B,) tokens each row generated
         self.uniform = torch.zeros(0, DRAW_STEPS)  # (B, DRAW_STEPS) each sampling row's drawn uniforms
@@ -179,39 +175,47 @@ class DecodeBatch:
     @torch.inference_mode()
     def sample(self) -> torch.Tensor:
         """Choose each row's next token from the pending logits and push it to the row; (B,) tokens."""
-        logits = self.logits.float().cpu()
-        if self._any_ignore_eos:
-            logits[self._ignore_eos, self.tokenizer.eos_id] = float("-inf")
-        if self._penalised:
-            logits = apply_repetition_penalty(logits, self.seen, self._penalty)
-        if self._loops:
-            logits = ban_loops(logits, self.history, self.generated, self._max_repeats)
-        tokens = choose_tokens(logits, self._temperature, self._top_k, self._top_p, self._sampled_index,
-                               self._uniforms())
+        settings = self.settings
+        logits = settings.penalise(self.logits.float().cpu(), self.counts, self.history, self.generated)
+        if settings.sampled:
+            tokens = choose_tokens(logits, settings.temperature, settings.truncation(), None, settings.sampled_index,
+                                   self._uniforms())
+        else:  # every row is greedy
+            tokens = logits.argmax(-1)
         # rows without a penalty or a repeat limit never read these: they are kept only while one is in the batch
-        if self._penalised:
-            self.seen[torch.arange(len(tokens)), tokens] = True
-        if self._loops:
+        if settings.counted:
+            self.counts[torch.arange(len(tokens)), tokens] += 1
+        if settings.loops:
             self.history = torch.cat([self.history[:, 1:], tokens[:, None]], dim=1)
             self.generated += 1
-        for row, token in zip(self.rows, tokens.tolist()):
-            row.push(token)
+        logprobs = settings.logprobs(logits, tokens)
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+            row.push(token, logprobs.get(i))
         self.tokens = tokens
         return tokens
 
+    def _breakers(self, breakers: tuple[str, ...], vocab: int) -> torch.Tensor:
+        """(V,) bool: DRY's sequence-breaker tokens for these strings (cached: one decode of the vocabulary)."""
+        if breakers not in self._breaker_masks:
+            texts = [self.tokenizer.decode([i]) for i in range(vocab)]
+            special = [i for i in self.tokenizer.special_ids if i < vocab]
+            self._breaker_masks[breakers] = breaker_tokens(texts, breakers, special)
+        return self._breaker_masks[breakers]
+
     def _uniforms(self) -> torch.Tensor:
         """(sampled rows,) this step's U(0, 1) draw of each sampling row, from its own generator."""
-        if not self._sampled:
+        sampled = self.settings.sampled
+        if not sampled:
             return self.uniform[:0, 0]
         phases = []
-        for i in self._sampled:
+        for i in sampled:
             row = self.rows[i]
             phase = row.draws % DRAW_STEPS
             if phase == 0:
                 self.uniform[i] = torch.rand(DRAW_STEPS, generator=row.generator)
             row.draws += 1
             phases.append(phase)
-        return self.uniform[self._sampled_index, torch.tensor(phases, dtype=torch.long)]
+        return self.uniform[self.settings.sampled_index, torch.tensor(phases, dtype=torch.long)]
 
     @torch.inference_mode()
     def forward(self) -> None:
@@ -335,7 +339,7 @@ class DecodeBatch:
         self.slots = torch.cat([p.slots for p in parts])
         fresh = len(rows)
         vocab = self.logits.shape[1]
-        self.seen = torch.cat([self.seen.reshape(-1, vocab), torch.zeros(fresh, vocab, dtype=torch.bool)])
+        self.counts = torch.cat([self.counts.reshape(-1, vocab), torch.zeros(fresh, vocab, dtype=torch.int32)])
         self.generated = torch.cat([self.generated, torch.zeros(fresh, dtype=torch.long)])
         self.tokens = torch.cat([self.tokens, torch.zeros(fresh, dtype=torch.long)])
         self.uniform = torch.cat([self.uniform, torch.zeros(fresh, DRAW_STEPS)])
@@ -380,19 +384,8 @@ class DecodeBatch:
         return real
 
     def _settings_changed(self) -> None:
-        """Per-row sampling settings as (B,) tensors, and which pipeline stages any row needs."""
-        params = [row.params for row in self.rows]
-        self._temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        self._top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
-        self._top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        self._penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
-        self._max_repeats = torch.tensor([p.max_repeats for p in params], dtype=torch.long)
-        self._ignore_eos = torch.tensor([row.request.ignore_eos for row in self.rows], dtype=torch.bool)
-        self._any_ignore_eos = any(row.request.ignore_eos for row in self.rows)
-        self._sampled = [i for i, p in enumerate(params) if p.temperature > 0]
-        self._sampled_index = torch.tensor(self._sampled, dtype=torch.long)
-        self._penalised = any(p.repetition_penalty != 1.0 for p in params)
-        self._loops = any(p.max_repeats > 0 for p in params)
+        """The rows' sampling settings as (B,) tensors, the mask of gaps, and the rows' shared heads."""
+        self.settings = RowSettings(self.rows, self.logits.shape[-1], self._breakers, self.tokenizer.eos_id)
         self._gapless = bool(self.real[:, : self.cache.length].all()) if self.cache is not None else True
         self._share()
 

@@ -9,14 +9,18 @@ needs no grouping and no Python work per row (except the draws from each sampled
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from personae.data.tokenizer import Tokenizer
+from personae.models.samplers import LOGIT_BIAS_LIMIT, exclude_top_choices, filter_min_p, filter_typical_p
 
 MAX_LOOP_NGRAM = 8  # loop breaking looks at n-grams of up to this many tokens
+XTC_SEED_OFFSET = 0x5EED  # XTC's generator is seeded with the row's seed + this
+MAX_TOP_LOGPROBS = 20  # the most alternatives a token's logprobs may list (OpenAI's limit)
+DRY_BREAKERS = ("\n", ":", '"', "*")  # DRY's default sequence breakers (SillyTavern's and llama.cpp's)
 
 
 @dataclass
@@ -31,6 +35,19 @@ class SamplingParams:
     max_repeats: int = 0  # > 0: no n-gram (n <= MAX_LOOP_NGRAM) repeats more than this many times in a row
     stop: Sequence[str] = ()
     seed: int | None = None
+    frequency_penalty: float = 0.0  # logit -= count * this, count: times the token was generated (OpenAI's)
+    presence_penalty: float = 0.0  # logit -= this for every token generated at least once (OpenAI's)
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0: off)
+    typical_p: float = 1.0  # locally typical sampling: the mass kept, closest-to-entropy tokens first (1: off)
+    dry_multiplier: float = 0.0  # DRY repeat penalty's scale (0: off)
+    dry_base: float = 1.75  # DRY: the penalty grows by this factor per token of repeat past allowed_length
+    dry_allowed_length: int = 2  # DRY: repeats this long are not penalised
+    dry_sequence_breakers: Sequence[str] = DRY_BREAKERS  # DRY: a repeat never runs across a token holding one
+    xtc_threshold: float = 0.1  # XTC: tokens at least this likely are the "top choices"
+    xtc_probability: float = 0.0  # XTC: chance per step that all top choices but the least likely are dropped (0: off)
+    logprobs: bool = False  # record each chosen token's logprob (after penalties, before temperature)
+    top_logprobs: int = 0  # and this many most likely alternatives per token (at most MAX_TOP_LOGPROBS)
 
     def __post_init__(self) -> None:
         checks = [
@@ -40,10 +57,30 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.max_repeats >= 0, "max_repeats must be >= 0 (0: off)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (all(abs(b) <= LOGIT_BIAS_LIMIT for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (0 < self.typical_p <= 1, "typical_p must be in (0, 1]"),
+            (self.dry_multiplier >= 0, "dry_multiplier must be >= 0 (0: off)"),
+            (self.dry_base >= 1, "dry_base must be >= 1"),
+            (self.dry_allowed_length >= 1, "dry_allowed_length must be >= 1"),
+            (0 <= self.xtc_threshold <= 1, "xtc_threshold must be in [0, 1]"),
+            (0 <= self.xtc_probability <= 1, "xtc_probability must be in [0, 1]"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message} (got {self})")
+
+
+@dataclass
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely alternatives (id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +90,7 @@ class Generation:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (end token or stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the params asked for them
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
@@ -127,21 +165,56 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | int = 0,
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  sampled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+@dataclass
+class Truncation:
+    """Per-row (B,) truncation settings applied to sampled rows after temperature; off values leave a row as it is."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    typical_p: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None
+    xtc_threshold: torch.Tensor | None = None
+    xtc_active: torch.Tensor | None = None  # (B,) bool: rows whose XTC draw fired this step
+
+    def rows(self, index: torch.Tensor) -> Truncation:
+        """These settings for the rows `index` only."""
+
+        def pick(values: torch.Tensor | None) -> torch.Tensor | None:
+            return values[index] if values is not None else None
+
+        return Truncation(self.top_k[index], self.top_p[index], pick(self.typical_p), pick(self.min_p),
+                          pick(self.xtc_threshold), pick(self.xtc_active))
+
+    def apply(self, scaled: torch.Tensor) -> torch.Tensor:
+        """Top-k, top-p, typical-p, min-p, then XTC on temperature-scaled logits."""
+        scaled = filter_top_k_top_p(scaled, self.top_k, self.top_p)
+        if self.typical_p is not None:
+            scaled = filter_typical_p(scaled, self.typical_p)
+        if self.min_p is not None:
+            scaled = filter_min_p(scaled, self.min_p)
+        if self.xtc_active is not None and self.xtc_threshold is not None:
+            scaled = exclude_top_choices(scaled, self.xtc_threshold, self.xtc_active)
+        return scaled
+
+
+def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | Truncation,
+                  top_p: torch.Tensor | None, sampled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, a draw for the `sampled` rows.
 
-    sampled (S,) indexes the rows with temperature > 0 and uniform (S,) holds one U(0, 1) number
-    per sampled row, drawn from the row's own generator; the token is where it falls in the
-    cumulative softmax(logits / temperature) after top-k / top-p (inverse-CDF sampling: one random
+    `top_k` is the per-row top-k (with `top_p`), or a whole :class:`Truncation` (then `top_p` is
+    None). sampled (S,) indexes the rows with temperature > 0 and uniform (S,) holds one U(0, 1)
+    number per sampled row, drawn from the row's own generator; the token is where it falls in the
+    cumulative softmax(logits / temperature) after truncation (inverse-CDF sampling: one random
     number per row and step, not one per vocabulary entry). So a row's reply depends neither on
-    the other rows nor on the device.
+    the other rows nor on the device. Greedy rows take the argmax: truncation never changes it
+    except typical-p and XTC, which only sampled rows use.
     """
+    truncation = top_k if isinstance(top_k, Truncation) else Truncation(top_k, top_p)  # type: ignore[arg-type]
     if len(sampled) == len(logits):  # every row samples: no greedy pass needed
-        return _inverse_cdf(filter_top_k_top_p(logits / temperature[:, None], top_k, top_p), uniform)
+        return _inverse_cdf(truncation.apply(logits / temperature[:, None]), uniform)
     tokens = logits.argmax(-1)
     if len(sampled):
-        scaled = filter_top_k_top_p(logits[sampled] / temperature[sampled, None], top_k[sampled], top_p[sampled])
+        scaled = truncation.rows(sampled).apply(logits[sampled] / temperature[sampled, None])
         tokens[sampled] = _inverse_cdf(scaled, uniform)
     return tokens
 
@@ -152,6 +225,18 @@ def _inverse_cdf(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     # the first entry whose cdf exceeds the target: a token of probability 0 never is (its cdf equals the one before)
     return torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=scaled.shape[-1] - 1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """(R, V) logits and (R,) chosen tokens -> each token's log-softmax value and the `top` best alternatives."""
+    log_probs = logits.log_softmax(-1)
+    chosen = log_probs.gather(1, tokens[:, None])[:, 0].tolist()
+    if top > 0:
+        values, ids = log_probs.topk(min(top, log_probs.shape[-1]), dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, alternatives)]
 
 
 def stream_piece(text: str, emitted: int, finished: bool, stops: Sequence[str]) -> tuple[str, int]:
@@ -196,7 +281,12 @@ class Row:
         self.params = request.params
         self.generator = torch.Generator().manual_seed(request.seed)
         self.draws = 0  # samples drawn so far from the generator (the engine draws a few steps at a time)
+        # XTC's coin flips: a second generator, so the token draws are the same with XTC on or off
+        self.xtc_generator = (torch.Generator().manual_seed(request.seed + XTC_SEED_OFFSET)
+                              if self.params.xtc_probability > 0 else None)
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs else None  # one per id
+        self.logprobs_emitted = 0  # logprobs already streamed
         self.emitted, self.finish = 0, ""
         self._text: str | None = ""
         self._eager = request.stream or any(self.params.stop)  # decode every step only when read every step
@@ -207,12 +297,14 @@ class Row:
             self._text = self.tokenizer.decode(self.ids)
         return self._text
 
-    def push(self, token: int) -> None:
-        """Record a sampled token: the end token, a stop string or the length limit end the row."""
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Record a sampled token (and its logprob): the end token, a stop string or the length limit end the row."""
         if token == self.tokenizer.eos_id and not self.request.ignore_eos:
             self.finish = "stop"
             return
         self.ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         self._text = None
         if self._eager and self.params.stop:
             text = self.text
@@ -228,9 +320,20 @@ class Row:
         piece, self.emitted = stream_piece(self.text, self.emitted, bool(self.finish), self.params.stop)
         return piece
 
+    def new_logprobs(self) -> list[TokenLogprob]:
+        """Logprobs of the tokens pushed since the last call (streamed along with their text)."""
+        if self.logprobs is None:
+            return []
+        fresh = self.logprobs[self.logprobs_emitted :]
+        self.logprobs_emitted = len(self.logprobs)
+        return fresh
+
     def generation(self) -> Generation:
-        return Generation(text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length")
+        logprobs = list(self.logprobs) if self.logprobs is not None else None
+        return Generation(text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length",
+                          logprobs=logprobs)
 
 
-__all__ = ["MAX_LOOP_NGRAM", "Generation", "Row", "RowRequest", "SamplingParams", "apply_repetition_penalty", "ban_loops", "choose_tokens", "filter_top_k_top_p",
-           "stream_piece"]
+__all__ = ["DRY_BREAKERS", "MAX_LOOP_NGRAM", "MAX_TOP_LOGPROBS", "Generation", "Row", "RowRequest", "SamplingParams",
+           "TokenLogprob", "Truncation", "apply_repetition_penalty", "ban_loops", "choose_tokens",
+           "filter_top_k_top_p", "stream_piece", "token_logprobs"]

@@ -43,6 +43,7 @@ from personae.data.cards import CardError, CharacterCard
 from personae.data.prompt import PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer
 from personae.meta.adapt import CharacterAdapter, learned_rates
+from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
 from personae.serve.adapters import ServerAdapters
@@ -72,9 +73,10 @@ from personae.serve.schemas import (
     ModelList,
 )
 from personae.serve.settings import ServeSettings
+from personae.serve.text_completions import TextCompletionService, add_text_routes
 
 STATIC = Path(__file__).parent / "static"
-_PROTECTED = ("/v1/", "/stats")
+_PROTECTED = ("/v1/", "/stats", "/tokenize", "/detokenize")
 
 
 @dataclass
@@ -106,8 +108,11 @@ class ServerContext:
         self.registry = CharacterRegistry(self.run_dir, image_size=bundle.model.cfg.vision.image_size)
         self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir)
         include = bundle.include_examples if settings.include_examples is None else settings.include_examples
+        # the run's recommended sampling (a run older than the file: what evaluation decodes with)
+        self.generation = read_generation_config(self.run_dir, recommended_generation(bundle.config))
         self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include,
-                                             self.adapters)
+                                             self.adapters, self.generation)
+        self.text_completions = TextCompletionService(bundle.model, bundle.tokenizer, settings, self.generation)
         self.scheduler = Scheduler(bundle.model, bundle.tokenizer, max_batch=settings.max_batch,
                                    max_queue=settings.max_queue, batching=settings.batching,
                                    retry_after=settings.retry_after_s,
@@ -221,6 +226,7 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
     context.scheduler.start()  # also without the lifespan (e.g. a TestClient used outside `with`)
     install_error_handlers(app)
     _chat_routes(app, context)
+    add_text_routes(app, context.text_completions, context.submit, _collect, run_in_threadpool)
     _character_routes(app, context)
     _adapt_routes(app, context)
     _misc_routes(app, context)

@@ -35,11 +35,14 @@ from personae.data.images import model_pixels
 from personae.data.prompt import PromptBuilder, PromptTooLong, Turn, client_system_card
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
-from personae.models.generation import Generation, SamplingParams
+from personae.models.generation import Generation
+from personae.models.generation_config import FALLBACK, GenerationDefaults
 from personae.models.model import PersonaeModel
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import CharacterRegistry
 from personae.serve.errors import ApiError, error_body
+from personae.serve.logprobs import chat_logprobs
+from personae.serve.sampling import sampling_params
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
 from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
 from personae.serve.settings import ServeSettings
@@ -70,14 +73,17 @@ class PreparedRequest:
     stream: bool
     include_usage: bool
     warnings: tuple[str, ...] = ()  # how the card was cut to fit (Prompt.warnings)
+    tokenizer: Tokenizer | None = None  # spells out the tokens of logprobs
 
 
 class CompletionService:
     """Turns chat-completion requests into scheduler jobs, with every limit checked on the way."""
 
     def __init__(self, model: PersonaeModel, tokenizer: Tokenizer, registry: CharacterRegistry,
-                 settings: ServeSettings, include_examples: bool, adapters: ServerAdapters | None = None) -> None:
+                 settings: ServeSettings, include_examples: bool, adapters: ServerAdapters | None = None,
+                 generation: GenerationDefaults = FALLBACK) -> None:
         self.model, self.tokenizer, self.registry, self.settings = model, tokenizer, registry, settings
+        self.generation = generation  # the run's recommended sampling, for every field a request leaves out
         self.adapters = adapters
         self.include_examples = include_examples
         self.builder = PromptBuilder(tokenizer)
@@ -102,17 +108,19 @@ class CompletionService:
                            param="messages", code="context_length_exceeded") from None
         pixels = self._image(*conversation.image) if conversation.image else avatar
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=request.temperature, top_k=request.top_k,
-                                top_p=request.top_p, repetition_penalty=request.repetition_penalty, stop=stop,
-                                max_repeats=request.max_repeats,
-                                seed=request.seed)
+        top = request.top_logprobs or 0
+        if top and not request.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        params = sampling_params(request, self.generation, self.tokenizer.vocab_size, max_tokens=max_tokens,
+                                 stop=stop, seed=request.seed, logprobs=bool(request.logprobs), top_logprobs=top)
         # the same for every request to the card with the same lore entries active: cached by its tokens
         head = prompt.segments["definition"] + prompt.segments["examples"]
         job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,
                             stream=request.stream, adapter=adapter)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
-                               prompt.dropped_turns, request.stream, include_usage, tuple(prompt.warnings))
+                               prompt.dropped_turns, request.stream, include_usage, tuple(prompt.warnings),
+                               self.tokenizer)
 
     def _check_options(self, request: ChatCompletionRequest) -> None:
         s = self.settings
@@ -127,8 +135,6 @@ class CompletionService:
                            code="too_many_stop_strings")
         if any(not stop or len(stop) > 100 for stop in stops):
             raise ApiError(400, "every stop string must have 1 to 100 characters", param="stop", code="invalid_value")
-        if request.logprobs:
-            raise ApiError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported")
         if request.tools:
             raise ApiError(400, "tools are not supported: a character answers in text", param="tools",
                            code="unsupported")
@@ -278,7 +284,8 @@ def usage(prepared: PreparedRequest, generations: list[Generation]) -> dict[str,
 def completion_body(prepared: PreparedRequest, generations: list[Generation], cid: str, created: int) -> dict:
     """The non-streamed answer."""
     choices = [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
-                "logprobs": None} for i, g in enumerate(generations)]
+                "logprobs": chat_logprobs(prepared.tokenizer, g.logprobs) if g.logprobs is not None else None}
+               for i, g in enumerate(generations)]
     return {"id": cid, "object": "chat.completion", "created": created, "model": prepared.model,
             "system_fingerprint": FINGERPRINT, "choices": choices, "usage": usage(prepared, generations),
             "warnings": list(prepared.warnings)}
@@ -300,7 +307,9 @@ async def stream_chunks(handle: RequestHandle, prepared: PreparedRequest) -> Asy
         while True:
             event = await handle.next_event()
             if isinstance(event, Piece):
-                delta = {"index": event.index, "delta": {"content": event.text}, "logprobs": None, "finish_reason": None}
+                logprobs = chat_logprobs(prepared.tokenizer, event.logprobs) if handle.job.params.logprobs else None
+                delta = {"index": event.index, "delta": {"content": event.text}, "logprobs": logprobs,
+                         "finish_reason": None}
                 yield _chunk(cid, created, model, [delta])
             elif isinstance(event, Finished):
                 end = {"index": event.index, "delta": {}, "logprobs": None,

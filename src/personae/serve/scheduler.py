@@ -24,7 +24,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.generation import DecodeBatch, Generation, Row, RowRequest, SamplingParams
 from personae.models.model import PersonaeModel
+from personae.models.next_token import TokenLogprob
 from personae.serve.adapters import ServerAdapters
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,11 @@ class GenerationJob:
 
 @dataclass
 class Piece:
-    """New text of choice `index`."""
+    """New text of choice `index` (and its tokens' logprobs, when the request asked for them)."""
 
     index: int
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -322,8 +324,9 @@ class Scheduler:
         handle, index = row.request.owner  # type: ignore[misc]
         stream = handle.job.stream
         piece = row.new_text() if stream else ""
-        if piece:
-            handle.emit(Piece(index, piece))
+        logprobs = row.new_logprobs() if stream else []
+        if piece or logprobs:
+            handle.emit(Piece(index, piece, logprobs))
         if row.finish:
             generation = row.generation()
             handle.generations[index] = generation

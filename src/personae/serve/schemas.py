@@ -60,13 +60,34 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Lenient):
+class SamplerFields(BaseModel):
+    """Sampling options of /v1/chat/completions and /v1/completions; null or absent: the run's default."""
+
+    model_config = ConfigDict(extra="allow")  # unknown fields are kept: unsupported samplers are refused by name
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="0 keeps only the most likely token")
+    top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+    max_repeats: int | None = Field(None, ge=0, description="personae's loop breaking (0: off)")
+    dry_multiplier: float | None = Field(None, ge=0.0)
+    dry_base: float | None = Field(None, ge=1.0)
+    dry_allowed_length: int | None = Field(None, ge=1)
+    dry_sequence_breakers: list[str] | str | None = Field(None, description="a list, or its JSON text")
+    xtc_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    xtc_probability: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class ChatCompletionRequest(SamplerFields):
     """POST /v1/chat/completions; `character`, `top_k`, `repetition_penalty`, `ignore_eos`, `user_name` are ours."""
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -74,16 +95,12 @@ class ChatCompletionRequest(_Lenient):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # accepted for compatibility, not used
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # accepted for compatibility, not used
-    logprobs: bool | None = None
+    logprobs: bool | None = None  # each token's logprob (after penalties, before temperature)
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # and this many alternatives per token
     tools: list[Any] | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, not used
     # personae extensions
     character: str | None = Field(None, description="a character id or name; wins over `model`")
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    max_repeats: int = Field(0, ge=0)  # no n-gram more than this many times in a row (0: off)
     ignore_eos: bool = False
     user_name: str | None = Field(None, max_length=64, description="who {{user}} is in the card")
 
@@ -103,13 +120,33 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """One alternative token: its text, logprob and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobInfo(TopLogprob):
+    """A chosen token's logprob and the most likely alternatives (after penalties, before temperature)."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's choices[].logprobs of a chat completion."""
+
+    content: list[TokenLogprobInfo] | None = None
+
+
 class Choice(BaseModel):
     """One of the n replies."""
 
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):

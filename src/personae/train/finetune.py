@@ -16,6 +16,7 @@ from personae.data.marker_swap import swap_conversations
 from personae.data.roleplay import RolePlayDataset, collate_roleplay
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.models.generation_config import recommended_generation, write_generation_config
 from personae.models.io import CONFIG_FILE, CheckpointError, load_model, require_file
 from personae.models.model import PersonaeModel
 from personae.tasks import RolePlayTask
@@ -74,6 +75,8 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = 
         print(f"persona swap: {len(variants) - dataset.fallbacks} of {len(records)} conversations speak with fresh "
               f"markers ({dataset.fallbacks} too long once swapped kept their own)")
     copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
+    if dist.is_primary:
+        write_generation_config(out_dir, recommended_generation(cfg))
     task = wrap_ddp(RolePlayTask(model, cfg.finetune), dist)
     trainer = Trainer(task, model, dataset, partial(collate_roleplay, pad_id=tokenizer.pad_id), cfg, tokenizer,
                       out_dir, dist, stage="finetune", progress=progress, train_cfg=cfg.finetune.train)

@@ -32,6 +32,7 @@ from personae.data.roleplay import RolePlayDataset
 from personae.errors import PersonaeError
 from personae.meta import MetaLearner, build_meta
 from personae.meta.adapt import HEAD, META_LRS_FILE, learned_rates
+from personae.models.generation_config import recommended_generation, write_generation_config
 from personae.models.lora import add_decoder_lora, lora_settings
 from personae.models.model import PersonaeModel
 from personae.tasks import dense_roleplay_task
@@ -159,6 +160,7 @@ def run_meta_train(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None 
     learner = build_learner(model, cfg, tokenizer.pad_id)
     _start_from_learned_rates(learner, Path(run))
     copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
+    write_generation_config(out_dir, recommended_generation(cfg))
 
     aux = {META_LRS_FILE.removesuffix(".safetensors"): learner.inner_lrs} if cfg.meta.learn_inner_lr else None
     trainer = Trainer(MetaStep(learner), model, None, None, cfg, tokenizer, out_dir, dist, stage="meta",
