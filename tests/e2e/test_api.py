@@ -193,7 +193,8 @@ def test_adaptation_job_runs_the_hook_and_reports_progress(make_app: Callable[..
     assert job["status"] == "succeeded" and job["progress"] == 1.0, job
     assert seen == {"examples": [{"user": "hi", "reply": "Bonjour!", "image": None}], "steps": 4}
     assert client.get(f"/v1/characters/{CHARACTER}/adapt").json()["id"] == job["id"]
-    assert client.get(f"/v1/models/personae/{CHARACTER}").json()["adapted"] is True
+    # the head adapter is written but not applied per request: the character is played with the base weights
+    assert client.get(f"/v1/models/personae/{CHARACTER}").json()["adapted"] is False
     tensors, metadata = load_adapter(run_copy / "adapters" / f"{CHARACTER}.safetensors")  # the job wrote it
     assert set(tensors) == {"decoder.ln_f.weight"} and metadata["inner_params"] == "head"
     assert client.get(f"/v1/characters/{CHARACTER}").json()["adapter"].startswith("not applied: ")  # not LoRA

@@ -279,22 +279,27 @@ def _chat_routes(app: FastAPI, context: ServerContext) -> None:
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models() -> ModelList:
-        return ModelList(data=[_model_info(e) for e in context.registry.list()])
+        return ModelList(data=[_model_info(context, e) for e in context.registry.list()])
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"])
     async def get_model(model_id: str) -> ModelInfo:
-        return _model_info(_entry(context, model_id, "model"))
+        return _model_info(context, _entry(context, model_id, "model"))
 
 
-def _model_info(entry: CharacterEntry) -> ModelInfo:
+def _model_info(context: ServerContext, entry: CharacterEntry) -> ModelInfo:
+    """A character as a model; `adapted` only when the server applies its adapter (not when a file merely exists)."""
+    model = context.bundle.model
     return ModelInfo(id=entry.model, created=entry.created, name=entry.card.name, source=entry.source,
-                     adapted=entry.adapted)
+                     adapted=context.adapters.status(entry.id) == "applied", context_length=model.cfg.decoder.max_len,
+                     max_model_len=model.cfg.decoder.max_len,
+                     max_completion_tokens=context.settings.reply_limit(model.text_budget(0, with_image=True)))
 
 
 def _character_info(entry: CharacterEntry, adapters: ServerAdapters) -> CharacterInfo:
     greetings = entry.card.greetings()
     return CharacterInfo(id=entry.id, model=entry.model, name=entry.card.name, source=entry.source,
-                         adapted=entry.adapted, adapter=adapters.status(entry.id), description=entry.card.description,
+                         adapted=adapters.status(entry.id) == "applied", adapter=adapters.status(entry.id),
+                         description=entry.card.description,
                          greeting=greetings[0] if greetings else "", avatar_url=f"/v1/characters/{entry.id}/avatar",
                          tags=list(entry.card.tags))
 
@@ -367,7 +372,8 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
 def _card_fit(context: ServerContext, card: CharacterCard) -> tuple[int, int, list[str]]:
     """(uncut prompt tokens around an empty message, the default request's budget, the cuts it would make)."""
     service, settings = context.completions, context.settings
-    budget = service.model.text_budget(int(settings.default_max_tokens or 64), with_image=True)
+    reply = settings.default_reply(service.model.text_budget(0, with_image=True))
+    budget = service.model.text_budget(reply, with_image=True)
     if settings.max_prompt_tokens is not None:
         budget = min(budget, settings.max_prompt_tokens)
     full = service.builder.build(card, [Turn("")], max_tokens=2**31, include_examples=service.include_examples)

@@ -65,26 +65,28 @@ class ChatCompletionRequest(_Lenient):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # every optional field may be sent as null, which means the same as leaving it out (OpenAI's nullable fields)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: greedy, as OpenAI accepts it
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # accepted for compatibility, not used
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # accepted for compatibility, not used
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted for compatibility, not used
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted for compatibility, not used
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # a character has no tools: ignored unless tool_choice asks for one
+    tool_choice: str | dict[str, Any] | None = None  # "none"/"auto": answered in text; "required" or a function: 400
     user: str | None = None  # OpenAI's end-user id: accepted, not used
     # personae extensions
     character: str | None = Field(None, description="a character id or name; wins over `model`")
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    max_repeats: int = Field(0, ge=0)  # no n-gram more than this many times in a row (0: off)
-    ignore_eos: bool = False
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    max_repeats: int | None = Field(None, ge=0)  # no n-gram more than this many times in a row (0: off)
+    ignore_eos: bool | None = None
     user_name: str | None = Field(None, max_length=64, description="who {{user}} is in the card")
 
 
@@ -126,7 +128,7 @@ class ChatCompletion(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """One entry of /v1/models: a character the run can play."""
+    """One entry of /v1/models: a character the run can play, and the model's context length."""
 
     id: str
     object: Literal["model"] = "model"
@@ -134,7 +136,10 @@ class ModelInfo(BaseModel):
     owned_by: str = "personae"
     name: str
     source: Literal["trained", "uploaded"]
-    adapted: bool
+    adapted: bool = Field(description="true only when the server plays the character with its adapter")
+    context_length: int = Field(description="the decoder's positions: image prefix + prompt + reply (OpenRouter)")
+    max_model_len: int = Field(description="the same number under vLLM's name")
+    max_completion_tokens: int = Field(description="the most tokens one reply gets (max_tokens_limit)")
 
 
 class ModelList(BaseModel):
