@@ -52,6 +52,7 @@ from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart
 from personae.serve.settings import ServeSettings
 
 FINGERPRINT = f"personae-{__version__}"
+MIN_REPLY = 16  # the fewest reply tokens a request's max_tokens is cut to so that its prompt fits
 _DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,", re.IGNORECASE)
 
 
@@ -99,7 +100,7 @@ class CompletionService:
         conversation = split_messages(request.messages, request.user_name)
         card, model_name, avatar, adapter = self._character(request, conversation)
         max_tokens, cut_note = self._max_tokens(request)
-        prompt = self._prompt(card, conversation, max_tokens)
+        prompt, max_tokens, fit_note = self._prompt(card, conversation, max_tokens)
         pixels = self._image(*conversation.image) if conversation.image else avatar
         # the same for every request to the card with the same lore entries active: cached by its tokens
         head = prompt.segments["definition"] + prompt.segments["examples"]
@@ -107,16 +108,32 @@ class CompletionService:
         job = GenerationJob(prompt.ids, pixels, sampling_params(request, max_tokens), n=request.n or 1,
                             ignore_eos=bool(request.ignore_eos), head_len=head, stream=stream, adapter=adapter)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        warnings = tuple(prompt.warnings) + ((cut_note,) if cut_note else ())
+        warnings = tuple(prompt.warnings) + tuple(note for note in (cut_note, fit_note) if note)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
                                prompt.dropped_turns, stream, include_usage, warnings)
 
-    def _prompt(self, card: CharacterCard, conversation: Conversation, max_tokens: int) -> Prompt:
-        """The prompt's ids within the budget, a prefill's tokens after the <char> cue."""
+    def _prompt(self, card: CharacterCard, conversation: Conversation, max_tokens: int) -> tuple[Prompt, int, str]:
+        """(the prompt within the budget, a prefill's tokens after the <char> cue; the reply's tokens; a warning).
+
+        When the parts of the prompt that are never cut do not fit beside max_tokens, the reply gets
+        what the context leaves instead (at least MIN_REPLY tokens): a front end's max_tokens is a
+        ceiling, not a reservation worth refusing the request for.
+        """
+        prefill = self.builder.tok.encode(conversation.prefill, add_cls=False, add_eos=False, parse_special=False)
+        try:
+            return self._fit(card, conversation, max_tokens, prefill), max_tokens, ""
+        except ApiError:
+            if max_tokens <= MIN_REPLY:
+                raise
+        prompt = self._fit(card, conversation, MIN_REPLY, prefill)
+        reply = min(max_tokens, self.model.text_budget(len(prompt.ids), with_image=True))
+        return prompt, reply, (f"max_tokens={max_tokens} was cut to {reply} tokens: the prompt's uncut parts take "
+                               f"{len(prompt.ids)} of the model's {self.model.cfg.decoder.max_len} positions")
+
+    def _fit(self, card: CharacterCard, conversation: Conversation, max_tokens: int, prefill: list[int]) -> Prompt:
         budget = self.model.text_budget(max_tokens, with_image=True)
         if self.settings.max_prompt_tokens is not None:
             budget = min(budget, self.settings.max_prompt_tokens)
-        prefill = self.builder.tok.encode(conversation.prefill, add_cls=False, add_eos=False, parse_special=False)
         try:
             prompt = self.builder.build(card, conversation.turns, max_tokens=budget - len(prefill),
                                         user=conversation.user_name, include_examples=self.include_examples)
