@@ -15,6 +15,7 @@ the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/gui
     POST /v1/characters/{id}/adapt          start an adaptation job (501 without an adapt_fn)
     GET  /v1/characters/{id}/adapt[/{job}]  poll it
     GET  /stats                             scheduler counters and the limits
+    GET  /metrics                           the same and more in Prometheus's text format
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from personae.serve.characters import (
 )
 from personae.serve.completions import CompletionService, completion_body, completion_id, decode_data_url, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
+from personae.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, scrape
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import (
     AdaptJobCreated,
@@ -74,7 +76,7 @@ from personae.serve.schemas import (
 from personae.serve.settings import ServeSettings
 
 STATIC = Path(__file__).parent / "static"
-_PROTECTED = ("/v1/", "/stats")
+_PROTECTED = ("/v1/", "/stats", "/metrics")
 
 
 @dataclass
@@ -117,6 +119,12 @@ class ServerContext:
         self.served = ServedRun(bundle.model, bundle.config, bundle.tokenizer, self.adapters.lock,
                                 settings.max_image_pixels, learned_rates(self.run_dir))
         self.started = time.time()
+        self.metrics = Metrics()
+        self.metrics.describe("personae_http_requests_total", "HTTP requests answered, by route, method and status")
+        self.metrics.describe("personae_http_request_duration_seconds", "time to answer a request (streams: to "
+                              "their last byte), by route")
+        self.metrics.describe("personae_prompt_tokens_total", "prompt tokens of accepted chat completions (image "
+                              "positions included)")
 
     def _adapted(self, task: AdaptTask, adapter: CharacterAdapter) -> None:
         """An adaptation job made an adapter (and wrote its file): list it and apply it to the requests to come."""
@@ -225,6 +233,7 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
     _adapt_routes(app, context)
     _misc_routes(app, context)
     app.add_middleware(LimitsMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=context.metrics)  # outermost: refusals are counted too
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -268,6 +277,7 @@ def _chat_routes(app: FastAPI, context: ServerContext) -> None:
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         prepared = await run_in_threadpool(context.completions.prepare, body)
         handle = context.submit(prepared.job)
+        context.metrics.inc("personae_prompt_tokens_total", prepared.prompt_tokens * prepared.job.n)
         headers = {"X-Personae-Dropped-Turns": str(prepared.dropped_turns)}
         if prepared.stream:
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -464,5 +474,12 @@ def _misc_routes(app: FastAPI, context: ServerContext) -> None:
                               "prefix_cache_hits": context.scheduler.batch.prefixes.hits,
                               "prefix_cache_misses": context.scheduler.batch.prefixes.misses},
                 "limits": context.settings.public(), "uptime_s": time.time() - context.started}
+
+    @app.get("/metrics", tags=["server"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format 0.0.4"}})
+    async def metrics() -> Response:
+        text = scrape(context.metrics, context.scheduler, context.adapters, len(context.registry.list()),
+                      context.started)
+        return Response(text, media_type=CONTENT_TYPE)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
