@@ -14,6 +14,7 @@ the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/gui
     GET  /v1/characters/{id}/card[.png]     export the card: JSON, or the PNG as uploaded
     POST /v1/characters/{id}/adapt          start an adaptation job (501 without an adapt_fn)
     GET  /v1/characters/{id}/adapt[/{job}]  poll it
+    GET|POST /v1/adapters, DELETE /v1/adapters/{id}   resident adapters; load one by path; unload one
     GET  /stats                             scheduler counters and the limits
     GET  /metrics                           the same and more in Prometheus's text format
 """
@@ -46,6 +47,7 @@ from personae.data.tokenizer import Tokenizer
 from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
+from personae.serve.adapter_routes import add_adapter_routes
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import (
     CharacterEntry,
@@ -106,7 +108,8 @@ class ServerContext:
     def __init__(self, run_dir: Path, settings: ServeSettings, bundle: RunBundle) -> None:
         self.run_dir, self.settings, self.bundle = Path(run_dir), settings, bundle
         self.registry = CharacterRegistry(self.run_dir, image_size=bundle.model.cfg.vision.image_size)
-        self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir)
+        self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir, settings.max_adapters,
+                                       in_use=self._adapters_in_use)
         include = bundle.include_examples if settings.include_examples is None else settings.include_examples
         self.completions = CompletionService(bundle.model, bundle.tokenizer, self.registry, settings, include,
                                              self.adapters)
@@ -125,6 +128,10 @@ class ServerContext:
                               "their last byte), by route")
         self.metrics.describe("personae_prompt_tokens_total", "prompt tokens of accepted chat completions (image "
                               "positions included)")
+
+    def _adapters_in_use(self) -> set[str]:
+        scheduler = getattr(self, "scheduler", None)  # the adapter files are loaded before it is made
+        return scheduler.adapters_in_use() if scheduler is not None else set()
 
     def _adapted(self, task: AdaptTask, adapter: CharacterAdapter) -> None:
         """An adaptation job made an adapter (and wrote its file): list it and apply it to the requests to come."""
@@ -231,6 +238,7 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
     _chat_routes(app, context)
     _character_routes(app, context)
     _adapt_routes(app, context)
+    add_adapter_routes(app, context.adapters, context.registry)
     _misc_routes(app, context)
     app.add_middleware(LimitsMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)  # outermost: refusals are counted too

@@ -247,3 +247,30 @@ class ErrorResponse(BaseModel):
     """{"error": {...}} as OpenAI returns it."""
 
     error: ErrorDetail
+
+
+class AdapterLoad(BaseModel):
+    """POST /v1/adapters: apply the adapter file at `path` (on the server's disk) to a character's requests."""
+
+    model_config = ConfigDict(extra="forbid")  # ours: a misspelt field is a 400
+
+    character: str = Field(description="a character id or name")
+    path: str = Field(description="a .safetensors adapter file on the server's disk, as `personae adapt` writes")
+
+
+class AdapterInfo(BaseModel):
+    """One character adapter the server holds in memory."""
+
+    character: str
+    object: Literal["adapter"] = "adapter"
+    resident: bool = Field(description="in memory now (false after DELETE)")
+    source: str | None = Field(None, description="the file it was loaded from, when known")
+
+
+class AdapterList(BaseModel):
+    """GET /v1/adapters: resident adapters, least recently used first, and the cap."""
+
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    max_adapters: int | None = Field(description="the cap on resident adapters (null: none)")
+    evictions: int = Field(description="adapters evicted so far to keep under the cap")
