@@ -20,6 +20,7 @@ from personae.models.generation import SamplingParams, generate
 from personae.models.lora import load_adapter
 from personae.serve.app import RunBundle
 from personae.serve.schemas import (
+    AdapterList,
     CharacterInfo,
     CharacterList,
     ChatCompletion,
@@ -216,6 +217,9 @@ ROUTE_MODELS = [
     ("get", "/v1/characters/{character_id}/adapt", "200", "AdaptJobInfo"),
     ("get", "/v1/characters/{character_id}/adapt/{job_id}", "200", "AdaptJobInfo"),
     ("get", "/health", "200", "Health"),
+    ("get", "/v1/adapters", "200", "AdapterList"),
+    ("post", "/v1/adapters", "201", "AdapterInfo"),
+    ("delete", "/v1/adapters/{character}", "200", "AdapterInfo"),
 ]
 
 
@@ -240,6 +244,7 @@ def test_answers_are_exactly_their_response_models(client: TestClient) -> None:
         CharacterList: client.get("/v1/characters"),
         CharacterInfo: client.get(f"/v1/characters/{CHARACTER}"),
         Health: client.get("/health"),
+        AdapterList: client.get("/v1/adapters"),
         ErrorResponse: client.get("/v1/characters/nobody"),
     }
     for model, response in answers.items():
