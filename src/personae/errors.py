@@ -5,7 +5,7 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
-__all__ = ["PersonaeError", "DataError"]
+__all__ = ["PersonaeError", "DataError", "CardError"]
 
 
 class PersonaeError(Exception):
@@ -39,3 +39,7 @@ class DataError(PersonaeError, ValueError):
 
     def __reduce__(self) -> tuple[type, tuple[str, Path | None, int | None]]:
         return (type(self), (self.message, self.path, self.line))
+
+
+class CardError(DataError):
+    """A character card that cannot be read or written; the message names the file."""

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic", "write_bytes_atomic", "atomic_directory"]
+__all__ = ["atomic_path", "write_text_atomic", "write_bytes_atomic", "atomic_directory", "remove_staging"]
 
 
 def _read_umask() -> int:
@@ -99,3 +99,23 @@ def _move_into(staging: Path, target: Path, first: Sequence[str], last: Sequence
     for path in sorted(staging.iterdir(), key=lambda p: rank.get(p.name, 0)):
         os.replace(path, target / path.name)
     staging.rmdir()
+
+
+def remove_staging(folder: str | PathLike[str], name: str) -> list[Path]:
+    """Remove what interrupted atomic writes of ``folder/name`` left: ``.{name}.XXXXXXXX.tmp`` entries.
+
+    ``name`` may be a glob pattern (``"step_*"``). Only the exact shape this module creates is
+    matched (``mkstemp``/``mkdtemp`` add eight characters), so no other file is touched; returns
+    what was removed. Call it when no other process writes there (at the start of a run).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.glob(f".{name}.{'?' * 8}.tmp")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -31,10 +31,12 @@ def test_micro_demo_runs_every_stage_and_reruns_skip(tmp_path, capsys):
                          "meta.train.warmup_steps=1", "meta.train.log_every=1"]
     summary = run_demo(tmp_path, budget=MICRO_DEMO, overrides=overrides, progress=False)
     first = capsys.readouterr().out
-    assert "[9/9] adapt to each held-out character ..." in first and "== summary" in first
+    assert "[10/10] adapt to each held-out character ..." in first and "== summary" in first
+    assert "image worth: reply-token loss in nats" in first and "  object names " in first
     assert "adaptation to held-out characters (k=5" in first and "personae chat" in first
     assert summary["retrieval"]["pairs"] > 0 and {"train", "heldout"} <= set(summary["roleplay"])
     assert set(summary["adaptation"]["methods"]) == {"meta", "multitask", "none"}
+    assert summary["grounding"]["loss"]["object names"]["n"] > 0
     adapted = json.loads((tmp_path / "meta" / "eval" / "adapted.json").read_text())
     assert len(adapted["adapters"]) == 8 and all((tmp_path / "meta" / p).is_file() for p in adapted["adapters"].values())
     parser = _Collect()
@@ -43,5 +45,5 @@ def test_micro_demo_runs_every_stage_and_reruns_skip(tmp_path, capsys):
     assert parser.images >= 4
     run_demo(tmp_path, budget=MICRO_DEMO, overrides=overrides, progress=False)
     again = capsys.readouterr().out
-    assert again.count("already done, skipped") == 9
+    assert again.count("already done, skipped") == 10
     assert json.loads((tmp_path / "demo.json").read_text())["retrieval"] == summary["retrieval"]

@@ -278,7 +278,7 @@ BAD_CARDS: dict[str, tuple[bytes, str]] = {
     "bad-json": (b'{"spec": "chara_card_v2",\n "data": {', "not valid JSON: Expecting property name"),
     "not-utf8": (b'{"name": "\xff"}', "not UTF-8"),
     "nan": (b'{"name": "A", "x": NaN}', "not valid JSON: NaN is not a JSON value"),
-    "deep": (b'{"a":' * 100_000, "nested too deeply"),
+    "deep": (b'{"a":' * 100_000, "nested more than 64 levels deep"),
     "wrong-spec": (json.dumps({"spec": "chara_card_v9", "data": {"name": "A"}}).encode(), "unsupported spec"),
     "missing-spec": (json.dumps({"data": {"name": "A"}}).encode(), "missing 'spec'"),
     "data-not-object": (json.dumps({"spec": SPEC_V2, "data": []}).encode(), "'data' must be an object"),

@@ -201,3 +201,65 @@ def test_chat_server_and_training_give_the_model_the_same_tensor(tmp_path: Path)
     for name, pixels in {"chat avatar": chat_avatar, "chat image": chat_image, "server avatar": server_avatar,
                          "server upload": server_upload}.items():
         assert torch.equal(pixels, training), name
+
+
+def _encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_only_png_jpeg_webp_and_gif_are_decoded() -> None:
+    picture = Image.new("RGB", (6, 4), (10, 200, 30))
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF"):
+        assert load_image_bytes(_encoded(picture, fmt, **({"quality": 100} if fmt != "PNG" else {}))).shape == (4, 6, 3)
+    for fmt in ("BMP", "TIFF", "PPM", "ICO", "TGA", "PCX"):  # Pillow reads them all; personae does not
+        data = _encoded(picture, fmt)
+        with pytest.raises(DataError, match=r"not a readable image file: personae decodes only PNG, JPEG") as info:
+            load_image_bytes(data, name=f"upload.{fmt.lower()}")
+        assert str(info.value).startswith(f"upload.{fmt.lower()}")
+
+
+def test_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    out = load_image_bytes(buffer.getvalue())
+    assert out[0, 0].tolist() == [255, 0, 0]
+
+
+def test_no_foreign_program_or_other_decoder_sees_the_bytes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ghostscript was asked to parse an input")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as if Ghostscript were installed
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+           b"%%EndComments\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n")
+    (tmp_path / "chat.png").write_bytes(eps)
+    with pytest.raises(DataError, match="not a readable image file") as info:
+        load_image(tmp_path / "chat.png")
+    assert info.value.path == tmp_path / "chat.png"
+    with pytest.raises(DataError, match="not a readable image file"):
+        square_pixels(eps, 8, name="request image")
+    # AVIF and DDS headers (formats some Pillow builds half-support) are refused up front too
+    avif = b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64)
+    dds = b"DDS |\x00\x00\x00" + bytes(120)
+    for data in (avif, dds):
+        with pytest.raises(DataError, match="not a readable image file"):
+            load_image_bytes(data, name="x")
+
+
+def test_a_png_named_anything_is_still_only_decoded_as_png(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    real_open = Image.open
+
+    def spy(fp: object, mode: str = "r", formats: object = None) -> Image.Image:
+        seen.append(formats)
+        return real_open(fp, mode, formats)
+
+    monkeypatch.setattr(Image, "open", spy)
+    load_image_bytes(_encoded(Image.new("RGB", (2, 2)), "PNG"))
+    assert seen == [["PNG"]]

@@ -81,6 +81,17 @@ def roleplay_result() -> dict[str, Any]:
             "fluency_perplexity": {"train": 3.2, "heldout": 4.1}, "samples": samples}
 
 
+def grounding_result() -> dict[str, Any]:
+    """eval/grounding.json's shape (personae.eval.grounding) with known numbers."""
+    row = {"n": 40, "true": 4.51, "shuffled": 4.75, "blank": 4.875}
+    return {"split": "test", "conversations": 2, "prefix_positions": 17, "kinds": ["object names", "other"],
+            "loss": {"all": row, "by_kind": {"object names": row, "other": {"n": 0, "true": None, "shuffled": None,
+                                                                              "blank": None}},
+                     "by_type": {"count": row}},
+            "attention": {"all tokens": {"n": 40, "uniform": 0.09, "mass": [[0.125, 0.375]]},
+                          "object names": {"n": 40, "uniform": 0.09, "mass": [[0.125, 0.375]]}}}
+
+
 def make_run(root: Path, *, meta: bool = True) -> Path:
     """A demo-shaped run folder: world with two images, pretrain, role-play and (optionally) meta stages."""
     world = root / "world"
@@ -101,6 +112,7 @@ def make_run(root: Path, *, meta: bool = True) -> Path:
     write_jsonl(root / "roleplay" / "metrics.jsonl", [{"step": s, "loss": 2.0 / s, "lm_acc": 0.1 * s}
                                                       for s in range(1, 4)])
     write_json(root / "roleplay" / "eval" / "roleplay.json", roleplay_result())
+    write_json(root / "roleplay" / "eval" / "grounding.json", grounding_result())
     if meta:
         write_json(root / "meta" / "eval" / "adaptation.json",
                    {"steps": [0, 1, 5], "curves": {"maml": {"k=5": {"query_loss": [2.0, 1.5, 1.0],
@@ -153,6 +165,8 @@ def test_report_tables_hold_the_numbers(full_report: tuple[str, PageParser]) -> 
     assert "4.100" in text  # held-out fluency perplexity
     assert "maml, k=5" in text and "multitask, k=5" in text
     assert "12.5</td>" in text  # wall time of a stage from demo.json
+    assert "<td>4.510</td><td>4.750</td><td>4.875</td><td>0.240</td><td>0.365</td>" in text  # grounding losses, gaps
+    assert "<td>0.250</td><td>0.375</td><td>0.090</td>" in text  # mean and top head on the prefix, uniform
 
 
 def test_partial_run_says_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,7 +176,7 @@ def test_partial_run_says_not_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert str(out.resolve()) in capsys.readouterr().out
     text, page = parse(out)
     assert all(title in page.headings["h2"] for title in SECTIONS.values())
-    assert text.count('<p class="missing">not run') == 4  # role-play, adaptation, ablation, gallery
+    assert text.count('<p class="missing">not run') == 5  # role-play, grounding, adaptation, ablation, gallery
     assert len(page.images) == 2  # pretrain curves and retrieval bars
 
 

@@ -88,6 +88,10 @@ def test_exists_accuracy() -> None:
     assert response_accuracy("Yep, a car.", is_car, SCENE) == 1.0
     assert response_accuracy("I spy a car.", is_car, SCENE) == 1.0  # no yes/no: the mention counts
     assert response_accuracy("No car here.", is_car, SCENE) == 0.0
+    assert response_accuracy("I spy no cats, matey.", is_cat, SCENE) == 1.0  # a counted "no cats" answers
+    # neither a yes/no word nor a counted mention: no answer, wrong whether the object is there or not
+    assert response_accuracy("Ahoy, matey! I spy a sight on the beach.", is_cat, SCENE) == 0.0
+    assert response_accuracy("Ahoy, matey! I spy a sight on the beach.", is_car, SCENE) == 0.0
     assert parse_yes_no("Hmm. Well, yes.") is True and parse_yes_no("Maybe.") is None
 
 
@@ -208,3 +212,30 @@ def test_score_reply_and_aggregate() -> None:
     assert summary["by_character_split"]["heldout"]["n"] == 2
     assert summary["by_character_split"]["train"]["response_accuracy"] == 0.0
     assert set(summary["by_type"]) == {"count", "who"}
+
+
+@pytest.mark.parametrize("qtype, target, reply, accuracy, adherence", [
+    # replies of the kind the quick demo gives (issue 20), scored by hand against SCENE
+    ("count", {"object": "dog"}, "I SPY A SIGHT IN THE OLD MILL BRIDGE!", 0.0, 0.0),  # no number at all
+    ("count", {"object": "dog"}, "ARR, I SPY THREE DOGS ON THE BEACH!", 0.0, 1.0),  # a number, the wrong one
+    ("count", {"object": "dog"}, "arr, two dogs, matey.", 1.0, 1.0),
+    ("count", {"object": "cat"}, "I spy two roller skates.", 0.0, 1.0),  # a number, but not the cat's (0)
+    ("exists", {"object": "cat"}, "I SPY A ROLLER SKATE ON THE BEACH.", 0.0, 0.0),  # neither yes/no nor a cat
+    ("exists", {"object": "car"}, "Yes, a roller skate!", 1.0, 1.0),  # the yes word answers, right
+    ("exists", {"object": "cat"}, "Yes! I spy a cat.", 0.0, 1.0),
+    ("where", {"object": "car"}, "THE CAR IS AT THE MIDDLE LEFT.", 1.0, 1.0),
+    ("where", {"object": "rose"}, "The rose is at the top centre.", 1.0, 1.0),
+    ("where", {"object": "rose"}, "The rose is at the bottom right.", 0.0, 1.0),
+    ("where", {"object": "dog"}, "The dogs are in the top left corner.", 0.0, 1.0),  # scattered copies: no tight region
+])
+def test_hand_checked_model_replies(qtype, target, reply, accuracy, adherence) -> None:
+    asked = turn(qtype, **target)
+    assert response_accuracy(reply, asked, SCENE) == accuracy
+    assert instruction_adherence(reply, asked) == adherence
+
+
+def test_hand_checked_describe_replies() -> None:
+    guessed = relevance_scores("I SPY A ROLLER SKATE, A GAME CONTROLLER AND A ROLLER COASTER!", SCENE)
+    assert (guessed.precision, guessed.recall, guessed.f1) == (0.0, 0.0, 0.0)
+    half = relevance_scores("Two dogs and a roller skate on the beach.", SCENE)  # 1 of 2 named present, 1 of 3
+    assert half.precision == 0.5 and half.recall == pytest.approx(1 / 3) and half.f1 == pytest.approx(0.4)

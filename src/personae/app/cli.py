@@ -56,6 +56,13 @@ def _eval_roleplay(args: argparse.Namespace) -> None:
                           batch_size=args.batch_size, progress=not args.quiet)
 
 
+def _eval_grounding(args: argparse.Namespace) -> None:
+    from personae.app.commands import evaluate_grounding_run
+
+    evaluate_grounding_run(Path(args.run), Path(args.data), split=args.split, out=args.json, limit=args.limit,
+                           batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+
+
 def _chat(args: argparse.Namespace) -> None:
     from personae.app.commands import chat
 
@@ -265,6 +272,20 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     roleplay.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/roleplay.json)")
     roleplay.add_argument("--batch-size", type=int, default=32)
     roleplay.set_defaults(handler=_eval_roleplay, takes_overrides=False)
+
+    grounding = evaluate.add_parser("grounding", help="what the image is worth: reply-token loss with the true, "
+                                    "a shuffled and a blank image by token kind and question type, and the "
+                                    "attention on the image prefix")
+    grounding.add_argument("run", metavar="RUN")
+    grounding.add_argument("--data", required=True, help="a role-play data folder with images (a scene world "
+                           "adds the loss by token kind)")
+    grounding.add_argument("--split", default="test", choices=["train", "val", "test"])
+    grounding.add_argument("--limit", type=int, default=32, help="conversations per character split (default 32)")
+    grounding.add_argument("--seed", type=int, default=0, help="seed of the shuffle that picks each conversation's "
+                           "other image")
+    grounding.add_argument("--json", type=Path, default=None, help="where to save (default RUN/eval/grounding.json)")
+    grounding.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass")
+    grounding.set_defaults(handler=_eval_grounding, takes_overrides=False)
 
     adaptation = evaluate.add_parser("adaptation", help="query loss and exact metrics on held-out characters "
                                      "after 0..20 adaptation steps, vs baselines")

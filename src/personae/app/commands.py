@@ -11,6 +11,7 @@ from personae.data.cards import load_card
 from personae.data.convert import ConvertReport, convert
 from personae.data.kinds import open_data
 from personae.data.manifest import read_pairs
+from personae.eval.grounding import evaluate_grounding, format_grounding_table, save_grounding
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
 from personae.models.generation import SamplingParams
@@ -41,6 +42,18 @@ def evaluate_roleplay_run(run: Path, data: Path, *, split: str = "test", out: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"role-play on the {split} split of {data}:\n{format_roleplay_table(result)}\nsaved: {path}")
+    return result
+
+
+def evaluate_grounding_run(run: Path, data: Path, *, split: str = "test", out: Path | None = None,
+                           limit: int | None = 32, batch_size: int = 8, seed: int = 0,
+                           progress: bool = True) -> dict[str, Any]:
+    """`personae eval grounding`: reply loss with the true / shuffled / blank image, attention; print, save."""
+    model, cfg, tokenizer = load_model(run, pick_device())
+    result = evaluate_grounding(model, tokenizer, Path(data), split=split, limit=limit, batch_size=batch_size,
+                                seed=seed, include_examples=cfg.finetune.include_examples, progress=progress)
+    path = save_grounding(result, Path(out or Path(run) / "eval" / "grounding.json"))
+    print(f"what the image is worth on the {split} split of {data}:\n{format_grounding_table(result)}\nsaved: {path}")
     return result
 
 

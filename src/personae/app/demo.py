@@ -1,6 +1,7 @@
 """The main job on the built-in data, end to end: `personae demo`.
 
-world -> pretrain -> retrieval eval -> role-play fine-tune -> role-play eval -> meta-train (the preset's algorithm)
+world -> pretrain -> retrieval eval -> role-play fine-tune -> role-play eval -> what the image is worth (grounding)
+-> meta-train (the preset's algorithm)
 -> the same budget of multi-task fine-tuning (the baseline) -> adaptation eval on the held-out
 characters -> adapters for every held-out character -> report.html and a summary table.
 
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 from personae.app.budgets import Budget, demo_budget
-from personae.app.commands import evaluate_adaptation_run, evaluate_roleplay_run, evaluate_run
+from personae.app.commands import evaluate_adaptation_run, evaluate_grounding_run, evaluate_roleplay_run, evaluate_run
 from personae.config import Config, apply_overrides, load_preset
 from personae.data.episodes import examples_file
 from personae.data.kinds import open_data
@@ -35,6 +36,7 @@ from personae.train.pretrain import run_pretrain
 from personae.world import WORLD_FILE, build_world
 
 ADAPT_K, ADAPT_STEPS = 5, 10  # what the held-out characters' adapters and the headline figures use
+GROUNDING_LIMIT = 12  # conversations per character split the grounding diagnosis scores (a few seconds)
 
 
 @dataclass
@@ -104,6 +106,8 @@ def _stages(paths: DemoPaths, budget: Budget, cfg: Config, extra: list[str], pro
                                    progress=progress)),
         Stage("evaluate role-play", fine / "eval" / "roleplay.json",
               lambda: evaluate_roleplay_run(fine, world, limit=budget.roleplay_limit, progress=progress)),
+        Stage("what the image is worth (grounding)", fine / "eval" / "grounding.json",
+              lambda: evaluate_grounding_run(fine, world, limit=GROUNDING_LIMIT, progress=progress)),
         Stage(f"meta-train ({cfg.meta.algo})", meta / "model.safetensors",
               lambda: run_meta_train(fine, world, meta, apply_overrides(run_config(fine), extra), resume=True,
                                      progress=progress)),
@@ -159,6 +163,7 @@ def run_demo(out: Path, *, budget: Budget | str = "quick", scenes: int | None = 
     timings["total"] = round(time.perf_counter() - start, 1)
     summary = {"budget": budget.name, "seconds": timings, "retrieval": results.get("evaluate retrieval"),
                "roleplay": _roleplay_summary(results.get("evaluate role-play")),
+               "grounding": _grounding_summary(results.get("what the image is worth (grounding)")),
                "adaptation": _adaptation_summary(_read(paths.meta / "eval" / "adaptation.json")),
                "environment": environment_info()}
     (paths.root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -177,6 +182,26 @@ def _roleplay_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {split: block["overall"] for split, block in result["metrics"].items()} | {
         "fluency_perplexity": result["fluency_perplexity"], "samples": _one_per_character(result["samples"])[:6]}
+
+
+def _grounding_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The loss by token kind (true / shuffled / blank) and the prefix attention over all answer tokens."""
+    if not result:
+        return None
+    return {"loss": result["loss"].get("by_kind") or {"all tokens": result["loss"]["all"]},
+            "attention": result["attention"].get("all tokens") or {}}
+
+
+def _grounding_lines(grounding: dict[str, Any]) -> list[str]:
+    lines = ["image worth: reply-token loss in nats (true / shuffled / blank image)"]
+    for kind, row in grounding["loss"].items():
+        values = " / ".join(_num(row.get(image), 2) for image in ("true", "shuffled", "blank"))
+        lines.append(f"  {kind:<30} {values}")
+    heads = [mass for layer in grounding["attention"].get("mass") or [] for mass in layer]
+    if heads:
+        lines.append(f"  {'attention on the image':<30} {_num(sum(heads) / len(heads))} mean, {_num(max(heads))} "
+                     f"top head (uniform {_num(grounding['attention'].get('uniform'))})")
+    return lines
 
 
 def _adaptation_summary(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -247,6 +272,8 @@ def print_summary(paths: DemoPaths, summary: dict[str, Any]) -> None:
         lines += _retrieval_lines(summary["retrieval"])
     if summary.get("roleplay"):
         lines += _roleplay_lines(summary["roleplay"])
+    if summary.get("grounding"):
+        lines += _grounding_lines(summary["grounding"])
     if summary.get("adaptation"):
         lines += _adaptation_lines(summary["adaptation"])
     samples = [("seen", s) for s in _one_per_character((summary.get("roleplay") or {}).get("samples", []))[:3]]

@@ -10,15 +10,15 @@ See ``docs/guide/cards.md``.
 from __future__ import annotations
 
 import base64
-import binascii
 import colorsys
 import copy
+import hashlib
 import io
 import json
 import re
-import struct
+import unicodedata
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -28,9 +28,20 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from personae.data.card_png import (
+    CARD_CHUNKS,
+    PNG_SIGNATURE,
+    TEXT_CHUNKS,
+    Where,
+    card_text,
+    decode_payload,
+    parse_card_json,
+    png_chunks,
+)
 from personae.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
+from personae.data.jsonl import JsonError, check_json_value
 from personae.data.lorebook import LorebookError, parse_lorebook
-from personae.errors import DataError
+from personae.errors import CardError, DataError
 from personae.files import write_bytes_atomic
 
 __all__ = [
@@ -41,6 +52,7 @@ __all__ = [
     "save_card_png",
     "default_avatar",
     "parse_mes_example",
+    "character_id",
     "PROMPT_FIELDS",
     "SPEC_V2",
     "SPEC_V3",
@@ -77,18 +89,10 @@ _V3_KEYS = (
 )  # fmt: skip
 _ROOT_KEYS = ("spec", "spec_version", "data")
 _V1_KEYS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_CARD_CHUNKS = ("ccv3", "chara")  # in order of preference
-_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 _BACKFILL_NOTE = (
     "This character card is Character Card V3, but it is loaded as a Character Card V2. "
     "Please use a Character Card V3 compatible application to use this character card properly."
 )
-Where = str | PathLike[str] | None  # what an error message names
-
-
-class CardError(DataError):
-    """A character card that cannot be read or written; the message names the file."""
 
 
 def _is_str_list(value: Any) -> bool:
@@ -155,10 +159,19 @@ def _check_fields(values: dict[str, Any], where: Where, prefix: str) -> None:
             raise CardError(f"'{prefix}{key}' must be {expected}, got {_describe(value)}", where)
     if not values["name"].strip():
         raise CardError(f"'{prefix}name' is empty: every card needs a character name", where)
+    _check_plain_json(values, where, prefix.rstrip("."))
     try:  # a lorebook is checked on load so that a bad one fails at upload, not at the first message
         parse_lorebook(values.get("character_book"), f"{prefix}character_book")
     except LorebookError as error:
         raise CardError(error.message, where) from None
+
+
+def _check_plain_json(values: Any, where: Where, at: str) -> None:
+    """Every accepted card can be written back: no lone surrogates, NaN, or too-deep nesting."""
+    try:
+        check_json_value(values, where=at)
+    except JsonError as exc:
+        raise CardError(str(exc), where) from None
 
 
 @dataclass
@@ -204,6 +217,7 @@ class CharacterCard:
         parts_ok = all(isinstance(part, dict) for part in self.unknown.values())
         if set(self.unknown) != {"root", "data"} or not parts_ok:
             raise CardError("'unknown' must be {'root': {...}, 'data': {...}}")
+        _check_plain_json(self.unknown, None, "unknown")
         _check_fields({key: getattr(self, key) for key in _V2_KEYS + _V3_KEYS}, None, "")
 
     @classmethod
@@ -294,8 +308,11 @@ class CharacterCard:
 
 
 def _check_spec(spec: Any, where: Where) -> None:
+    if not isinstance(spec, str):  # a list or object is not even hashable: say what it is
+        raise CardError(f"'spec' must be a string ('chara_card_v2' or 'chara_card_v3'), got {_json_type(spec)}",
+                        where)
     if spec not in _SPEC_VERSIONS:
-        raise CardError(f"unsupported spec {spec!r}; expected 'chara_card_v2' or 'chara_card_v3'", where)
+        raise CardError(f"unsupported spec {spec[:40]!r}; expected 'chara_card_v2' or 'chara_card_v3'", where)
 
 
 _MACRO = re.compile(r"\{\{\s*(char|user)\s*\}\}|<(bot|char|user)>", re.IGNORECASE)
@@ -333,6 +350,29 @@ def _split_turns(block: str, prefix: re.Pattern[str]) -> list[tuple[str, str]]:
     return [(who, said) for who, said in turns if said]
 
 
+def character_id(name: str, max_length: int = 48) -> str:
+    """A file- and URL-safe id for any character name; distinct names never share an id by accident.
+
+    A name that folds to ASCII without losing a letter or digit ("Chef Baptiste!", "Zoë") gives
+    its slug ("chef-baptiste", "zoe"), so names that differ only in case, accents or punctuation
+    are the same character. A name with letters that do not fold ("Ωμέγα", "李白", "Dr. 李") or one
+    longer than ``max_length`` gets the slug of what folds plus 8 hex digits of the SHA-256 of the
+    NFC name ("Ωμέγα" -> "c-59b35e54", "Dr. 李" -> "dr-5608a35a"): stable across runs, and a collision needs two names
+    with equal hashes.
+    """
+    normal = unicodedata.normalize("NFC", name.strip())
+    folded = unicodedata.normalize("NFKD", normal).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
+    kept = sum(ch.isalnum() for ch in folded)
+    # NFKD splits "é" into "e" + a combining accent; only the base letters count
+    letters = sum(ch.isalnum() for ch in unicodedata.normalize("NFKD", normal) if not unicodedata.combining(ch))
+    if slug and kept == letters and len(slug) <= max_length:
+        return slug
+    digest = hashlib.sha256(normal.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    stem = slug[: max_length - 9].strip("-") or "c"
+    return f"{stem}-{digest}"
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -346,7 +386,7 @@ def load_card(
 ) -> CharacterCard:
     """Read a card from a JSON or PNG file (or their bytes; ``name`` labels them in errors)."""
     raw, where = _read_source(source, name, max(max_json_bytes, max_png_bytes))
-    if raw.startswith(_PNG_SIGNATURE):
+    if raw.startswith(PNG_SIGNATURE):
         if len(raw) > max_png_bytes:
             raise CardError(f"PNG card is over the limit of {max_png_bytes} bytes", where)
         return _load_png(raw, where, max_json_bytes, max_pixels)
@@ -354,7 +394,7 @@ def load_card(
         raise CardError("not a character card: neither a PNG nor a JSON object", where)
     if len(raw) > max_json_bytes:
         raise CardError(f"JSON card is over the limit of {max_json_bytes} bytes", where)
-    return CharacterCard.from_json(_parse_json(raw, where, "card"), where)
+    return CharacterCard.from_json(parse_card_json(raw, where, "card"), where)
 
 
 def _read_source(source: str | PathLike[str] | bytes, name: str | None, limit: int) -> tuple[bytes, str]:
@@ -374,119 +414,25 @@ def _read_source(source: str | PathLike[str] | bytes, name: str | None, limit: i
     return raw, where
 
 
-def _parse_json(raw: bytes, where: Where, what: str) -> Any:
-    """Decode UTF-8 JSON (a BOM is allowed) into Python, with CardErrors that say what broke."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CardError(f"{what} is not UTF-8 text: {exc}", where) from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        message = f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        raise CardError(message, where) from None
-    except ValueError as exc:  # NaN/Infinity, or an integer too long to convert
-        raise CardError(f"{what} is not valid JSON: {exc}", where) from None
-    except RecursionError:
-        raise CardError(f"{what} JSON is nested too deeply", where) from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def _load_png(raw: bytes, where: str, max_json_bytes: int, max_pixels: int) -> CharacterCard:
     """A card from its PNG: the preferred text chunk's JSON plus the decoded avatar."""
     payloads: dict[str, bytes] = {}
-    image_parts = [_PNG_SIGNATURE]  # the PNG without its text: Pillow caps text chunks at 1 MB
-    for chunk_type, body, whole in _png_chunks(raw, where):
-        found = _card_text(chunk_type, body, where, max_json_bytes)
+    image_parts = [PNG_SIGNATURE]  # the PNG without its text: Pillow caps text chunks at 1 MB
+    for chunk_type, body, whole in png_chunks(raw, where):
+        found = card_text(chunk_type, body, where, max_json_bytes)
         if found is not None and found[0] not in payloads:
             payloads[found[0]] = found[1]
-        if chunk_type not in _TEXT_CHUNKS:
+        if chunk_type not in TEXT_CHUNKS:
             image_parts.append(whole)
-    keyword = next((key for key in _CARD_CHUNKS if key in payloads), None)
+    keyword = next((key for key in CARD_CHUNKS if key in payloads), None)
     if keyword is None:
         raise CardError("PNG has no 'chara' or 'ccv3' text chunk: an image, not a character card", where)
-    card = CharacterCard.from_json(_decode_payload(keyword, payloads[keyword], where, max_json_bytes), where)
+    card = CharacterCard.from_json(decode_payload(keyword, payloads[keyword], where, max_json_bytes), where)
     try:
         card.avatar = load_image_bytes(b"".join(image_parts), max_pixels=max_pixels, name=where)
     except DataError as exc:
         raise CardError(f"avatar: {exc.message}", where) from None
     return card
-
-
-def _png_chunks(raw: bytes, where: str) -> Iterator[tuple[bytes, bytes, bytes]]:
-    """Yield (type, body, whole chunk) for each chunk up to IEND, checking lengths and CRCs."""
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= len(raw):
-        length, chunk_type = struct.unpack(">I4s", raw[pos : pos + 8])
-        end = pos + 12 + length
-        if end > len(raw):
-            kind = chunk_type.decode("latin-1")
-            raise CardError(f"PNG is truncated: chunk {kind!r} at byte {pos} is cut short", where)
-        body = raw[pos + 8 : end - 4]
-        if zlib.crc32(chunk_type + body) != struct.unpack(">I", raw[end - 4 : end])[0]:
-            kind = chunk_type.decode("latin-1")
-            raise CardError(f"PNG chunk {kind!r} at byte {pos} has a bad CRC (damaged file)", where)
-        yield chunk_type, body, raw[pos:end]
-        if chunk_type == b"IEND":
-            return
-        pos = end
-    raise CardError("PNG is truncated: no IEND chunk", where)
-
-
-def _card_text(chunk_type: bytes, body: bytes, where: str, limit: int) -> tuple[str, bytes] | None:
-    """(keyword, payload) of a tEXt/zTXt/iTXt chunk named chara/ccv3 (any case), else None."""
-    if chunk_type not in _TEXT_CHUNKS:
-        return None
-    keyword_bytes, sep, rest = body.partition(b"\0")
-    keyword = keyword_bytes.decode("latin-1").lower()
-    if not sep or keyword not in _CARD_CHUNKS:
-        return None
-    payload_limit = limit * 4 // 3 + 4  # base64 of the largest JSON we accept
-    if chunk_type == b"tEXt":
-        return keyword, rest
-    if chunk_type == b"zTXt":  # compression method byte, then zlib data
-        return keyword, _inflate(rest[1:], keyword, where, payload_limit)
-    parts = rest[2:].split(b"\0", 2)  # iTXt: flag, method, language\0, translated keyword\0, text
-    if len(parts) < 3:
-        raise CardError(f"PNG iTXt chunk '{keyword}' is malformed", where)
-    compressed = rest[:1] == b"\x01"
-    return keyword, _inflate(parts[2], keyword, where, payload_limit) if compressed else parts[2]
-
-
-def _inflate(data: bytes, keyword: str, where: str, limit: int) -> bytes:
-    """zlib-decompress a text chunk, refusing to expand past ``limit`` bytes."""
-    inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise CardError(f"PNG chunk '{keyword}' is not valid compressed data: {exc}", where) from None
-    if len(out) > limit:
-        raise CardError(f"PNG chunk '{keyword}' expands past the limit of {limit} bytes", where)
-    if not inflater.eof:
-        raise CardError(f"PNG chunk '{keyword}' has truncated compressed data", where)
-    return out
-
-
-def _decode_payload(keyword: str, payload: bytes, where: str, limit: int) -> Any:
-    """The JSON object in a chara/ccv3 payload: base64 of UTF-8 JSON (bare JSON also accepted)."""
-    text = payload.strip()
-    if not text:
-        raise CardError(f"PNG chunk '{keyword}' is empty", where)
-    if len(text) > limit * 4 // 3 + 4:
-        raise CardError(f"PNG chunk '{keyword}' is over the limit of {limit} bytes of JSON", where)
-    if text.startswith(b"{"):  # some old writers stored the JSON itself
-        return _parse_json(text, where, f"PNG chunk '{keyword}'")
-    compact = re.sub(rb"\s+", b"", text)
-    try:
-        raw = base64.b64decode(compact + b"=" * (-len(compact) % 4), validate=True)
-    except binascii.Error as exc:
-        raise CardError(f"PNG chunk '{keyword}' is not valid base64: {exc}", where) from None
-    if len(raw) > limit:
-        raise CardError(f"PNG chunk '{keyword}' holds {len(raw)} bytes of JSON, over {limit}", where)
-    return _parse_json(raw, where, f"PNG chunk '{keyword}'")
 
 
 # --------------------------------------------------------------------------- writing

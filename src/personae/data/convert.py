@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import base64
 import json
-import re
-import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personae.data.cards import CharacterCard, save_card_json, save_card_png
+from personae.data.cards import CharacterCard, character_id, save_card_json, save_card_png
 from personae.data.convert_readers import Conversation, read_openai, read_personae, read_sharegpt, read_sillytavern
 from personae.errors import DataError
 from personae.files import atomic_directory, atomic_path
@@ -63,10 +61,8 @@ class ConvertReport:
 
 
 def slugify(name: str) -> str:
-    """A file- and URL-safe id from a character name ("Chef Baptiste!" -> "chef-baptiste")."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:48].strip("-")
-    return slug or "character"
+    """A file- and URL-safe id from a character name, any script: :func:`~personae.data.cards.character_id`."""
+    return character_id(name)
 
 
 def convert(source: Path, fmt: str, out: Path, *, to: str = "personae",

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from personae.data.cards import CharacterCard, load_card
 from personae.data.dialogues import parse_dialogue
-from personae.data.images import load_image_bytes
-from personae.data.jsonl import json_type, load_json_object, numbered_lines
+from personae.data.images import load_image_bytes, sniff_format
+from personae.data.jsonl import JsonError, json_type, load_json_object, numbered_lines, strict_json_loads
 from personae.data.prompt import definition_text
 from personae.errors import DataError
 
@@ -80,8 +76,8 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
                 yield line, error
         return
     try:
-        rows = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        rows = strict_json_loads(path.read_text(encoding="utf-8-sig"))  # no NaN, bounded depth
+    except (UnicodeDecodeError, JsonError) as error:
         raise DataError(f"not a JSON array of rows: {error}", path) from None
     for index, row in enumerate(rows, start=1):
         ok = isinstance(row, dict)
@@ -106,7 +102,7 @@ def load_image_ref(ref: str, base: Path, where: str) -> ConvertedImage:
         except (OSError, ValueError):  # missing, a folder, unreadable, or a name with a NUL byte
             raise DataError(f"image file not found: {ref} (looked for {path})", where) from None
     load_image_bytes(data, name=f"{where}: image {ref[:60]}")  # refuses broken, oversized and non-images
-    kind = (Image.open(io.BytesIO(data)).format or "png").lower()
+    kind = (sniff_format(data[:12]) or "png").lower()  # by magic bytes, as load_image_bytes decided
     return ConvertedImage(data, "." + {"jpeg": "jpg"}.get(kind, kind))
 
 

@@ -6,6 +6,10 @@ everywhere; and every image the *model* looks at (training, evaluation, chat, se
 goes through :func:`square_pixels` (uint8, what the training cache keeps) or :func:`model_pixels`
 (normalised), so the same picture gives the same input tensor on every path:
 
+* Only the formats of :data:`IMAGE_FORMATS` (PNG, JPEG, WebP and GIF, whose first frame is used)
+  are decoded. The format is recognised by its magic bytes *before* Pillow sees the data, and
+  Pillow is then told to try that one format only, so no other decoder (and no foreign program,
+  such as Ghostscript for EPS) ever parses an input; anything else is a :class:`DataError`.
 * The pixel count is read from the file header and checked against ``max_pixels`` *before* any
   pixel data is decoded (decompression bombs never allocate).
 * Undecodable, truncated or oversized files raise :class:`~personae.errors.DataError` naming the
@@ -22,6 +26,7 @@ pixels into the float input the vision tower expects.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -37,6 +42,8 @@ __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_FORMATS",
+    "sniff_format",
     "load_image",
     "load_image_bytes",
     "square_pixels",
@@ -50,6 +57,16 @@ __all__ = [
 IMAGE_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS: int = 4096 * 4096
+
+# The formats personae decodes, as Pillow names them, each with the magic bytes that identify it.
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF")
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+_MAGIC_BYTES = 12  # enough for every signature above and for RIFF....WEBP
 
 # what the model can be shown: a file, encoded bytes (an upload, a card), or decoded pixels
 ImageSource = str | PathLike[str] | bytes | np.ndarray | Image.Image
@@ -146,6 +163,16 @@ def model_pixels(
     return normalize_pixels(square_pixels(image, size, max_pixels=max_pixels, name=name), mean, std)
 
 
+def sniff_format(head: bytes) -> str | None:
+    """The :data:`IMAGE_FORMATS` name whose magic bytes start ``head``, or None for anything else."""
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def _error(
     message: str,
     image: str | PathLike[str],
@@ -170,8 +197,20 @@ def _decode(
     if size is not None and size <= 0:
         raise ValueError(f"size must be a positive int or None, got {size}")
     prefix = f"image {name}" if manifest is not None else "image"
+    head = stream.read(_MAGIC_BYTES)
+    stream.seek(0)
+    image_format = sniff_format(head)
+    if image_format is None:
+        raise _error(
+            f"{prefix} is not a readable image file: personae decodes only PNG, JPEG, WebP and GIF "
+            f"(recognised by their first bytes), and these bytes start {head[:8]!r}",
+            name,
+            manifest,
+            line,
+        )
     try:
-        with Image.open(stream) as image:  # reads the header only
+        # formats=[...]: Pillow may try only the sniffed decoder, never one chosen by the content
+        with Image.open(stream, formats=[image_format]) as image:  # reads the header only
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise _error(f"{prefix} has an empty size {width}x{height}", name, manifest, line)
@@ -191,7 +230,8 @@ def _decode(
         raise _error(f"{prefix} is a decompression bomb: {exc}", name, manifest, line) from None
     except UnidentifiedImageError:
         raise _error(f"{prefix} is not a readable image file", name, manifest, line) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError) as exc:
+        # a decoder that meets damaged data raises any of these; all mean "this file is broken"
         if isinstance(exc, DataError):
             raise
         raise _error(f"{prefix} is corrupt or truncated: {exc}", name, manifest, line) from None

@@ -10,6 +10,8 @@ files is what a :class:`DataKind` says:
   reference turn and whatever else the data set knows (the scene world checks replies against
   its scene graphs); ``None`` when it has none, and evaluation then reports fluency and loss only;
 * ``summary()``: what a report shows about it (the scene world: scenes, image size, splits, seed);
+* ``word_kinds()``: kinds of reply words (object names, numbers, ...) and their phrases, by which
+  ``personae eval grounding`` splits the reply loss; empty when the data set knows none;
 * ``persona_swap(seed, setting)``: a :class:`~personae.data.marker_swap.MarkerSwap` that draws
   fresh markers for a character (``finetune.persona_swap`` / ``meta.persona_swap``), when the
   data set knows which words are its characters' markers.
@@ -93,6 +95,11 @@ class DataKind:
 
     def summary(self) -> dict[str, Any]:
         """What a report shows about the data set (sizes, seed, ...); nothing for a plain folder."""
+        return {}
+
+    def word_kinds(self) -> dict[str, tuple[str, ...]]:
+        """Kinds of reply words (e.g. "object names" -> the phrases that name objects), for the grounding
+        diagnosis's loss by token kind; empty for a plain folder (it gets the by-question-type part only)."""
         return {}
 
     def __repr__(self) -> str:

@@ -158,6 +158,7 @@ class Tokenizer:
         """Token ids of ``text``: ``[cls] + body + [eos]``, the body cut to fit ``max_length``."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        _check_unicode(text)
         backend = self._backend if parse_special else self._plain_backend()
         body = backend.encode(text, add_special_tokens=False).ids
         return self._frame(body, max_length, add_cls, add_eos)
@@ -176,6 +177,8 @@ class Tokenizer:
         bad = next((t for t in texts if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"encode_many expects strs, got {type(bad).__name__}")
+        for text in texts:
+            _check_unicode(text)
         backend = self._backend if parse_special else self._plain_backend()
         encodings = backend.encode_batch(texts, add_special_tokens=False)
         return [self._frame(e.ids, max_length, add_cls, add_eos) for e in encodings]
@@ -329,6 +332,17 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id})"
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse lone surrogates with a clear error (the Rust tokenizer says only "must be str")."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}: "
+                         f"only valid Unicode can be tokenized") from None
 
 
 def train_tokenizer(

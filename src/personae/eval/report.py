@@ -19,6 +19,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from personae.data.images import IMAGE_FORMATS
 from personae.data.kinds import open_data
 from personae.eval import plots
 from personae.eval.plots import Curve
@@ -26,7 +27,7 @@ from personae.files import write_text_atomic
 
 STAGE_ORDER = ("pretrain", "roleplay", "meta", "multitask")
 SECTIONS = {"training": "Training curves", "retrieval": "Retrieval", "roleplay": "Role-play",
-            "adaptation": "Adaptation", "ablation": "Ablation", "gallery": "Gallery of test scenes",
+            "grounding": "What the image is worth", "adaptation": "Adaptation", "ablation": "Ablation", "gallery": "Gallery of test scenes",
             "config": "Configuration and environment"}
 SPLIT_NAMES = {"train": "seen", "heldout": "held-out"}
 SHORT = {"response_accuracy": "accuracy", "image_text_relevance": "relevance", "relevance_precision": "precision",
@@ -257,6 +258,37 @@ def roleplay_section(run: RunData) -> str:
                     + _img(plots.split_bars(_metric_names(overall.values()), overall), "role-play metrics, seen vs held-out"))
 
 
+def _grounding_rows(loss: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return [("all tokens", loss["all"]), *loss.get("by_kind", {}).items(),
+            *((f"type: {qtype}", row) for qtype, row in loss["by_type"].items())]
+
+
+def grounding_section(run: RunData) -> str:
+    """Reply-token loss with the true / shuffled / blank image per token kind and question type; prefix attention."""
+    found = run.eval_result("grounding")
+    if found is None:
+        return _section("grounding", _missing("not run: no eval/grounding.json (personae eval grounding RUN)."))
+    stage, result = found
+    note = (f"<p class='muted'>{escape(stage.name)} model, {_fmt(result.get('conversations'))} "
+            f"{escape(str(result.get('split', 'test')))} conversations scored teacher-forced with their own image, "
+            "another scene's and a blank one. Where the true image's loss is no lower than the others', the reply "
+            "does not use the image for that kind of word.</p>")
+    rows = [[f"<td>{escape(name)}</td>", _td(row["n"]), *(_td(row[image]) for image in ("true", "shuffled", "blank")),
+             *(_td(row[image] - row["true"] if row["n"] else None) for image in ("shuffled", "blank"))]
+            for name, row in _grounding_rows(result["loss"])]
+    losses = _table(["reply tokens (loss in nats)", "n", "true", "shuffled", "blank", "shuffled &minus; true",
+                     "blank &minus; true"], rows)
+    attention = []
+    for name, row in result["attention"].items():
+        heads = [mass for layer in (row.get("mass") or []) for mass in layer]
+        attention.append([f"<td>{escape(name)}</td>", _td(row["n"]), _td(sum(heads) / len(heads) if heads else None),
+                          _td(max(heads) if heads else None), _td(row.get("uniform"))])
+    prefix = result.get("prefix_positions")
+    return _section("grounding", note + losses + _table(
+        [f"attention on the {_fmt(prefix)} image positions (true image)", "answer tokens", "mean over heads",
+         "top head", "uniform"], attention))
+
+
 def find_curves(data: Any, path: tuple[str, ...] = (), steps: list[float] | None = None) -> list[Curve]:
     """Every curve in an adaptation result: a list of numbers as long as the nearest enclosing `steps`."""
     if isinstance(data, Mapping):
@@ -346,7 +378,7 @@ def _image_uri(path: Path) -> str | None:
     if len(data) > 200_000 or path.suffix.lower() != ".png":
         from PIL import Image
 
-        with Image.open(path) as image:
+        with Image.open(path, formats=list(IMAGE_FORMATS)) as image:  # only the formats personae reads
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="PNG")
@@ -481,7 +513,8 @@ def config_section(run: RunData) -> str:
 
 def render_report(run: RunData) -> str:
     """The whole page as one HTML string."""
-    sections = [training_section(run), retrieval_section(run), roleplay_section(run), adaptation_section(run),
+    sections = [training_section(run), retrieval_section(run), roleplay_section(run), grounding_section(run),
+                adaptation_section(run),
                 ablation_section(run), gallery_section(run), config_section(run)]
     nav = "".join(f'<a href="#{key}">{escape(title)}</a>' for key, title in SECTIONS.items())
     stages = ", ".join(stage.name for stage in run.stages) or "none"

@@ -135,6 +135,18 @@ class CausalSelfAttention(nn.Module):
             )
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
+    def causal_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T) attention weights of a causal pass from position 0 over x (B, T, D), no cache:
+        softmax(q k^T / sqrt(d)) of the token-shifted q and k that forward uses (read-only diagnosis)."""
+        B, T, D = x.shape
+        qkv = self.qkv(x)
+        if self.shift:
+            qkv, _ = token_shift(qkv, self.shift_mix, None, None)
+        q, k, _ = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm causal block (same parameter layout as layers.Block, so encoder weights can seed it)."""
@@ -225,6 +237,23 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length = start + T
         return self.ln_f(x)
+
+    @torch.no_grad()
+    def forward_with_attention(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A teacher-forced causal pass (no cache, no padding mask: right padding never reaches a real
+        query) -> its (B, T, D) hidden states and, per layer, the (B, H, T, T) attention weights it used."""
+        inputs: list[torch.Tensor] = []  # each block's attention input (after ln_1), caught on the way
+
+        def catch(module: nn.Module, args: tuple) -> None:
+            inputs.append(args[0])
+
+        hooks = [block.attn.register_forward_pre_hook(catch) for block in self.blocks]
+        try:
+            hidden = self(embeddings)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return hidden, [block.attn.causal_weights(x) for block, x in zip(self.blocks, inputs)]
 
     @staticmethod
     def _mask(B: int, T: int, start: int, attention_mask: torch.Tensor | None,

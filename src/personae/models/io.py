@@ -1,29 +1,42 @@
 """A model on disk: a directory of config.json, model.safetensors and tokenizer.json (no pickle).
 
 Both training (checkpoints) and serving (loading a run) use this module, which is why it lives
-below `train/` and `serve/`.
+below `train/` and `serve/`. Every folder written here carries ``checkpoint.json``, the sha256
+and size of each file it wrote; :func:`verify_checkpoint` checks them before anything is loaded,
+so a truncated, bit-flipped or half-copied checkpoint is an error naming the file, never a
+different model. Folders written before checksums existed still load, with a note.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from personae.config import Config, load_config, save_config
+from personae.data.jsonl import JsonError, strict_json_loads
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.files import atomic_directory
 from personae.models.model import PersonaeModel
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "trainer_state.json"  # written last when a folder is updated in place
+MANIFEST_FILE = "checkpoint.json"  # {"format": 1, "files": {name: {"sha256": hex, "bytes": n}}}
+MODEL_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)
+_HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(PersonaeError):
@@ -45,11 +58,91 @@ def model_directory(directory: Path) -> Iterator[Path]:
     Into an existing directory (a run's root) the weights are renamed first and the trainer
     state last, so a reader that finds the new state finds the new weights too.
     """
-    with atomic_directory(directory, first=(MODEL_FILE,), last=(STATE_FILE,)) as staging:
+    with atomic_directory(directory, first=(MODEL_FILE,), last=(MANIFEST_FILE, STATE_FILE)) as staging:
         yield staging
+        write_manifest(staging)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> Path:
+    """Record the sha256 and size of every file in a (staging) folder in its checkpoint.json."""
+    files = {
+        path.name: {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        for path in sorted(Path(folder).iterdir())
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def verify_checkpoint(directory: Path, required: Sequence[str] = MODEL_FILES) -> bool:
+    """Check every file listed in checkpoint.json (size, then sha256) and that ``required`` exist.
+
+    Returns False (after logging a note) for a folder without checkpoint.json, written before
+    checksums; raises :class:`CheckpointError` naming the file that is missing or damaged.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint folder not found")
+    for name in required:
+        require_file(directory, name)
+    manifest = directory / MANIFEST_FILE
+    if not manifest.is_file():
+        logger.info("%s: no %s (written before checksums): its files are loaded unverified", directory, MANIFEST_FILE)
+        return False
+    for name, expected in _manifest_files(manifest).items():
+        _verify_file(directory / name, expected, manifest)
+    return True
+
+
+def _manifest_files(manifest: Path) -> dict[str, dict[str, object]]:
+    """The ``files`` table of a checkpoint.json, checked for shape."""
+    try:
+        files = strict_json_loads(manifest.read_bytes())["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            and "/" not in name and name not in ("", ".", "..") for name, e in files.items()
+        ):
+            raise JsonError("'files' must map plain file names to {'sha256': str, 'bytes': int}")
+    except (JsonError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest}: damaged checkpoint manifest ({exc})") from None
+    return files
+
+
+def _verify_file(path: Path, expected: dict[str, object], manifest: Path) -> None:
+    """One file against its manifest entry: present, the recorded size, the recorded sha256."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in {manifest.name}); the checkpoint is incomplete")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(f"{path}: damaged, {size} bytes where {manifest.name} records "
+                              f"{expected['bytes']} (truncated or partly copied)")
+    if file_sha256(path) != expected["sha256"]:
+        raise CheckpointError(f"{path}: damaged, its sha256 does not match {manifest.name} "
+                              f"(flipped bits or a bad copy); use another checkpoint")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; an unreadable file is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:  # what safetensors raises on bad bytes
+        raise CheckpointError(f"{path}: damaged or not a safetensors file ({exc})") from None
 
 
 def require_file(directory: Path, name: str) -> Path:
+    """``directory / name``, or a CheckpointError saying the folder is not a checkpoint."""
     path = Path(directory) / name
     if not path.exists():
         raise CheckpointError(f"{directory}: not a personae checkpoint, {name} is missing")
@@ -57,11 +150,12 @@ def require_file(directory: Path, name: str) -> Path:
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[PersonaeModel, Config, Tokenizer]:
-    """Rebuild the model from config.json and load model.safetensors (strict: every key must match)."""
+    """Verify the checksums, rebuild the model from config.json, load model.safetensors (strict)."""
+    verify_checkpoint(directory)
     config = load_config(require_file(directory, CONFIG_FILE))
     tokenizer = Tokenizer.from_file(require_file(directory, TOKENIZER_FILE))
     model = PersonaeModel(config.model)
-    weights = load_file(str(require_file(directory, MODEL_FILE)))
+    weights = load_tensors(require_file(directory, MODEL_FILE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -12,19 +13,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from personae.config import Config, ConfigError, TrainCfg
 from personae.data.tokenizer import Tokenizer
-from personae.files import atomic_path
-from personae.models.io import require_file
+from personae.models.io import MODEL_FILE, load_tensors, require_file
 from personae.models.model import PersonaeModel
-from personae.train.checkpoint import TrainerState, latest_checkpoint, load_training_state, save_checkpoint
+from personae.train.checkpoint import (
+    TrainerState,
+    check_writable,
+    finished_state,
+    latest_checkpoint,
+    load_training_state,
+    remove_stale_staging,
+    save_checkpoint,
+    tensor_bytes,
+)
 from personae.train.distributed import DistInfo, all_reduce_mean
 
-KEEP_CHECKPOINTS = 2
+logger = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2  # step checkpoints kept; the older is removed only after a newer one is complete
 
 
 def lr_at(step: int, cfg: TrainCfg) -> float:
@@ -150,21 +160,33 @@ class Trainer:
         self.state = TrainerState(stage=stage)
 
     def resume(self) -> int:
-        """Load the newest checkpoint of the run (weights, optimizer, step); return the step."""
-        checkpoint = latest_checkpoint(self.run_dir)
+        """Load the newest intact checkpoint of the run (weights, optimizer, step); return the step."""
+        checkpoint = latest_checkpoint(self.run_dir)  # verified; damaged newer ones are skipped, logged
         if checkpoint is None:
             return 0
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        self.model.load_state_dict(load_tensors(require_file(checkpoint, MODEL_FILE)))
         for name, module in self.aux.items():
-            module.load_state_dict(load_file(str(require_file(checkpoint, f"{name}.safetensors"))))
+            module.load_state_dict(load_tensors(require_file(checkpoint, f"{name}.safetensors")))
         self.state = load_training_state(checkpoint, self.optimizer)
         self._rewrite_metrics()
         return self.state.step
 
     def fit(self, *, resume: bool = False, stop_at: int | None = None) -> TrainerState:
-        """Train to cfg.steps (or stop early at `stop_at`, as if interrupted); save the final model."""
+        """Train to cfg.steps (or stop early at `stop_at`, as if interrupted); save the final model.
+
+        With `resume`, a run whose final model is already saved is left as it is (and says so).
+        Before the first step the output folder is checked: staging left by interrupted saves is
+        removed, and a read-only or full folder is an error now rather than at the first save.
+        """
+        if self.dist.is_primary:
+            remove_stale_staging(self.run_dir)
+        if resume and (done := finished_state(self.run_dir, self.stage, self.cfg.steps)) is not None:
+            logger.warning("%s: the %s run already finished (step %d of %d); nothing to do",
+                           self.run_dir, self.stage, done.step, self.cfg.steps)
+            self.state = done
+            return done
+        if self.dist.is_primary:
+            check_writable(self.run_dir, 3 * tensor_bytes(self.model, *self.aux.values()))  # weights + Adam's two
         if not (resume and self.resume()):  # a fresh start begins a fresh log
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         end = self.cfg.steps if stop_at is None else min(stop_at, self.cfg.steps)
@@ -254,19 +276,12 @@ class Trainer:
         if not self.dist.is_primary:
             return
         folder = self.run_dir / "checkpoints"
-        checkpoint = save_checkpoint(folder / f"step_{self.state.step:07d}", self.model, self.config,
-                                     self.tokenizer, optimizer=self.optimizer, state=self.state)
-        self._save_aux(checkpoint)
+        save_checkpoint(folder / f"step_{self.state.step:07d}", self.model, self.config, self.tokenizer,
+                        optimizer=self.optimizer, state=self.state, modules=self.aux)
         for old in sorted(folder.glob("step_*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _save_final(self) -> None:
         if self.dist.is_primary:
-            save_checkpoint(self.run_dir, self.model, self.config, self.tokenizer, state=self.state)
-            self._save_aux(self.run_dir)
-
-    def _save_aux(self, folder: Path) -> None:
-        """Each aux module's state as <name>.safetensors in the folder (written aside, then renamed)."""
-        for name, module in self.aux.items():
-            with atomic_path(folder / f"{name}.safetensors") as staging:
-                save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(staging))
+            save_checkpoint(self.run_dir, self.model, self.config, self.tokenizer, state=self.state,
+                            modules=self.aux)

@@ -16,7 +16,7 @@ from personae.data.dialogues import DialogueRecord
 from personae.data.kinds import DataKind, register_data_kind
 from personae.world.build import WORLD_FILE, load_scenes
 from personae.world.characters import Character, load_characters
-from personae.world.metrics import METRICS, aggregate, score_reply
+from personae.world.metrics import METRICS, aggregate, score_reply, world_word_kinds
 from personae.world.persona_swap import PersonaSwap
 from personae.world.scene import Scene
 
@@ -64,6 +64,10 @@ class SceneWorld(DataKind):
         """The sizes and seed recorded in world.json."""
         info = json.loads((self.root / WORLD_FILE).read_text(encoding="utf-8"))
         return {key: info[key] for key in SUMMARY_KEYS if key in info}
+
+    def word_kinds(self) -> dict[str, tuple[str, ...]]:
+        """The world's vocabulary by kind: object names, numbers, yes/no, positions, setting, persona words."""
+        return world_word_kinds(load_characters(self.root))
 
     def persona_swap(self, seed: int, setting: str) -> PersonaSwap:
         """Fresh markers for the world's characters, drawn with SEED."""

@@ -9,7 +9,8 @@ is computed elsewhere.
   count -- the first "<count> <object>" for the asked object ("two dogs", "a dog", "3 dogs",
   "no dogs", "zero dogs"; "not ... any/a single dog" reads as 0) must equal the scene's count;
   exists -- the first yes word (yes, yeah, yep) or no word (no, nope) must match presence (with
-  neither, a counted mention of the object >= 1 reads as yes); where -- the first position phrase
+  neither, a counted mention answers: "two dogs" is yes, "no dogs" no; a reply with neither a
+  yes/no word nor a counted mention is wrong); where -- the first position phrase
   ("top left", "upper left", "centre", "middle", "top row", "left column", ...) must name exactly
   the tightest true region of the object: its cell for an object present once, its row or column
   for copies in a line; feel -- the mood read from cue words (joy: love, wonderful, favourite,
@@ -48,6 +49,7 @@ from personae.world.catalog import NUMBER_WORDS, OBJECTS
 from personae.world.characters import Character, as_character_map
 from personae.world.dialogues import QUESTION_TYPES, Dialogue, Turn
 from personae.world.scene import COLUMN_NAMES, ROW_NAMES, Cell, Scene
+from personae.world.settings import SETTINGS
 from personae.world.styles import (
     NEGATIVE_CUES,
     NEUTRAL_CUES,
@@ -197,8 +199,11 @@ def response_accuracy(reply: str, turn: Turn | Mapping[str, Any], scene: Scene) 
     if turn.type == "exists":
         name = _target_object(turn)
         said = parse_yes_no(reply)
-        if said is None:
-            said = (parse_count(reply, name) or 0) >= 1
+        if said is None:  # no yes/no word: a counted mention answers; a reply with neither is wrong, not "no"
+            count = parse_count(reply, name)
+            if count is None:
+                return 0.0
+            said = count >= 1
         return float(said == (scene.get(name) is not None))
     if turn.type == "where":
         return _where_correct(reply, scene, _target_object(turn))
@@ -387,9 +392,38 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+# words of a setting's phrases that name no setting ("on the beach" -> beach)
+_SETTING_STOPWORDS = frozenset({"a", "an", "the", "on", "in", "at", "by", "of", "under", "among", "scene"})
+
+
+def world_word_kinds(characters: Mapping[str, Character] | Sequence[Character]) -> dict[str, tuple[str, ...]]:
+    """Reply words by kind, from the world's vocabulary: object names (singular and plural), numbers,
+    yes/no words, position words, setting words and persona words (the cast's markers, names, roles).
+
+    A word in two kinds belongs to the earlier one (e.g. "bottom" is a position, not a setting word).
+    """
+    positions = set(POSITION_REGIONS) | {w for phrase in POSITION_REGIONS for w in phrase.split()}
+    kinds: dict[str, set[str]] = {
+        "object names": {form for obj in OBJECTS.values() for form in (obj.name, obj.plural)},
+        "numbers": {*NUMBER_WORDS, *(str(d) for d in range(10))},
+        "yes/no": {*YES_WORDS, *NO_WORDS},
+        "positions": positions | {"center", "corner"},
+        "setting": {word for setting in SETTINGS.values() for phrase in (*setting.places, *setting.views)
+                    for word in phrase.split() if word not in _SETTING_STOPWORDS},
+        "persona words": {_normalise(phrase) for c in as_character_map(characters).values()
+                          for phrase in (*c.style.markers(), c.name, c.role)},
+    }
+    owned: set[str] = set()
+    out = {}
+    for kind, words in kinds.items():
+        out[kind] = tuple(sorted(words - owned))
+        owned |= words
+    return out
+
+
 __all__ = [
     "ACCURACY_TYPES", "METRICS", "POSITION_REGIONS", "Relevance", "aggregate", "foreign_markers",
     "image_text_relevance", "instruction_adherence", "knowledge_consistency", "parse_count",
     "parse_mood", "parse_position", "parse_yes_no", "persona_consistency", "quirk_holds",
-    "relevance_scores", "response_accuracy", "score_dialogue", "score_reply",
+    "relevance_scores", "response_accuracy", "score_dialogue", "score_reply", "world_word_kinds",
 ]
