@@ -58,6 +58,22 @@ def test_ctrl_c_stops_the_reply_not_the_session(bundle, finetuned_run: Path) -> 
     assert [turn.user for turn in session.history] == ["Tell me a long story.", "And then?"]
 
 
+def test_ctrl_c_at_the_prompt_drops_the_line_and_ctrl_d_leaves(bundle, finetuned_run: Path) -> None:
+    session = _session(bundle, finetuned_run)
+    keys = iter([KeyboardInterrupt, "Hello!", EOFError])
+
+    def read(prompt: str) -> str:
+        key = next(keys)
+        if isinstance(key, type):
+            raise key
+        return key
+
+    buffer = io.StringIO()
+    run_terminal_chat(session, read=read, out=buffer)
+    assert "(Ctrl-C stops a reply; /quit or Ctrl-D leaves)" in buffer.getvalue()
+    assert [turn.user for turn in session.history] == ["Hello!"]
+
+
 def _pane(name: str) -> str:
     return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
 
@@ -74,9 +90,13 @@ def test_under_a_real_terminal_errors_and_ctrl_c_leave_the_session_running(finet
         _wait_for(name, "User>")
         _send(name, "word " * 700)  # over the model's context
         _wait_for(name, "the chat goes on")
-        _send(name, "Tell me everything.")  # up to 200 tokens: Ctrl-C lands while it streams
+        _wait_for(name, "User>", count=2)
+        _send(name, "Tell me everything.")  # 200 tokens: Ctrl-C lands while they stream
+        _wait_for_reply(name)
         subprocess.run(["tmux", "send-keys", "-t", name, "C-c"], check=True)
         _wait_for(name, "(stopped)")
+        subprocess.run(["tmux", "send-keys", "-t", name, "C-c"], check=True)  # at the prompt: the chat goes on
+        _wait_for(name, "/quit or Ctrl-D leaves")
         _send(name, "/card")
         _wait_for(name, "description:")  # still chatting after the error and the Ctrl-C
     finally:
@@ -86,6 +106,15 @@ def test_under_a_real_terminal_errors_and_ctrl_c_leave_the_session_running(finet
 def _send(name: str, text: str) -> None:
     subprocess.run(["tmux", "send-keys", "-t", name, "-l", text], check=True)
     subprocess.run(["tmux", "send-keys", "-t", name, "Enter"], check=True)
+
+
+def _wait_for_reply(name: str, timeout: float = 60.0) -> None:
+    """Until the reply to the last message has begun to stream."""
+    deadline = time.monotonic() + timeout
+    while not _pane(name).rstrip().splitlines()[-1].split("Chef Baptiste:", 1)[-1].strip():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no reply began:\n{_pane(name)}")
+        time.sleep(0.01)
 
 
 def _wait_for(name: str, text: str, count: int = 1, timeout: float = 60.0) -> None:

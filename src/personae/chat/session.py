@@ -35,7 +35,7 @@ from personae.models.model import PersonaeModel
 HELP = """commands:
   /image PATH   look at another image          /card    show the character card
   /reset        start the conversation over    /quit    leave (also Ctrl-D)
-  /help         this list"""
+  /help         this list                      Ctrl-C   stop the reply being written"""
 
 
 class CharacterNotFound(PersonaeError, LookupError):
@@ -144,7 +144,10 @@ def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, 
     while True:
         try:
             line = read(f"{session.user}> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:  # as in Python's prompt: the line is dropped, the chat goes on
+            out.write("\n(Ctrl-C stops a reply; /quit or Ctrl-D leaves)\n")
+            continue
+        except EOFError:
             out.write("\n")
             return
         if not line:
