@@ -45,6 +45,13 @@ def test_metrics_count_requests_tokens_and_latency(make_app: Callable[..., FastA
     assert got["personae_queue_depth"] == 0 and got["personae_batch_size_max"] >= 2
     assert got["personae_decode_row_steps_total"] >= got["personae_decode_steps_total"] > 0
     assert got["personae_adapters_resident"] >= 0
+    assert "personae_time_to_first_token_seconds_count" not in got  # nothing was streamed yet
+    streamed = client.post("/v1/chat/completions", json=chat_body(max_tokens=3, stream=True))
+    assert streamed.status_code == 200
+    got = parse(client.get("/metrics").text)
+    assert got["personae_time_to_first_token_seconds_count"] == 1
+    assert 0 < got["personae_time_to_first_token_seconds_sum"] <= \
+        got['personae_http_request_duration_seconds_sum{route="/v1/chat/completions"}']
 
 
 def test_metrics_need_the_api_key(make_app: Callable[..., FastAPI]) -> None:

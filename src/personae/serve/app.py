@@ -58,7 +58,7 @@ from personae.serve.characters import (
 )
 from personae.serve.completions import CompletionService, completion_body, completion_id, decode_data_url, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
-from personae.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, scrape
+from personae.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, first_token_timed, scrape
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import (
     AdaptJobCreated,
@@ -126,6 +126,8 @@ class ServerContext:
         self.metrics.describe("personae_http_requests_total", "HTTP requests answered, by route, method and status")
         self.metrics.describe("personae_http_request_duration_seconds", "time to answer a request (streams: to "
                               "their last byte), by route")
+        self.metrics.describe("personae_time_to_first_token_seconds", "from a streamed chat completion's start "
+                              "to its first text chunk")
         self.metrics.describe("personae_prompt_tokens_total", "prompt tokens of accepted chat completions (image "
                               "positions included)")
 
@@ -289,8 +291,8 @@ def _chat_routes(app: FastAPI, context: ServerContext) -> None:
         headers = {"X-Personae-Dropped-Turns": str(prepared.dropped_turns)}
         if prepared.stream:
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(stream_chunks(handle, prepared), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(first_token_timed(stream_chunks(handle, prepared), context.metrics),
+                                     media_type="text/event-stream", headers=headers)
         generations = await _collect(handle, request)
         body = ChatCompletion.model_validate(completion_body(prepared, generations, completion_id(), int(time.time())))
         return JSONResponse(body.model_dump(mode="json"), headers=headers)

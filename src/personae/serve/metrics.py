@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -153,6 +153,17 @@ def scrape(metrics: Metrics, scheduler: Scheduler, adapters: ServerAdapters, cha
 
 
 
+async def first_token_timed(chunks: AsyncIterator[str], metrics: Metrics) -> AsyncIterator[str]:
+    """The chunks as they come; the time to the second one (the first after the role chunk) is observed."""
+    started = time.perf_counter()
+    count = 0
+    async for chunk in chunks:
+        count += 1
+        if count == 2:
+            metrics.observe("personae_time_to_first_token_seconds", time.perf_counter() - started)
+        yield chunk
+
+
 def route_label(path: str) -> str:
     """A bounded label for a request path: the known route it starts with, else "other"."""
     for route in ROUTES:
@@ -161,4 +172,4 @@ def route_label(path: str) -> str:
     return "other"
 
 
-__all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "MetricsMiddleware", "route_label", "scrape"]
+__all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "MetricsMiddleware", "first_token_timed", "route_label", "scrape"]
