@@ -21,6 +21,7 @@ from personae.models.generation_config import read_generation_config
 from personae.models.lora import load_adapter
 from personae.serve.app import RunBundle
 from personae.serve.schemas import (
+    AdapterList,
     CharacterInfo,
     CharacterList,
     ChatCompletion,
@@ -195,7 +196,8 @@ def test_adaptation_job_runs_the_hook_and_reports_progress(make_app: Callable[..
     assert job["status"] == "succeeded" and job["progress"] == 1.0, job
     assert seen == {"examples": [{"user": "hi", "reply": "Bonjour!", "image": None}], "steps": 4}
     assert client.get(f"/v1/characters/{CHARACTER}/adapt").json()["id"] == job["id"]
-    assert client.get(f"/v1/models/personae/{CHARACTER}").json()["adapted"] is True
+    # the head adapter is written but not applied per request: the character is played with the base weights
+    assert client.get(f"/v1/models/personae/{CHARACTER}").json()["adapted"] is False
     tensors, metadata = load_adapter(run_copy / "adapters" / f"{CHARACTER}.safetensors")  # the job wrote it
     assert set(tensors) == {"decoder.ln_f.weight"} and metadata["inner_params"] == "head"
     assert client.get(f"/v1/characters/{CHARACTER}").json()["adapter"].startswith("not applied: ")  # not LoRA
@@ -217,6 +219,9 @@ ROUTE_MODELS = [
     ("get", "/v1/characters/{character_id}/adapt", "200", "AdaptJobInfo"),
     ("get", "/v1/characters/{character_id}/adapt/{job_id}", "200", "AdaptJobInfo"),
     ("get", "/health", "200", "Health"),
+    ("get", "/v1/adapters", "200", "AdapterList"),
+    ("post", "/v1/adapters", "201", "AdapterInfo"),
+    ("delete", "/v1/adapters/{character}", "200", "AdapterInfo"),
 ]
 
 
@@ -241,6 +246,7 @@ def test_answers_are_exactly_their_response_models(client: TestClient) -> None:
         CharacterList: client.get("/v1/characters"),
         CharacterInfo: client.get(f"/v1/characters/{CHARACTER}"),
         Health: client.get("/health"),
+        AdapterList: client.get("/v1/adapters"),
         ErrorResponse: client.get("/v1/characters/nobody"),
     }
     for model, response in answers.items():

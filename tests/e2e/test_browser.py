@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from personae.data.cards import load_card
 from personae.serve.server import ServerThread
-from tests.e2e.helpers import CHARACTER, png_bytes
+from tests.e2e.helpers import CHARACTER, data_url, png_bytes
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -69,3 +69,31 @@ def test_phone_user_uploads_a_card_picks_a_character_attaches_an_image_and_gets_
             browser.close()
     assert scheduler.stats.requests == 1 and (page_server.app.state.context.run_dir / "uploads/nova-vale.json").exists()
     assert (ARTIFACTS / "chat_phone.png").stat().st_size > 1000
+
+
+def test_a_long_illustrated_chat_goes_on_past_64_messages_and_5_images(page_server: ServerThread) -> None:
+    url = data_url(png_bytes((30, 160, 90)))
+    bodies: list[dict] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("request", lambda r: bodies.append(json.loads(r.post_data))
+                    if r.url.endswith("/v1/chat/completions") else None)
+            page.goto(page_server.url + "/")
+            page.click(f'.character[data-id="{CHARACTER}"]')
+            # 80 earlier messages, 8 of them with an image: a chat the server used to refuse
+            page.evaluate("""(url) => { for (let i = 0; i < 80; i++) state.messages.push({
+                role: i % 2 ? "assistant" : "user", text: "line " + i, image: i % 2 || i % 10 ? null : url}); }""", url)
+            page.fill("#message", "And now?")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-state='done'] .regenerate", timeout=20_000)
+            assert page.locator(".msg[data-state='error']").count() == 0
+            assert page.locator(".msg.assistant").last.locator(".text").text_content().strip()
+        finally:
+            browser.close()
+    sent = bodies[-1]["messages"]
+    assert len(sent) > 64
+    images = [part for m in sent if isinstance(m["content"], list) for part in m["content"]
+              if part["type"] == "image_url"]
+    assert len(images) == 1  # only the latest image travels: the model looks at one

@@ -26,10 +26,9 @@ MALFORMED = [
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "invalid_value",
      "messages[0].content[0].image_url.url"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "invalid_value",
-     "messages"),
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
-                   {"role": "user", "content": "hi"}]}, 400, "invalid_value", "messages[0].content"),
+                   {"role": "user", "content": "hi"}]}, 400, "invalid_image_url",
+     "messages[0].content[0].image_url.url"),
     ({"temperature": 3}, 400, "invalid_value", "temperature"),
     ({"top_p": -0.1}, 400, "invalid_value", "top_p"),
     ({"max_tokens": 0}, 400, "invalid_value", "max_tokens"),
@@ -40,7 +39,8 @@ MALFORMED = [
     ({"logit_bias": {"99999": 1}}, 400, "invalid_value", "logit_bias"),
     ({"logit_bias": {"5": 150}}, 400, "invalid_value", "logit_bias"),
     ({"mirostat": 2}, 400, "unsupported_sampler", "mirostat"),
-    ({"tools": [{"type": "function"}]}, 400, "unsupported", "tools"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, 400, "unsupported", "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "unsupported", "tool_choice"),
     ({"model": "personae/nobody"}, 404, "model_not_found", "model"),
     ({"character": "nobody"}, 404, "model_not_found", "character"),
     ({"model": None}, 400, "missing_character", "model"),
@@ -75,8 +75,8 @@ def test_non_json_bodies_and_unknown_routes(client: TestClient) -> None:
     assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200  # still serving
 
 
-LIMITS = {"max_body_bytes": 4096, "max_image_bytes": 600, "max_image_pixels": 32 * 32, "max_images": 1,
-          "max_messages": 3, "max_prompt_tokens": 300, "max_tokens_limit": 16, "max_n": 2, "max_stop": 1}
+LIMITS = {"max_body_bytes": 4096, "max_image_bytes": 600, "max_image_pixels": 32 * 32,
+          "max_prompt_tokens": 300, "max_n": 2, "max_stop": 1}
 
 
 def over_limit_cases() -> list[tuple[str, dict[str, Any], int, str]]:
@@ -87,13 +87,10 @@ def over_limit_cases() -> list[tuple[str, dict[str, Any], int, str]]:
         ("max_image_bytes", {"messages": image_message(data_url(png_bytes(size=(8, 8)) + noisy))}, 400,
          "image_too_large"),
         ("max_image_pixels", {"messages": image_message(data_url(big))}, 400, "image_too_large"),
-        ("max_images", {"messages": image_message(data_url(small)) + image_message(data_url(small))}, 400,
-         "too_many_images"),
-        ("max_messages", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2},
-         400, "too_many_messages"),
+        ("max_image_pixels", {"messages": image_message(data_url(small)) + image_message(data_url(big))}, 400,
+         "image_too_large"),
         ("max_prompt_tokens", {"messages": [{"role": "user", "content": "words " * 400}]}, 400,
          "context_length_exceeded"),
-        ("max_tokens_limit", {"max_tokens": 17}, 400, "max_tokens_too_large"),
         ("max_n", {"n": 3}, 400, "n_too_large"),
         ("max_stop", {"stop": ["a", "b"]}, 400, "too_many_stop_strings"),
     ]
@@ -107,6 +104,43 @@ def test_every_limit_answers_its_error_and_the_server_goes_on(make_app: Callable
         assert str(LIMITS[limit]) in response.json()["error"]["message"], (limit, response.json())
     within = chat_body(max_tokens=16, n=2, stop=["zz"], messages=image_message(data_url(png_bytes(size=(16, 16)))))
     assert client.post("/v1/chat/completions", json=within).status_code == 200
+    # only the latest image is used: an older one over the limits is dropped unread
+    older_big = image_message(data_url(png_bytes(size=(64, 64)))) + image_message(data_url(png_bytes(size=(8, 8))))
+    assert client.post("/v1/chat/completions", json=chat_body(max_tokens=4, messages=older_big)).status_code == 200
+
+
+def test_max_tokens_over_the_limit_is_cut_with_a_warning(make_app: Callable[..., FastAPI]) -> None:
+    client = TestClient(make_app(max_tokens_limit=16))
+    body = client.post("/v1/chat/completions", json=chat_body(max_tokens=300, ignore_eos=True)).json()
+    assert body["usage"]["completion_tokens"] == 16 and body["choices"][0]["finish_reason"] == "length"
+    assert body["warnings"] == ["max_tokens=300 was cut to the server's limit of 16 tokens (max_tokens_limit)"]
+    listed = client.get("/v1/models").json()["data"][0]
+    assert listed["max_completion_tokens"] == 16 and listed["context_length"] == listed["max_model_len"] > 16
+
+
+def test_default_limits_take_what_sillytavern_sends(make_app: Callable[..., FastAPI]) -> None:
+    client = TestClient(make_app())
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"line {i}"} for i in range(99)]
+    answer = client.post("/v1/chat/completions", json=chat_body(max_tokens=300, messages=many))
+    assert answer.status_code == 200, answer.text
+    limit = client.get("/v1/models").json()["data"][0]["max_completion_tokens"]
+    assert answer.json()["usage"]["completion_tokens"] <= min(limit, 300)
+    assert int(answer.headers["X-Personae-Dropped-Turns"]) > 0  # the history is cut in tokens, not refused
+    cut = [w for w in answer.json()["warnings"] if w.startswith("max_tokens=300 was cut")]
+    assert len(cut) == (300 > limit)
+
+
+def test_null_fields_mean_the_default_and_top_p_zero_is_greedy(client: TestClient) -> None:
+    nulls = {key: None for key in ("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty",
+                                   "seed", "stop", "top_k", "repetition_penalty", "max_repeats", "ignore_eos",
+                                   "max_tokens", "logprobs", "tools", "tool_choice", "stream_options")}
+    answer = client.post("/v1/chat/completions", json=chat_body(**nulls))
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"]) == 1
+    greedy = [client.post("/v1/chat/completions", json=chat_body(max_tokens=8, top_p=0, temperature=1.5, seed=seed))
+              .json()["choices"][0]["message"]["content"] for seed in (1, 2)]
+    zero_t = client.post("/v1/chat/completions", json=chat_body(max_tokens=8, temperature=0)).json()
+    assert greedy[0] == greedy[1] == zero_t["choices"][0]["message"]["content"]
 
 
 def test_api_key_guards_the_api_but_not_the_page(make_app: Callable[..., FastAPI]) -> None:

@@ -109,3 +109,18 @@ def test_waiting_request_is_cancelled_when_the_client_gives_up(live_server: Serv
             break
         time.sleep(0.02)
     assert scheduler.stats.cancelled == before + 1 and scheduler.queued == 0 and not scheduler.rows
+
+
+def test_openai_client_continues_a_prefill_and_ignores_tools_with_auto(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Hello, chef!"}, {"role": "assistant", "content": "Bonjour! Today I"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "roll", "parameters": {"type": "object", "properties": {}}}}
+    answer = client.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=6, tools=[tool],
+                                            tool_choice="auto")
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as required:
+        client.chat.completions.create(model=MODEL, messages=messages[:1], tools=[tool], tool_choice="required")
+    assert required.value.code == "unsupported"

@@ -75,3 +75,23 @@ def test_bad_adapters_are_refused_with_the_key(model):
             logits(model, torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(AdapterError, match="no LoRA layers"):
         AdapterBank(torch.nn.Linear(2, 2))
+
+
+def test_a_removed_adapter_frees_its_slot_for_the_next_one(model):
+    bank = AdapterBank(model)
+    bank.add("ada", random_adapter(model, 1))
+    bank.add("bob", random_adapter(model, 2))
+    ids = torch.randint(5, 300, (1, 7), generator=torch.Generator().manual_seed(6))
+    with bank.route(2):
+        bob = logits(model, ids)
+    assert bank.remove("ada") and not bank.remove("ada") and bank.slot("ada") == 0 and len(bank) == 1
+    with bank.route(1):  # the freed slot holds the model's own tensors until it is reused
+        torch.testing.assert_close(logits(model, ids), logits(copy.deepcopy(model), ids))
+    cid = random_adapter(model, 3)
+    assert bank.add("cid", cid) == 1 and bank.add("dan", random_adapter(model, 4)) == 3
+    alone = copy.deepcopy(model)
+    apply_adapter(alone, cid)
+    with bank.route(torch.tensor([1])):
+        torch.testing.assert_close(logits(model, ids), logits(alone, ids), atol=1e-5, rtol=1e-5)
+    with bank.route(2):
+        torch.testing.assert_close(logits(model, ids), bob)  # the others keep their slots and tensors

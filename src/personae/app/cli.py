@@ -131,9 +131,28 @@ def _serve(args: argparse.Namespace) -> None:
     from personae.serve import serve
     from personae.serve.adapt import adapt_in_memory
 
-    limits = {"adapt_fn": adapt_in_memory, "max_batch": args.max_batch, "batching": not args.no_batching, "torch_threads": args.torch_threads}
+    limits = {name: getattr(args, name) for name in _SERVE_LIMITS}
+    limits |= {"adapt_fn": adapt_in_memory, "batching": not args.no_batching}
     serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key,
           **{k: v for k, v in limits.items() if v is not None})
+
+
+# `personae serve --<name>` for each ServeSettings limit (help: what it bounds; defaults in docs/guide/api.md)
+_SERVE_LIMITS = {
+    "max_tokens_limit": "most tokens of one reply; a larger max_tokens is cut to it (default: half the context)",
+    "default_max_tokens": "max_tokens of a request that gives none (default min(64, the limit))",
+    "max_prompt_tokens": "prompt tokens after old turns are dropped (default: what the context leaves)",
+    "max_body_bytes": "largest request body in bytes (default 64 MiB)",
+    "max_image_bytes": "largest decoded image in bytes (default 4 MiB)",
+    "max_image_pixels": "largest image in width x height pixels (default 2048*2048)",
+    "max_n": "choices per request (default 4)",
+    "max_stop": "stop strings per request (default 4)",
+    "max_batch": "requests decoded together (default 32)",
+    "max_queue": "requests waiting for the batch before a 503 (default 64)",
+    "max_adapters": "character adapters resident, least recently used evicted (default: no cap)",
+    "prefix_cache_mib": "MiB of cached prompt heads (default 256; 0: off)",
+    "torch_threads": "torch intra-op threads (default: torch's)",
+}
 
 
 def _add_world_parser(sub: argparse._SubParsersAction) -> None:
@@ -227,12 +246,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """The `personae serve` command line."""
     srv = sub.add_parser("serve", help="OpenAI-compatible server and web chat page for a run")
     srv.add_argument("run", metavar="RUN")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
-    srv.add_argument("--max-batch", type=int, default=None, help="requests decoded together (default 32)")
+    for name, help_text in _SERVE_LIMITS.items():
+        srv.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=help_text)
     srv.add_argument("--no-batching", action="store_true", help="one request at a time (for comparison)")
-    srv.add_argument("--torch-threads", type=int, default=None)
     srv.set_defaults(handler=_serve, takes_overrides=False)
 
 

@@ -36,7 +36,7 @@ from personae.models.model import PersonaeModel
 HELP = """commands:
   /image PATH   look at another image          /card    show the character card
   /reset        start the conversation over    /quit    leave (also Ctrl-D)
-  /help         this list"""
+  /help         this list                      Ctrl-C   stop the reply being written"""
 
 
 class CharacterNotFound(PersonaeError, LookupError):
@@ -116,18 +116,23 @@ class ChatSession:
 
     @torch.no_grad()
     def respond(self, message: str) -> Iterator[str]:
-        """Stream the character's reply to `message` in pieces; the full reply joins the history."""
+        """Stream the character's reply to `message` in pieces; the reply joins the history.
+
+        A reply stopped early (the generator closed, e.g. by Ctrl-C) joins it as far as it went.
+        """
         turns = self.history + [Turn(message)]
         budget = self.model.text_budget(self.params.max_new_tokens, with_image=True)
         prompt = self.builder.build(self.card, turns, max_tokens=budget, user=self.user,
                                     include_examples=self.include_examples)
         self.warnings = prompt.warnings
         reply = ""
-        for pieces in stream_batch(self.model, self.tokenizer, [prompt.ids], self.pixels, self.params):
-            reply += pieces[0]
-            if pieces[0]:
-                yield pieces[0]
-        self.history.append(Turn(message, reply.strip()))
+        try:
+            for pieces in stream_batch(self.model, self.tokenizer, [prompt.ids], self.pixels, self.params):
+                reply += pieces[0]
+                if pieces[0]:
+                    yield pieces[0]
+        finally:
+            self.history.append(Turn(message, reply.strip()))
 
 
 def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
@@ -140,7 +145,10 @@ def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, 
     while True:
         try:
             line = read(f"{session.user}> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:  # as in Python's prompt: the line is dropped, the chat goes on
+            out.write("\n(Ctrl-C stops a reply; /quit or Ctrl-D leaves)\n")
+            continue
+        except EOFError:
             out.write("\n")
             return
         if not line:
@@ -149,14 +157,30 @@ def run_terminal_chat(session: ChatSession, read: Callable[[str], str] = input, 
             if _command(session, line, out):
                 return
             continue
-        out.write(f"{name}: ")
         shown = session.warnings
-        for piece in session.respond(line):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
+        if not _reply(session, line, out):
+            continue
         if session.warnings and session.warnings != shown:  # say it when the cut changes, not every message
             out.write("".join(f"(note: {warning})\n" for warning in session.warnings))
+
+
+def _reply(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Stream one reply; an error in it is reported and Ctrl-C stops it, and the chat goes on. Whether it ran."""
+    out.write(f"{session.card.name}: ")
+    replies = session.respond(line)
+    try:
+        for piece in replies:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        replies.close()  # the partial reply stays in the history
+        out.write(" (stopped)\n")
+        return True
+    except (PersonaeError, ValueError) as error:  # a card too long for --max-tokens, a bad image: this message only
+        out.write(f"\n(error: {error}; the chat goes on: /help lists the commands)\n")
+        return False
+    out.write("\n")
+    return True
 
 
 def _command(session: ChatSession, line: str, out: TextIO) -> bool:

@@ -37,6 +37,7 @@ class AdapterBank:
         self._versions: dict[str, int] = {}
         self._banks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
             name: (m.lora_A.detach()[None].clone(), m.lora_B.detach()[None].clone()) for name, m in self.layers.items()}
+        self._free: list[int] = []  # slots of removed adapters, reused by the next add
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -78,18 +79,42 @@ class AdapterBank:
                 module = self.layers[name]
                 new_A = by_layer.get(name, {}).get("lora_A", module.lora_A.detach()).to(bank_A)
                 new_B = by_layer.get(name, {}).get("lora_B", module.lora_B.detach()).to(bank_B)
-                if slot is None:
+                if slot is None and self._free:  # reuse the slot of a removed adapter
+                    bank_A, bank_B = bank_A.clone(), bank_B.clone()
+                    bank_A[self._free[-1]], bank_B[self._free[-1]] = new_A, new_B
+                    banks[name] = (bank_A, bank_B)
+                elif slot is None:
                     banks[name] = (torch.cat([bank_A, new_A[None]]), torch.cat([bank_B, new_B[None]]))
                 else:
                     bank_A, bank_B = bank_A.clone(), bank_B.clone()
                     bank_A[slot], bank_B[slot] = new_A, new_B
                     banks[name] = (bank_A, bank_B)
             if slot is None:
-                slot = len(self._slots) + 1
+                slot = self._free.pop() if self._free else len(self._slots) + 1
                 self._slots[key] = slot
             self._banks = banks  # swapped whole: a running route keeps the banks it started with
             self._versions[key] = self._versions.get(key, 0) + 1
         return slot
+
+    def remove(self, key: str) -> bool:
+        """Forget KEY's adapter: its slot gets the model's own tensors and is reused later. Whether it was held.
+
+        A row decoding with the slot meanwhile would decode with the next adapter put there: the
+        caller removes only adapters no running or queued row uses.
+        """
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is None:
+                return False
+            banks = {}
+            for name, (bank_A, bank_B) in self._banks.items():
+                bank_A, bank_B = bank_A.clone(), bank_B.clone()
+                bank_A[slot], bank_B[slot] = bank_A[0], bank_B[0]
+                banks[name] = (bank_A, bank_B)
+            self._banks = banks
+            self._free.append(slot)
+            self._versions[key] = self._versions.get(key, 0) + 1  # a cached head made with it is not reused
+        return True
 
     @contextlib.contextmanager
     def route(self, rows: torch.Tensor | int) -> Iterator[None]:

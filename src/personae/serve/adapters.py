@@ -13,13 +13,20 @@ LayerNorm) cannot be mixed per row; they are reported in `problems` (and in the 
 and the character is played by the base model. `sync()` picks up new or rewritten files (by
 modification time); the model is only changed while `lock` is held, which the decoding thread
 also holds for every forward.
+
+Operations: :meth:`load` applies an adapter file from any path (``POST /v1/adapters``),
+:meth:`unload` takes one out of memory (``DELETE /v1/adapters/{id}``). With ``max_resident`` set,
+applying one more adapter evicts the least recently used one that no running or queued request
+uses (``in_use``); an evicted adapter whose file is known is loaded again when a request for its
+character comes (:meth:`key`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +43,17 @@ ADAPTER_SUFFIX = ".safetensors"
 class ServerAdapters:
     """Which characters have an adapter applied per row, which adapter files could not be applied, and why."""
 
-    def __init__(self, model: PersonaeModel, adapter_dir: Path) -> None:
+    def __init__(self, model: PersonaeModel, adapter_dir: Path, max_resident: int | None = None,
+                 in_use: Callable[[], set[str]] = set) -> None:
         self.model, self.adapter_dir = model, Path(adapter_dir)
+        self.max_resident, self.in_use = max_resident, in_use
         self.lock = threading.RLock()
         self.bank: AdapterBank | None = AdapterBank(model) if lora_settings(model) else None
         self.problems: dict[str, str] = {}
+        self.evictions = 0
         self._loaded: dict[str, float] = {}  # id -> mtime of the file loaded
+        self._sources: dict[str, Path] = {}  # id -> the file its adapter came from (to load it again)
+        self._recent: OrderedDict[str, None] = OrderedDict()  # resident ids, least recently used first
         self.sync()
 
     def sync(self) -> list[str]:
@@ -77,11 +89,36 @@ class ServerAdapters:
         self.problems.pop(character, None)
         if path is not None and Path(path).is_file():  # sync() need not load the same file again
             self._loaded[character] = Path(path).stat().st_mtime
+            self._sources[character] = Path(path)
         return True
+
+    def load(self, character: str, path: Path) -> None:
+        """Apply the adapter file at PATH to CHARACTER's requests; AdapterError when it cannot be applied."""
+        path = Path(path)
+        if path.suffix != ADAPTER_SUFFIX or not path.is_file():
+            raise AdapterError(f"{path} is not a {ADAPTER_SUFFIX} adapter file")
+        self._load(character, path)
+        self.problems.pop(character, None)
+
+    def unload(self, character: str) -> bool:
+        """Take CHARACTER's adapter out of memory (its file stays); False when it was not resident."""
+        with self.lock:
+            self._sources.pop(character, None)
+            self._recent.pop(character, None)
+            return self.bank is not None and self.bank.remove(character)
+
+    def source(self, character: str) -> Path | None:
+        """The file CHARACTER's adapter was loaded from, when known."""
+        return self._sources.get(character)
+
+    def resident(self) -> list[str]:
+        """The ids whose adapters are in memory, least recently used first."""
+        return list(self._recent)
 
     def _load(self, character: str, path: Path) -> None:
         tensors, metadata = load_adapter(path)
         self._apply(character, tensors, metadata, path.name)
+        self._sources[character] = path
 
     def _apply(self, character: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                label: str) -> None:
@@ -90,6 +127,22 @@ class ServerAdapters:
                 self._add_lora(metadata, label)
             assert self.bank is not None
             self.bank.add(character, dict(tensors))
+            self._recent[character] = None
+            self._recent.move_to_end(character)
+            self._evict(keep=character)
+
+    def _evict(self, keep: str) -> None:
+        """Down to max_resident adapters: the least recently used ones no request uses go (their files stay)."""
+        if self.max_resident is None or self.bank is None:
+            return
+        busy = self.in_use() | {keep}
+        for character in [c for c in self._recent if c not in busy]:
+            if len(self._recent) <= self.max_resident:
+                break
+            self._recent.pop(character)
+            self.bank.remove(character)
+            self.evictions += 1
+            log.info("adapter of %s evicted (max_adapters=%d)", character, self.max_resident)
 
     def _add_lora(self, metadata: Mapping[str, str], label: str) -> None:
         """Give a LoRA-free model no-op LoRA layers of the adapter's rank (outputs unchanged), then a bank."""
@@ -104,16 +157,28 @@ class ServerAdapters:
         self.bank = AdapterBank(self.model)
 
     def key(self, character: str | None) -> str | None:
-        """The bank key of CHARACTER's adapter, or None when none is applied."""
-        if character is None or self.bank is None or not self.bank.slot(character):
+        """The bank key of CHARACTER's adapter (loaded again if it was evicted), or None when none is applied."""
+        if character is None or self.bank is None:
             return None
+        with self.lock:
+            if not self.bank.slot(character) and character in self._sources:
+                try:
+                    self._load(character, self._sources[character])
+                except AdapterError as error:
+                    self.problems[character] = str(error)
+                    self._sources.pop(character)
+            if not self.bank.slot(character):
+                return None
+            self._recent.move_to_end(character)
+            self._evict(keep=character)  # adapters kept over the cap while in use go once free
         return character
 
     def status(self, character: str) -> str | None:
-        """'applied', the reason an adapter file is not applied, or None when it has no adapter file."""
+        """'applied' (resident, or evicted and loaded again when asked for), why a file is not applied, or None."""
         if character in self.problems:
             return "not applied: " + self.problems[character]
-        return "applied" if self.key(character) else None
+        held = self.bank is not None and (bool(self.bank.slot(character)) or character in self._sources)
+        return "applied" if held else None
 
 
 __all__ = ["ServerAdapters"]

@@ -14,7 +14,9 @@ the app; ``personae.serve.server.serve`` runs it under uvicorn. Routes (docs/gui
     GET  /v1/characters/{id}/card[.png]     export the card: JSON, or the PNG as uploaded
     POST /v1/characters/{id}/adapt          start an adaptation job (501 without an adapt_fn)
     GET  /v1/characters/{id}/adapt[/{job}]  poll it
+    GET|POST /v1/adapters, DELETE /v1/adapters/{id}   resident adapters; load one by path; unload one
     GET  /stats                             scheduler counters and the limits
+    GET  /metrics                           the same and more in Prometheus's text format
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.model import PersonaeModel
 from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
+from personae.serve.adapter_routes import add_adapter_routes
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import (
     CharacterEntry,
@@ -56,6 +59,7 @@ from personae.serve.characters import (
 )
 from personae.serve.completions import CompletionService, completion_body, completion_id, decode_data_url, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
+from personae.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, first_token_timed, scrape
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import (
     AdaptJobCreated,
@@ -76,7 +80,7 @@ from personae.serve.settings import ServeSettings
 from personae.serve.text_completions import TextCompletionService, add_text_routes
 
 STATIC = Path(__file__).parent / "static"
-_PROTECTED = ("/v1/", "/stats", "/tokenize", "/detokenize")
+_PROTECTED = ("/v1/", "/stats", "/metrics", "/tokenize", "/detokenize")
 
 
 @dataclass
@@ -106,7 +110,8 @@ class ServerContext:
     def __init__(self, run_dir: Path, settings: ServeSettings, bundle: RunBundle) -> None:
         self.run_dir, self.settings, self.bundle = Path(run_dir), settings, bundle
         self.registry = CharacterRegistry(self.run_dir, image_size=bundle.model.cfg.vision.image_size)
-        self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir)
+        self.adapters = ServerAdapters(bundle.model, self.registry.adapter_dir, settings.max_adapters,
+                                       in_use=self._adapters_in_use)
         include = bundle.include_examples if settings.include_examples is None else settings.include_examples
         # the run's recommended sampling (a run older than the file: what evaluation decodes with)
         self.generation = read_generation_config(self.run_dir, recommended_generation(bundle.config))
@@ -122,6 +127,18 @@ class ServerContext:
         self.served = ServedRun(bundle.model, bundle.config, bundle.tokenizer, self.adapters.lock,
                                 settings.max_image_pixels, learned_rates(self.run_dir))
         self.started = time.time()
+        self.metrics = Metrics()
+        self.metrics.describe("personae_http_requests_total", "HTTP requests answered, by route, method and status")
+        self.metrics.describe("personae_http_request_duration_seconds", "time to answer a request (streams: to "
+                              "their last byte), by route")
+        self.metrics.describe("personae_time_to_first_token_seconds", "from a streamed chat completion's start "
+                              "to its first text chunk")
+        self.metrics.describe("personae_prompt_tokens_total", "prompt tokens of accepted chat completions (image "
+                              "positions included)")
+
+    def _adapters_in_use(self) -> set[str]:
+        scheduler = getattr(self, "scheduler", None)  # the adapter files are loaded before it is made
+        return scheduler.adapters_in_use() if scheduler is not None else set()
 
     def _adapted(self, task: AdaptTask, adapter: CharacterAdapter) -> None:
         """An adaptation job made an adapter (and wrote its file): list it and apply it to the requests to come."""
@@ -229,8 +246,10 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
     add_text_routes(app, context.text_completions, context.submit, _collect, run_in_threadpool)
     _character_routes(app, context)
     _adapt_routes(app, context)
+    add_adapter_routes(app, context.adapters, context.registry)
     _misc_routes(app, context)
     app.add_middleware(LimitsMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=context.metrics)  # outermost: refusals are counted too
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -274,33 +293,39 @@ def _chat_routes(app: FastAPI, context: ServerContext) -> None:
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         prepared = await run_in_threadpool(context.completions.prepare, body)
         handle = context.submit(prepared.job)
+        context.metrics.inc("personae_prompt_tokens_total", prepared.prompt_tokens * prepared.job.n)
         headers = {"X-Personae-Dropped-Turns": str(prepared.dropped_turns)}
         if prepared.stream:
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return StreamingResponse(stream_chunks(handle, prepared), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(first_token_timed(stream_chunks(handle, prepared), context.metrics),
+                                     media_type="text/event-stream", headers=headers)
         generations = await _collect(handle, request)
         body = ChatCompletion.model_validate(completion_body(prepared, generations, completion_id(), int(time.time())))
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
     @app.get("/v1/models", tags=["openai"])
     async def list_models() -> ModelList:
-        return ModelList(data=[_model_info(e) for e in context.registry.list()])
+        return ModelList(data=[_model_info(context, e) for e in context.registry.list()])
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"])
     async def get_model(model_id: str) -> ModelInfo:
-        return _model_info(_entry(context, model_id, "model"))
+        return _model_info(context, _entry(context, model_id, "model"))
 
 
-def _model_info(entry: CharacterEntry) -> ModelInfo:
+def _model_info(context: ServerContext, entry: CharacterEntry) -> ModelInfo:
+    """A character as a model; `adapted` only when the server applies its adapter (not when a file merely exists)."""
+    model = context.bundle.model
     return ModelInfo(id=entry.model, created=entry.created, name=entry.card.name, source=entry.source,
-                     adapted=entry.adapted)
+                     adapted=context.adapters.status(entry.id) == "applied", context_length=model.cfg.decoder.max_len,
+                     max_model_len=model.cfg.decoder.max_len,
+                     max_completion_tokens=context.settings.reply_limit(model.text_budget(0, with_image=True)))
 
 
 def _character_info(entry: CharacterEntry, adapters: ServerAdapters) -> CharacterInfo:
     greetings = entry.card.greetings()
     return CharacterInfo(id=entry.id, model=entry.model, name=entry.card.name, source=entry.source,
-                         adapted=entry.adapted, adapter=adapters.status(entry.id), description=entry.card.description,
+                         adapted=adapters.status(entry.id) == "applied", adapter=adapters.status(entry.id),
+                         description=entry.card.description,
                          greeting=greetings[0] if greetings else "", avatar_url=f"/v1/characters/{entry.id}/avatar",
                          tags=list(entry.card.tags))
 
@@ -373,7 +398,8 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
 def _card_fit(context: ServerContext, card: CharacterCard) -> tuple[int, int, list[str]]:
     """(uncut prompt tokens around an empty message, the default request's budget, the cuts it would make)."""
     service, settings = context.completions, context.settings
-    budget = service.model.text_budget(int(settings.default_max_tokens or 64), with_image=True)
+    reply = settings.default_reply(service.model.text_budget(0, with_image=True))
+    budget = service.model.text_budget(reply, with_image=True)
     if settings.max_prompt_tokens is not None:
         budget = min(budget, settings.max_prompt_tokens)
     full = service.builder.build(card, [Turn("")], max_tokens=2**31, include_examples=service.include_examples)
@@ -464,5 +490,12 @@ def _misc_routes(app: FastAPI, context: ServerContext) -> None:
                               "prefix_cache_hits": context.scheduler.batch.prefixes.hits,
                               "prefix_cache_misses": context.scheduler.batch.prefixes.misses},
                 "limits": context.settings.public(), "uptime_s": time.time() - context.started}
+
+    @app.get("/metrics", tags=["server"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format 0.0.4"}})
+    async def metrics() -> Response:
+        text = scrape(context.metrics, context.scheduler, context.adapters, len(context.registry.list()),
+                      context.started)
+        return Response(text, media_type=CONTENT_TYPE)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

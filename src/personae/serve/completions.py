@@ -8,10 +8,17 @@ How a request is read:
   "Assistant"). With a known character, system messages replace the card's `system_prompt`, or its
   whole definition when they already carry its description (`data.prompt.client_system_card`).
 * **conversation**: user and assistant messages become the prompt's turns (consecutive messages
-  of one role are joined; an assistant message before any user message is a greeting); the last
-  message must be the user's. Old turns are dropped when the prompt does not fit.
-* **image**: the model looks at one image, the latest `image_url` part; it must be a
-  ``data:image/...;base64,`` URL. Without one, the character looks at its card's avatar.
+  of one role are joined; an assistant message before any user message is a greeting). When the
+  last message is the assistant's, it is a prefill: the reply continues that text and the answer
+  holds the continuation only ("continue" in SillyTavern). When it is a system message (an
+  impersonation or group nudge), the character answers an empty user turn. Old turns are dropped
+  when the prompt does not fit: the history is limited in tokens, not messages.
+* **image**: the model looks at one image, the latest `image_url` part of any role; it must be a
+  ``data:image/...;base64,`` URL. The other images are dropped unread (front ends re-send the
+  whole chat's images each turn). Without one, the character looks at its card's avatar.
+* **tools**: a character has none. `tools` with `tool_choice` "none"/"auto" (or none given) are
+  ignored and the answer is text; `tool_choice` "required" or a named function is a 400.
+* **null**: an optional field sent as null is the same as one left out.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ import torch
 from personae import __version__
 from personae.data.cards import CharacterCard, default_avatar
 from personae.data.images import model_pixels
-from personae.data.prompt import PromptBuilder, PromptTooLong, Turn, client_system_card
+from personae.data.prompt import Prompt, PromptBuilder, PromptTooLong, Turn, client_system_card
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.generation import Generation
+from personae.models.next_token import SamplingParams
 from personae.models.generation_config import FALLBACK, GenerationDefaults
 from personae.models.model import PersonaeModel
 from personae.serve.adapters import ServerAdapters
@@ -48,6 +56,7 @@ from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart
 from personae.serve.settings import ServeSettings
 
 FINGERPRINT = f"personae-{__version__}"
+MIN_REPLY = 16  # the fewest reply tokens a request's max_tokens is cut to so that its prompt fits
 _DATA_URL = re.compile(r"^data:(image/[a-zA-Z0-9.+-]+);base64,", re.IGNORECASE)
 
 
@@ -60,6 +69,7 @@ class Conversation:
     image: tuple[str, str] | None  # (data URL, the param naming it)
     user_name: str
     char_name: str | None
+    prefill: str = ""  # the assistant's unfinished reply the answer continues
 
 
 @dataclass
@@ -72,7 +82,7 @@ class PreparedRequest:
     dropped_turns: int
     stream: bool
     include_usage: bool
-    warnings: tuple[str, ...] = ()  # how the card was cut to fit (Prompt.warnings)
+    warnings: tuple[str, ...] = ()  # how the card was cut to fit (Prompt.warnings), max_tokens cut to the limit
     tokenizer: Tokenizer | None = None  # spells out the tokens of logprobs
 
 
@@ -94,40 +104,65 @@ class CompletionService:
     def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
         """Validate a request and build its job (blocking: tokenizes and decodes the image)."""
         self._check_options(request)
-        conversation = split_messages(request.messages, self.settings, request.user_name)
+        conversation = split_messages(request.messages, request.user_name)
         card, model_name, avatar, adapter = self._character(request, conversation)
-        max_tokens = self._max_tokens(request)
+        max_tokens, cut_note = self._max_tokens(request)
+        prompt, max_tokens, fit_note = self._prompt(card, conversation, max_tokens)
+        pixels = self._image(*conversation.image) if conversation.image else avatar
+        # the same for every request to the card with the same lore entries active: cached by its tokens
+        head = prompt.segments["definition"] + prompt.segments["examples"]
+        stream = bool(request.stream)
+        job = GenerationJob(prompt.ids, pixels, self._sampling(request, max_tokens), n=request.n or 1,
+                            ignore_eos=bool(request.ignore_eos), head_len=head, stream=stream, adapter=adapter)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        warnings = tuple(prompt.warnings) + tuple(note for note in (cut_note, fit_note) if note)
+        return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
+                               prompt.dropped_turns, stream, include_usage, warnings, self.tokenizer)
+
+    def _sampling(self, request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+        """The request's sampling over the run's recommended settings (serve/sampling.py)."""
+        top = request.top_logprobs or 0
+        if top and not request.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        return sampling_params(request, self.generation, self.tokenizer.vocab_size, max_tokens=max_tokens,
+                               stop=stop, seed=request.seed, logprobs=bool(request.logprobs), top_logprobs=top)
+
+    def _prompt(self, card: CharacterCard, conversation: Conversation, max_tokens: int) -> tuple[Prompt, int, str]:
+        """(the prompt within the budget, a prefill's tokens after the <char> cue; the reply's tokens; a warning).
+
+        When the parts of the prompt that are never cut do not fit beside max_tokens, the reply gets
+        what the context leaves instead (at least MIN_REPLY tokens): a front end's max_tokens is a
+        ceiling, not a reservation worth refusing the request for.
+        """
+        prefill = self.builder.tok.encode(conversation.prefill, add_cls=False, add_eos=False, parse_special=False)
+        try:
+            return self._fit(card, conversation, max_tokens, prefill), max_tokens, ""
+        except ApiError:
+            if max_tokens <= MIN_REPLY:
+                raise
+        prompt = self._fit(card, conversation, MIN_REPLY, prefill)
+        reply = min(max_tokens, self.model.text_budget(len(prompt.ids), with_image=True))
+        return prompt, reply, (f"max_tokens={max_tokens} was cut to {reply} tokens: the prompt's uncut parts take "
+                               f"{len(prompt.ids)} of the model's {self.model.cfg.decoder.max_len} positions")
+
+    def _fit(self, card: CharacterCard, conversation: Conversation, max_tokens: int, prefill: list[int]) -> Prompt:
         budget = self.model.text_budget(max_tokens, with_image=True)
         if self.settings.max_prompt_tokens is not None:
             budget = min(budget, self.settings.max_prompt_tokens)
         try:
-            prompt = self.builder.build(card, conversation.turns, max_tokens=budget, user=conversation.user_name,
-                                        include_examples=self.include_examples)
+            prompt = self.builder.build(card, conversation.turns, max_tokens=budget - len(prefill),
+                                        user=conversation.user_name, include_examples=self.include_examples)
         except PromptTooLong as error:
-            raise ApiError(400, f"{error} (prompt budget {budget} tokens with max_tokens={max_tokens})",
+            raise ApiError(400, f"{error} (prompt budget {budget} tokens with max_tokens={max_tokens}, "
+                                f"{len(prefill)} of them the assistant's prefill)",
                            param="messages", code="context_length_exceeded") from None
-        pixels = self._image(*conversation.image) if conversation.image else avatar
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        top = request.top_logprobs or 0
-        if top and not request.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        params = sampling_params(request, self.generation, self.tokenizer.vocab_size, max_tokens=max_tokens,
-                                 stop=stop, seed=request.seed, logprobs=bool(request.logprobs), top_logprobs=top)
-        # the same for every request to the card with the same lore entries active: cached by its tokens
-        head = prompt.segments["definition"] + prompt.segments["examples"]
-        job = GenerationJob(prompt.ids, pixels, params, n=request.n, ignore_eos=request.ignore_eos, head_len=head,
-                            stream=request.stream, adapter=adapter)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
-                               prompt.dropped_turns, request.stream, include_usage, tuple(prompt.warnings),
-                               self.tokenizer)
+        prompt.ids = prompt.ids + prefill
+        return prompt
 
     def _check_options(self, request: ChatCompletionRequest) -> None:
         s = self.settings
-        if len(request.messages) > s.max_messages:
-            raise ApiError(400, f"{len(request.messages)} messages is over the limit of {s.max_messages}",
-                           param="messages", code="too_many_messages")
-        if request.n > s.max_n:
+        if (request.n or 1) > s.max_n:
             raise ApiError(400, f"n={request.n} is over the limit of {s.max_n}", param="n", code="n_too_large")
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stops) > s.max_stop:
@@ -135,22 +170,26 @@ class CompletionService:
                            code="too_many_stop_strings")
         if any(not stop or len(stop) > 100 for stop in stops):
             raise ApiError(400, "every stop string must have 1 to 100 characters", param="stop", code="invalid_value")
-        if request.tools:
-            raise ApiError(400, "tools are not supported: a character answers in text", param="tools",
-                           code="unsupported")
+        choice = request.tool_choice
+        if choice not in (None, "none", "auto"):  # OpenAI's answer for a model without tool use
+            raise ApiError(400, f"tool_choice {choice!r} needs tool use, which this model does not support; "
+                                "send tool_choice 'auto' or 'none' (tools are then ignored)",
+                           param="tool_choice", code="unsupported")
 
-    def _max_tokens(self, request: ChatCompletionRequest) -> int:
+    def _max_tokens(self, request: ChatCompletionRequest) -> tuple[int, str]:
+        """The reply's token budget, and a warning when the request's max_tokens was cut to the limit."""
         asked = request.max_completion_tokens or request.max_tokens
         param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        positions = self.model.text_budget(0, with_image=True)
         if asked is None:
-            return int(self.settings.default_max_tokens or 64)
-        if asked > self.settings.max_tokens_limit:
-            raise ApiError(400, f"{param}={asked} is over the limit of {self.settings.max_tokens_limit}",
-                           param=param, code="max_tokens_too_large")
+            return self.settings.default_reply(positions), ""
+        limit = self.settings.reply_limit(positions)
+        if asked > limit:  # front ends send their own default (SillyTavern: 300): cut it, as the context would
+            return limit, f"{param}={asked} was cut to the server's limit of {limit} tokens (max_tokens_limit)"
         if self.model.text_budget(asked, with_image=True) < 8:
             raise ApiError(400, f"{param}={asked} leaves no room for a prompt in the model's "
                                 f"{self.model.cfg.decoder.max_len} positions", param=param, code="max_tokens_too_large")
-        return asked
+        return asked, ""
 
     def _character(self, request: ChatCompletionRequest,
                    conversation: Conversation) -> tuple[CharacterCard, str, torch.Tensor, str | None]:
@@ -215,18 +254,21 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
     return raw
 
 
-def split_messages(messages: list[ChatMessage], settings: ServeSettings, user_name: str | None) -> Conversation:
-    """Sort messages into system text, turns (user, reply) and the latest image; checks roles and images."""
+def split_messages(messages: list[ChatMessage], user_name: str | None) -> Conversation:
+    """Sort messages into system text, turns (user, reply), a prefill and the latest image of any role."""
     system: list[str] = []
     turns: list[Turn] = []
     pending: str | None = None  # the user's text awaiting a reply
     images: list[tuple[str, str]] = []
     names: dict[str, list[str]] = {"user": [], "assistant": []}  # the `name` fields, in order
+    prefill, prefill_images = "", []
+    if messages[-1].role == "assistant":  # continue / prefill: the answer goes on from this text
+        prefill, prefill_images = _content(messages[-1], len(messages) - 1)
+        if messages[-1].name:
+            names["assistant"].append(messages[-1].name)
+        messages = messages[:-1]
     for i, message in enumerate(messages):
         text, found = _content(message, i)
-        if found and message.role != "user":
-            raise ApiError(400, f"only user messages may carry images (messages[{i}] is {message.role})",
-                           param=f"messages[{i}].content", code="invalid_value")
         images += found
         if message.name and message.role in names:
             names[message.role].append(message.name)
@@ -241,16 +283,12 @@ def split_messages(messages: list[ChatMessage], settings: ServeSettings, user_na
             turns[-1] = Turn(turns[-1].user, f"{turns[-1].reply}\n{text}")
         else:
             turns.append(Turn("", text))  # the character speaks first: a greeting
-    if len(images) > settings.max_images:
-        raise ApiError(400, f"{len(images)} images is over the limit of {settings.max_images}", param="messages",
-                       code="too_many_images")
-    if pending is None:
-        raise ApiError(400, "the last message must be the user's (the character answers it)", param="messages",
-                       code="invalid_value")
-    turns.append(Turn(pending))
+    images += prefill_images
+    turns.append(Turn(pending or ""))  # after a reply or a system nudge: the character speaks on its own
     user = user_name or (names["user"][-1] if names["user"] else "User")
     char = names["assistant"][-1] if names["assistant"] else None
-    return Conversation("\n".join(s for s in system if s), turns, images[-1] if images else None, user, char)
+    return Conversation("\n".join(s for s in system if s), turns, images[-1] if images else None, user, char,
+                        prefill)
 
 
 def _content(message: ChatMessage, index: int) -> tuple[str, list[tuple[str, str]]]:

@@ -228,6 +228,11 @@ class Scheduler:
             self._cond.notify_all()
         return handle
 
+    def adapters_in_use(self) -> set[str]:
+        """The adapter keys of running and queued requests (ServerAdapters evicts none of them)."""
+        waiting = {handle.job.adapter for handle in list(self._waiting)}
+        return {key for key in waiting | {_handle(row).job.adapter for row in list(self.rows)} if key}
+
     @property
     def queued(self) -> int:
         return len(self._waiting)

@@ -92,16 +92,17 @@ class ChatCompletionRequest(SamplerFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
-    n: int = Field(1, ge=1)
-    stream: bool = False
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None  # each token's logprob (after penalties, before temperature)
     top_logprobs: int | None = Field(None, ge=0, le=20)  # and this many alternatives per token
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # a character has no tools: ignored unless tool_choice asks for one
+    tool_choice: str | dict[str, Any] | None = None  # "none"/"auto": answered in text; "required" or a function: 400
     user: str | None = None  # OpenAI's end-user id: accepted, not used
     # personae extensions
     character: str | None = Field(None, description="a character id or name; wins over `model`")
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
     user_name: str | None = Field(None, max_length=64, description="who {{user}} is in the card")
 
 
@@ -163,7 +164,7 @@ class ChatCompletion(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    """One entry of /v1/models: a character the run can play."""
+    """One entry of /v1/models: a character the run can play, and the model's context length."""
 
     id: str
     object: Literal["model"] = "model"
@@ -171,7 +172,10 @@ class ModelInfo(BaseModel):
     owned_by: str = "personae"
     name: str
     source: Literal["trained", "uploaded"]
-    adapted: bool
+    adapted: bool = Field(description="true only when the server plays the character with its adapter")
+    context_length: int = Field(description="the decoder's positions: image prefix + prompt + reply (OpenRouter)")
+    max_model_len: int = Field(description="the same number under vLLM's name")
+    max_completion_tokens: int = Field(description="the most tokens one reply gets (max_tokens_limit)")
 
 
 class ModelList(BaseModel):
@@ -279,3 +283,30 @@ class ErrorResponse(BaseModel):
     """{"error": {...}} as OpenAI returns it."""
 
     error: ErrorDetail
+
+
+class AdapterLoad(BaseModel):
+    """POST /v1/adapters: apply the adapter file at `path` (on the server's disk) to a character's requests."""
+
+    model_config = ConfigDict(extra="forbid")  # ours: a misspelt field is a 400
+
+    character: str = Field(description="a character id or name")
+    path: str = Field(description="a .safetensors adapter file on the server's disk, as `personae adapt` writes")
+
+
+class AdapterInfo(BaseModel):
+    """One character adapter the server holds in memory."""
+
+    character: str
+    object: Literal["adapter"] = "adapter"
+    resident: bool = Field(description="in memory now (false after DELETE)")
+    source: str | None = Field(None, description="the file it was loaded from, when known")
+
+
+class AdapterList(BaseModel):
+    """GET /v1/adapters: resident adapters, least recently used first, and the cap."""
+
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    max_adapters: int | None = Field(description="the cap on resident adapters (null: none)")
+    evictions: int = Field(description="adapters evicted so far to keep under the cap")

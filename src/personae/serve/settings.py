@@ -21,14 +21,14 @@ class ServeSettings:
     """What `personae serve` accepts and how it batches; see docs/guide/api.md for each limit's error."""
 
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
-    max_body_bytes: int = 8 * MiB  # whole request body (413 above it)
+    max_body_bytes: int = 64 * MiB  # whole request body (413 above it); front ends re-send every image of a chat
     max_image_bytes: int = 4 * MiB  # one decoded image (400 image_too_large)
     max_image_pixels: int = 2048 * 2048  # width x height, checked before decoding (400 image_too_large)
-    max_images: int = 4  # image parts in one request (the model looks at the latest)
-    max_messages: int = 64  # messages in one request
-    max_prompt_tokens: int | None = None  # None: what the model's context leaves after max_tokens
-    max_tokens_limit: int = 256  # largest max_tokens a request may ask for
+    max_prompt_tokens: int | None = None  # prompt tokens after old turns are dropped; None: what the context leaves
+    # most tokens of one reply; a larger max_tokens is cut to it, with a warning; None: half the model's text positions
+    max_tokens_limit: int | None = None
     default_max_tokens: int | None = None  # max_tokens when a request gives none; None: min(64, max_tokens_limit)
+    max_adapters: int | None = None  # character adapters resident in memory, least recently used evicted; None: no cap
     max_n: int = 4  # choices per request
     max_stop: int = 4  # stop strings per request
     max_batch: int = 32  # rows decoded together in one forward pass
@@ -43,24 +43,26 @@ class ServeSettings:
     adapt_fn: Callable[..., Any] | None = None  # the adaptation hook; None: adaptation unavailable (501)
 
     def __post_init__(self) -> None:
-        positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_messages", "max_tokens_limit",
-                    "max_n", "max_batch"]
+        positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_n", "max_batch"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SettingsError(f"serve setting {name} must be a positive integer, got {value!r}")
-        for name in ("max_images", "max_stop", "max_queue", "retry_after_s", "prefix_cache_mib"):
+        for name in ("max_stop", "max_queue", "retry_after_s", "prefix_cache_mib"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"serve setting {name} must be >= 0, got {getattr(self, name)!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise SettingsError(f"serve setting torch_threads must be >= 1 or None, got {self.torch_threads}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise SettingsError(f"serve setting max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
-        if self.default_max_tokens is None:
-            self.default_max_tokens = min(64, self.max_tokens_limit)
-        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
-            raise SettingsError(f"default_max_tokens={self.default_max_tokens} must be between 1 and "
-                                f"max_tokens_limit={self.max_tokens_limit}")
+        for name in ("max_prompt_tokens", "max_tokens_limit", "max_adapters", "default_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SettingsError(f"serve setting {name} must be a positive integer or None, got {value!r}")
+        if self.max_tokens_limit is not None:
+            if self.default_max_tokens is None:
+                self.default_max_tokens = min(64, self.max_tokens_limit)
+            if self.default_max_tokens > self.max_tokens_limit:
+                raise SettingsError(f"default_max_tokens={self.default_max_tokens} must be at most "
+                                    f"max_tokens_limit={self.max_tokens_limit}")
         if self.max_n > self.max_batch:
             raise SettingsError(f"max_n={self.max_n} exceeds max_batch={self.max_batch}: a request must fit a batch")
         if self.api_key is not None and not self.api_key.strip():
@@ -74,6 +76,14 @@ class ServeSettings:
         if unknown:
             raise SettingsError(f"unknown serve setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
         return cls(**values)
+
+    def reply_limit(self, text_positions: int) -> int:
+        """The most tokens one reply gets with a model of `text_positions` positions after the image."""
+        return self.max_tokens_limit or max(1, text_positions // 2)
+
+    def default_reply(self, text_positions: int) -> int:
+        """max_tokens for a request that gives none."""
+        return self.default_max_tokens or min(64, self.reply_limit(text_positions))
 
     def public(self) -> dict[str, Any]:
         """The limits as a client may see them (no key, no hook)."""

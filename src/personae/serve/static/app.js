@@ -217,9 +217,12 @@ function addMessage(message, status) {
   return item;
 }
 
+// The whole chat, with only the latest image: the model looks at one, so older ones would only
+// make long illustrated chats heavy (the server counts history in tokens, not in messages).
 function openAiMessages() {
-  return state.messages.map((m) => {
-    if (m.role === "user" && m.image) {
+  const latest = state.messages.map((m) => Boolean(m.image)).lastIndexOf(true);
+  return state.messages.map((m, i) => {
+    if (m.role === "user" && m.image && i === latest) {
       return { role: "user", content: [{ type: "text", text: m.text }, { type: "image_url", image_url: { url: m.image } }] };
     }
     return { role: m.role, content: m.text };
