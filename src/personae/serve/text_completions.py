@@ -159,12 +159,13 @@ class TextCompletionService:
         return ids
 
     def _max_tokens(self, asked: int | None, prompt_len: int) -> int:
-        limit = self.settings.max_tokens_limit
-        if asked is not None and asked > limit:
+        positions = self.model.text_budget(0, with_image=False)
+        limit = self.settings.reply_limit(positions)
+        if asked is not None and asked > limit:  # no warnings field in this answer's shape: refused, not cut
             raise ApiError(400, f"max_tokens={asked} is over the limit of {limit}", param="max_tokens",
                            code="max_tokens_too_large")
-        max_tokens = asked or int(self.settings.default_max_tokens or self.generation.max_new_tokens)
-        room = self.model.text_budget(0, with_image=False) - prompt_len
+        max_tokens = asked or min(int(self.settings.default_max_tokens or self.generation.max_new_tokens), limit)
+        room = positions - prompt_len
         if room < 1:
             raise ApiError(400, f"the prompt's {prompt_len} tokens fill the model's {self.model.max_positions} "
                                 "positions", param="prompt", code="context_length_exceeded")
