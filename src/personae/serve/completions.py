@@ -43,9 +43,9 @@ from personae.data.prompt import Prompt, PromptBuilder, PromptTooLong, Turn, cli
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.generation import Generation
-from personae.models.next_token import SamplingParams
 from personae.models.generation_config import FALLBACK, GenerationDefaults
 from personae.models.model import PersonaeModel
+from personae.models.next_token import SamplingParams
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import CharacterRegistry
 from personae.serve.errors import ApiError, error_body
