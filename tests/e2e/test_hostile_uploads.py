@@ -68,3 +68,25 @@ def test_two_non_latin_names_are_two_characters(make_app: Callable[..., FastAPI]
     assert ids == [character_id("Ωμέγα"), character_id("李白")] and ids[0] != ids[1]
     restarted = TestClient(make_app(run=run_copy))
     assert {c["id"] for c in restarted.get("/v1/characters").json()["data"]} >= set(ids)
+
+
+LONE_SURROGATE = '"a\\ud800b"'  # JSON text: a \ud800 escape that decodes to a lone surrogate
+
+
+@pytest.mark.parametrize("where", ["content", "part", "name", "user_name", "stop", "prompt"])
+def test_lone_surrogates_in_requests_are_400_naming_the_field(client: TestClient, where: str) -> None:
+    good = "\"hello\""
+    message = {"content": f'{{"role": "user", "content": {LONE_SURROGATE}}}',
+               "part": f'{{"role": "user", "content": [{{"type": "text", "text": {LONE_SURROGATE}}}]}}',
+               "name": f'{{"role": "user", "content": {good}, "name": {LONE_SURROGATE}}}'}.get(
+        where, f'{{"role": "user", "content": {good}}}')
+    if where == "prompt":
+        route, raw = "/v1/completions", f'{{"prompt": {LONE_SURROGATE}, "max_tokens": 2}}'
+    else:
+        extra = {"user_name": f', "user_name": {LONE_SURROGATE}', "stop": f', "stop": [{LONE_SURROGATE}]'}
+        raw = f'{{"model": "{chat_body()["model"]}", "max_tokens": 2, "messages": [{message}]{extra.get(where, "")}}}'
+        route = "/v1/chat/completions"
+    response = client.post(route, content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "lone surrogate U+D800" in response.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200  # the connection still serves

@@ -11,11 +11,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from personae.config import INNER_PARAMS
 
 MAX_SEED = 2**62  # a seed and seed + n - 1 must fit torch.Generator.manual_seed
+
+
+def _valid_unicode(text: str) -> str:
+    """A lone surrogate (a JSON ``\\ud800`` escape) is no character: refused here, not a 500 at the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"holds a lone surrogate U+{ord(text[error.start]):04X} at character {error.start}, "
+                         "which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # request text: any valid Unicode string
 
 
 class _Lenient(BaseModel):
@@ -26,7 +39,7 @@ class TextPart(_Lenient):
     """A text part of a message's content."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(_Lenient):
@@ -50,8 +63,8 @@ class ChatMessage(_Lenient):
     """One message: system/developer, user or assistant; content is a string or a list of parts."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = Field(None, max_length=64)
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = Field(None, max_length=64)
 
 
 class StreamOptions(_Lenient):
@@ -90,7 +103,7 @@ class ChatCompletionRequest(SamplerFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
@@ -103,7 +116,7 @@ class ChatCompletionRequest(SamplerFields):
     # personae extensions
     character: str | None = Field(None, description="a character id or name; wins over `model`")
     ignore_eos: bool | None = None
-    user_name: str | None = Field(None, max_length=64, description="who {{user}} is in the card")
+    user_name: Text | None = Field(None, max_length=64, description="who {{user}} is in the card")
 
 
 class Usage(BaseModel):

@@ -29,7 +29,7 @@ from personae.serve.errors import ApiError, error_body
 from personae.serve.logprobs import legacy_logprobs
 from personae.serve.sampling import sampling_params
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
-from personae.serve.schemas import MAX_SEED, SamplerFields, StreamOptions
+from personae.serve.schemas import MAX_SEED, SamplerFields, StreamOptions, Text
 from personae.serve.settings import ServeSettings
 
 # ---- request and response models ----------------------------------------------------------------
@@ -39,12 +39,12 @@ class TextCompletionRequest(SamplerFields):
     """POST /v1/completions (OpenAI's legacy completions, with llama.cpp's samplers)."""
 
     model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(description="text, or token ids; one prompt")
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(description="text, or token ids; one prompt")
     max_tokens: int | None = Field(None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     echo: bool | None = None  # the answer's text starts with the prompt
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=-1, lt=MAX_SEED, description="-1 or null: random")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token (legacy)")
