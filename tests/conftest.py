@@ -53,3 +53,18 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")
     build_world(out, seed=0, scenes=300, image_size=32, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """(the tiny preset's model with a decoder, random weights; a 300-token BPE) for decoding tests."""
+    import torch
+
+    from personae.data.tokenizer import train_tokenizer
+    from personae.models.model import PersonaeModel
+
+    tokenizer = train_tokenizer(["ahoy there matey, I spy two dogs on the beach. fair winds!"] * 30, vocab_size=300)
+    cfg = load_preset("tiny").model
+    cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = tokenizer.vocab_size, True, 160
+    torch.manual_seed(0)
+    return PersonaeModel(cfg).eval(), tokenizer

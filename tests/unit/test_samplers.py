@@ -7,9 +7,6 @@ import math
 import pytest
 import torch
 
-from personae.config import load_preset
-from personae.data.tokenizer import train_tokenizer
-from personae.models import PersonaeModel
 from personae.models.generation import DecodeBatch, RowRequest, SamplingParams, generate
 from personae.models.next_token import token_logprobs
 from personae.models.samplers import (
@@ -20,15 +17,6 @@ from personae.models.samplers import (
     filter_min_p,
     filter_typical_p,
 )
-
-
-@pytest.fixture(scope="module")
-def setup():
-    tokenizer = train_tokenizer(["ahoy there matey, I spy two dogs on the beach. fair winds!"] * 30, vocab_size=300)
-    cfg = load_preset("tiny").model
-    cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = tokenizer.vocab_size, True, 160
-    torch.manual_seed(0)
-    return PersonaeModel(cfg).eval(), tokenizer
 
 
 def test_frequency_and_presence_penalties_follow_openai():
@@ -89,8 +77,8 @@ def test_token_logprobs_are_the_log_softmax_with_the_best_alternatives():
     assert [t for t, _ in found.top] == [0, 1] and found.top[0][1] == pytest.approx(2 - norm)
 
 
-def test_logit_bias_and_penalties_reach_the_engine(setup):
-    model, tok = setup
+def test_logit_bias_and_penalties_reach_the_engine(tiny_lm):
+    model, tok = tiny_lm
     prompt = tok.encode("ahoy there", max_length=20)
     plain = generate(model, tok, [prompt], None, SamplingParams(max_new_tokens=6))[0]
     first = plain.token_ids[0]
@@ -115,8 +103,8 @@ def test_logit_bias_and_penalties_reach_the_engine(setup):
         SamplingParams(logit_bias={1: 101.0})
 
 
-def test_engine_logprobs_match_the_penalised_logits(setup):
-    model, tok = setup
+def test_engine_logprobs_match_the_penalised_logits(tiny_lm):
+    model, tok = tiny_lm
     prompt = tok.encode("ahoy there", max_length=20)
     params = SamplingParams(max_new_tokens=1, logprobs=True, top_logprobs=3, logit_bias={5: 2.0}, temperature=0.7,
                             seed=3)
@@ -132,8 +120,8 @@ def test_engine_logprobs_match_the_penalised_logits(setup):
         assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
 
 
-def test_seeded_row_is_the_same_alone_and_batched_with_other_samplers(setup):
-    model, tok = setup
+def test_seeded_row_is_the_same_alone_and_batched_with_other_samplers(tiny_lm):
+    model, tok = tiny_lm
     prompts = [tok.encode(t, max_length=20) for t in ("ahoy", "I spy two dogs", "fair winds")]
     mine = SamplingParams(max_new_tokens=12, temperature=1.0, min_p=0.05, typical_p=0.9, xtc_probability=0.5,
                           xtc_threshold=0.05, dry_multiplier=0.8, frequency_penalty=0.5, presence_penalty=0.3,

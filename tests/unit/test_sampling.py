@@ -4,20 +4,8 @@ top-k/top-p support, repetition penalty, loop breaking, stop strings and streami
 import pytest
 import torch
 
-from personae.config import load_preset
-from personae.data.tokenizer import train_tokenizer
-from personae.models import PersonaeModel
 from personae.models.generation import DecodeBatch, Row, RowRequest, SamplingParams, generate, stream_batch
 from personae.models.next_token import apply_repetition_penalty, ban_loops, choose_tokens, filter_top_k_top_p
-
-
-@pytest.fixture(scope="module")
-def setup():
-    tokenizer = train_tokenizer(["ahoy there matey, I spy two dogs on the beach. fair winds!"] * 30, vocab_size=300)
-    cfg = load_preset("tiny").model
-    cfg.text.vocab_size, cfg.decoder.enabled, cfg.decoder.max_len = tokenizer.vocab_size, True, 160
-    torch.manual_seed(0)
-    return PersonaeModel(cfg).eval(), tokenizer
 
 
 def _greedy_uncached(model, pixels, prompt, steps, eos):
@@ -30,16 +18,16 @@ def _greedy_uncached(model, pixels, prompt, steps, eos):
     return ids[len(prompt):]
 
 
-def test_cached_greedy_equals_uncached(setup):
-    model, tok = setup
+def test_cached_greedy_equals_uncached(tiny_lm):
+    model, tok = tiny_lm
     pixels = torch.randn(1, 3, 64, 64)
     prompt = tok.encode("ahoy there", max_length=20)
     out = generate(model, tok, [prompt], pixels, SamplingParams(max_new_tokens=20))[0]
     assert out.token_ids == _greedy_uncached(model, pixels, prompt, 20, tok.eos_id)
 
 
-def test_seeded_sampling_is_reproducible_and_batch_invariant(setup):
-    model, tok = setup
+def test_seeded_sampling_is_reproducible_and_batch_invariant(tiny_lm):
+    model, tok = tiny_lm
     pixels = torch.randn(3, 3, 64, 64)
     prompts = [tok.encode(t, max_length=20) for t in ("ahoy", "I spy two dogs", "fair winds")]
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
@@ -60,8 +48,8 @@ def test_top_k_and_top_p_restrict_the_support():
     assert torch.isfinite(filter_top_k_top_p(logits, top_p=0.5))[0].tolist() == [True, False, False, False, False]
 
 
-def test_sampled_tokens_stay_in_the_top_k(setup):
-    model, tok = setup
+def test_sampled_tokens_stay_in_the_top_k(tiny_lm):
+    model, tok = tiny_lm
     params = SamplingParams(max_new_tokens=1, temperature=5.0, top_k=3)
     pixels = torch.randn(1, 3, 64, 64)
     prompt = tok.encode("ahoy", max_length=10)
@@ -87,8 +75,8 @@ def test_repetition_penalty():
     assert per_row.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 1.0]]  # penalty 1.0 leaves its row alone
 
 
-def test_stop_strings_cut_and_hold_back(setup):
-    _, tok = setup
+def test_stop_strings_cut_and_hold_back(tiny_lm):
+    _, tok = tiny_lm
     params = SamplingParams(stop=["fair winds"])
     row = Row(RowRequest([1], None, params, seed=0, stream=True), tok, max_new=params.max_new_tokens)
     pieces = []
@@ -101,8 +89,8 @@ def test_stop_strings_cut_and_hold_back(setup):
     assert "".join(pieces) == "I spy dogs. " and not any("fair" in p for p in pieces)
 
 
-def test_streaming_pieces_join_to_the_full_text(setup):
-    model, tok = setup
+def test_streaming_pieces_join_to_the_full_text(tiny_lm):
+    model, tok = tiny_lm
     pixels = torch.randn(2, 3, 64, 64)
     prompts = [tok.encode("ahoy", max_length=10), tok.encode("two dogs on the", max_length=10)]
     params = SamplingParams(max_new_tokens=15, temperature=0.8, seed=3)
@@ -140,8 +128,8 @@ def test_loop_breaking_applies_each_rows_own_limit():
     assert torch.isinf(banned[2]).nonzero()[:, 0].tolist() == [2]  # "... 2 1 2 1": "2 1" twice, no third
 
 
-def test_greedy_decoding_with_max_repeats_never_loops(setup):
-    model, tok = setup  # an untrained model: greedy replies repeat themselves
+def test_greedy_decoding_with_max_repeats_never_loops(tiny_lm):
+    model, tok = tiny_lm  # an untrained model: greedy replies repeat themselves
     pixels = torch.randn(2, 3, 64, 64)
     prompts = [tok.encode(t, max_length=20) for t in ("ahoy", "I spy two dogs")]
     plain = generate(model, tok, prompts, pixels, SamplingParams(max_new_tokens=40))
@@ -178,10 +166,10 @@ def test_sampled_frequencies_follow_the_softmax():
     assert greedy_row.tolist() == [0, 3]  # row 0 greedy; row 1's uniform lies in the last token's share
 
 
-def test_rows_join_into_spare_rows_and_leave_in_place_with_exact_tokens(setup):
+def test_rows_join_into_spare_rows_and_leave_in_place_with_exact_tokens(tiny_lm):
     """A third row joins the running batch's spare cache rows (no new cache), rows leave by moving
     the last row into the hole, and every row still gets exactly the tokens it gets alone."""
-    model, tok = setup
+    model, tok = tiny_lm
     pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     prompts = [tok.encode(t, max_length=20) for t in ("I spy two dogs on the beach", "ahoy there", "fair")]
     lengths = [12, 3, 8]  # row 1 leaves first, while rows 0 and 2 go on
@@ -238,8 +226,8 @@ class BigramLM(torch.nn.Module):
         return KVCache.empty(1, batch, 1, slots, 1, device=device, dtype=dtype)
 
 
-def test_another_decoder_family_decodes_through_the_same_engine(setup):
-    _, tok = setup
+def test_another_decoder_family_decodes_through_the_same_engine(tiny_lm):
+    _, tok = tiny_lm
     torch.manual_seed(5)
     lm = BigramLM(tok.vocab_size).eval()
     follow = lm.table.weight.argmax(-1)  # the greedy successor of every token

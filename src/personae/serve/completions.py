@@ -50,7 +50,7 @@ from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import CharacterRegistry
 from personae.serve.errors import ApiError, error_body
 from personae.serve.logprobs import chat_logprobs
-from personae.serve.sampling import sampling_params
+from personae.serve.sampling import sampling_params, stop_strings
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
 from personae.serve.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart
 from personae.serve.settings import ServeSettings
@@ -103,7 +103,7 @@ class CompletionService:
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
         """Validate a request and build its job (blocking: tokenizes and decodes the image)."""
-        self._check_options(request)
+        stop = self._check_options(request)
         conversation = split_messages(request.messages, request.user_name)
         card, model_name, avatar, adapter = self._character(request, conversation)
         max_tokens, cut_note = self._max_tokens(request)
@@ -112,19 +112,18 @@ class CompletionService:
         # the same for every request to the card with the same lore entries active: cached by its tokens
         head = prompt.segments["definition"] + prompt.segments["examples"]
         stream = bool(request.stream)
-        job = GenerationJob(prompt.ids, pixels, self._sampling(request, max_tokens), n=request.n or 1,
+        job = GenerationJob(prompt.ids, pixels, self._sampling(request, max_tokens, stop), n=request.n or 1,
                             ignore_eos=bool(request.ignore_eos), head_len=head, stream=stream, adapter=adapter)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         warnings = tuple(prompt.warnings) + tuple(note for note in (cut_note, fit_note) if note)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
                                prompt.dropped_turns, stream, include_usage, warnings, self.tokenizer)
 
-    def _sampling(self, request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    def _sampling(self, request: ChatCompletionRequest, max_tokens: int, stop: list[str]) -> SamplingParams:
         """The request's sampling over the run's recommended settings (serve/sampling.py)."""
         top = request.top_logprobs or 0
         if top and not request.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         return sampling_params(request, self.generation, self.tokenizer.vocab_size, max_tokens=max_tokens,
                                stop=stop, seed=request.seed, logprobs=bool(request.logprobs), top_logprobs=top)
 
@@ -160,21 +159,18 @@ class CompletionService:
         prompt.ids = prompt.ids + prefill
         return prompt
 
-    def _check_options(self, request: ChatCompletionRequest) -> None:
+    def _check_options(self, request: ChatCompletionRequest) -> list[str]:
+        """The request's limits and options checked; its stop strings."""
         s = self.settings
         if (request.n or 1) > s.max_n:
             raise ApiError(400, f"n={request.n} is over the limit of {s.max_n}", param="n", code="n_too_large")
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        if len(stops) > s.max_stop:
-            raise ApiError(400, f"{len(stops)} stop strings is over the limit of {s.max_stop}", param="stop",
-                           code="too_many_stop_strings")
-        if any(not stop or len(stop) > 100 for stop in stops):
-            raise ApiError(400, "every stop string must have 1 to 100 characters", param="stop", code="invalid_value")
+        stops = stop_strings(request.stop, s.max_stop)
         choice = request.tool_choice
         if choice not in (None, "none", "auto"):  # OpenAI's answer for a model without tool use
             raise ApiError(400, f"tool_choice {choice!r} needs tool use, which this model does not support; "
                                 "send tool_choice 'auto' or 'none' (tools are then ignored)",
                            param="tool_choice", code="unsupported")
+        return stops
 
     def _max_tokens(self, request: ChatCompletionRequest) -> tuple[int, str]:
         """The reply's token budget, and a warning when the request's max_tokens was cut to the limit."""

@@ -38,6 +38,21 @@ def check_unsupported(request: BaseModel) -> None:
                                 "presence_penalty, logit_bias, DRY, XTC)", param=name, code="unsupported_sampler")
 
 
+MAX_STOP_CHARS = 100  # the longest stop string a request may send
+
+
+def stop_strings(stop: str | Sequence[str] | None, max_stop: int) -> list[str]:
+    """A request's `stop` (one string or a list) as a list, within the server's limits (400s name the field)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > max_stop:
+        raise ApiError(400, f"{len(stops)} stop strings is over the limit of {max_stop}", param="stop",
+                       code="too_many_stop_strings")
+    if any(not text or len(text) > MAX_STOP_CHARS for text in stops):
+        raise ApiError(400, f"every stop string must have 1 to {MAX_STOP_CHARS} characters", param="stop",
+                       code="invalid_value")
+    return stops
+
+
 def sampling_params(request: SamplerFields, defaults: GenerationDefaults, vocab_size: int, *, max_tokens: int,
                     stop: Sequence[str], seed: int | None, logprobs: bool = False,
                     top_logprobs: int = 0) -> SamplingParams:

@@ -27,7 +27,7 @@ from personae.models.next_token import MAX_TOP_LOGPROBS
 from personae.serve.completions import FINGERPRINT
 from personae.serve.errors import ApiError, error_body
 from personae.serve.logprobs import legacy_logprobs
-from personae.serve.sampling import sampling_params
+from personae.serve.sampling import sampling_params, stop_strings
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
 from personae.serve.schemas import MAX_SEED, SamplerFields, StreamOptions, Text
 from personae.serve.settings import ServeSettings
@@ -130,10 +130,7 @@ class TextCompletionService:
             raise ApiError(400, "best_of must equal n (no reranking)", param="best_of", code="unsupported")
         ids = self._prompt_ids(request.prompt)
         max_tokens = self._max_tokens(request.max_tokens, len(ids))
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        if len(stop) > self.settings.max_stop or any(not s or len(s) > 100 for s in stop):
-            raise ApiError(400, f"stop: at most {self.settings.max_stop} strings of 1 to 100 characters",
-                           param="stop", code="invalid_value")
+        stop = stop_strings(request.stop, self.settings.max_stop)
         seed = request.seed if request.seed is not None and request.seed >= 0 else None
         params = sampling_params(request, self.generation, self.tokenizer.vocab_size, max_tokens=max_tokens,
                                  stop=stop, seed=seed, logprobs=request.logprobs is not None,
