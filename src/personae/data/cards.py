@@ -455,9 +455,21 @@ def save_card_png(
     *,
     max_json_bytes: int = MAX_JSON_BYTES,
 ) -> None:
-    """Write a PNG card: ``chara`` (V2 JSON, base64) and, for V3 cards, ``ccv3`` (V3 JSON).
+    """Write a PNG card (:func:`card_png_bytes`) atomically."""
+    write_bytes_atomic(path, card_png_bytes(card, avatar, max_json_bytes=max_json_bytes, where=path))
 
-    The image is ``avatar``, else ``card.avatar``, else :func:`default_avatar`.
+
+def card_png_bytes(
+    card: CharacterCard,
+    avatar: Image.Image | np.ndarray | None = None,
+    *,
+    max_json_bytes: int = MAX_JSON_BYTES,
+    where: str | PathLike[str] = "card.png",
+) -> bytes:
+    """A PNG card: ``chara`` (V2 JSON, base64) and, for V3 cards, ``ccv3`` (V3 JSON).
+
+    The image is ``avatar``, else ``card.avatar``, else :func:`default_avatar`; `where` names the
+    card in errors.
     """
     image = _avatar_image(card, avatar)
     info = PngInfo()
@@ -465,12 +477,12 @@ def save_card_png(
     if card.spec == SPEC_V3:  # the V3 spec asks that a V2 backfill say so to V2-only readers
         notes = v2["data"]["creator_notes"]
         v2["data"]["creator_notes"] = _BACKFILL_NOTE + (f"\n\n{notes}" if notes else "")
-    info.add_text("chara", _base64_json(v2, path, max_json_bytes))
+    info.add_text("chara", _base64_json(v2, where, max_json_bytes))
     if card.spec == SPEC_V3:
-        info.add_text("ccv3", _base64_json(card.to_json(), path, max_json_bytes))
+        info.add_text("ccv3", _base64_json(card.to_json(), where, max_json_bytes))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)  # text chunks of a source image are not copied
-    write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _base64_json(obj: dict[str, Any], path: str | PathLike[str], limit: int) -> str:

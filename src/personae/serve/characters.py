@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from personae.data.cards import MAX_AVATAR_PIXELS, CharacterCard, default_avatar, load_card, save_card_png
+from personae.data.cards import MAX_AVATAR_PIXELS, CharacterCard, card_png_bytes, default_avatar, load_card
 from personae.data.convert import slugify
 from personae.data.images import model_pixels
 from personae.errors import PersonaeError
@@ -161,10 +160,7 @@ class CharacterRegistry:
         """The card as PNG: a PNG card file byte for byte, else a PNG of the card on its generated avatar."""
         if entry.path.suffix.lower() == ".png":
             return entry.path.read_bytes()
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "card.png"
-            save_card_png(entry.card, path)
-            return path.read_bytes()
+        return card_png_bytes(entry.card)
 
     def avatar(self, entry: CharacterEntry, size: int = 256) -> Image.Image:
         """The card's own image, else a generated one."""
