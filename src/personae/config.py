@@ -166,6 +166,10 @@ class FinetuneCfg:
     # scene worlds: this fraction of the conversations speaks with freshly drawn markers (in card and
     # replies alike, personae.world.persona_swap), so the model learns to take a voice from the card
     persona_swap: float = 0.0
+    # weight of the region-word alignment loss on the image prefix (0: off): for each thing the image
+    # holds (the data kind's image_objects), the region whose tied-head read-out ranks its first word
+    # piece highest is trained toward it (personae.objectives.alignment)
+    align_weight: float = 0.0
 
 
 @dataclass

@@ -119,3 +119,27 @@ def test_each_stage_reads_its_own_compile_key(pretrained_run, small_world, tmp_p
     cfg = apply_overrides(run_config(pretrained_run), [*base, "finetune.train.compile=true"])
     run_finetune(pretrained_run, small_world, tmp_path / "compiled", cfg, progress=False)
     assert len(compiled) == 1 and isinstance(compiled[0], RolePlayTask)
+
+
+def test_region_word_alignment_trains_the_prefix_toward_the_scene_s_object_names(pretrained_run, small_world,
+                                                                                  tmp_path):
+    import shutil
+
+    from personae.errors import DataError
+
+    steps = ["finetune.train.steps=12", "finetune.align_weight=1.0"]
+    state = run_finetune(pretrained_run, small_world, tmp_path / "aligned", apply_overrides(run_config(pretrained_run),
+                         steps), progress=False)
+    losses = [row["loss_align"] for row in state.history]
+    assert len(losses) == 12 and losses[-1] < losses[0]  # the prefix learns to read out the scene's names
+    assert all(row["loss"] > row["loss_lm"] for row in state.history)  # the weighted alignment is added
+    # a plain folder names its images' things in an optional "objects" key; a bad one names the conversation
+    data = tmp_path / "plain"
+    shutil.copytree(small_world, data, ignore=shutil.ignore_patterns("world.json"))
+    rows = [json.loads(line) for line in (data / "dialogues.jsonl").read_text().splitlines()]
+    rows[0]["objects"] = "backpack"
+    (data / "dialogues.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=f"conversation '{rows[0]['id']}': \"objects\" must be a list"):
+        run_finetune(pretrained_run, data, tmp_path / "bad", apply_overrides(run_config(pretrained_run),
+                     [*steps, "finetune.persona_swap=0"]),
+                     progress=False)

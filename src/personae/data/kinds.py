@@ -102,6 +102,15 @@ class DataKind:
         diagnosis's loss by token kind; empty for a plain folder (it gets the by-question-type part only)."""
         return {}
 
+    def image_objects(self, record: DialogueRecord) -> list[str]:
+        """Names of the things in RECORD's image (for finetune.align_weight): a plain folder's conversation
+        lists them in an optional "objects" key of its row (e.g. from a caption or a detector); none: []."""
+        names = record.meta.get("objects", [])
+        if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
+            raise DataError(f"conversation {record.id!r}: \"objects\" must be a list of non-empty names",
+                            self.root / DIALOGUES_FILE, line=record.line)
+        return names
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
 

@@ -28,11 +28,14 @@ class RolePlayDataset(Dataset):
     tail: the rules of `personae.data.prompt`). `variants` replaces some
     conversations (by index) with another (record, card), e.g. a persona swap; a variant whose
     definition does not fit the budget falls back to the plain conversation (`fallbacks` counts them).
+    `image_words` gives each conversation the token ids its image's things are named by (the targets
+    of the region-word alignment loss, `align_ids` in a batch).
     """
 
     def __init__(self, records: Sequence[DialogueRecord], cards: Mapping[str, CharacterCard], tokenizer: Tokenizer,
                  *, image_size: int, max_tokens: int, include_examples: bool = True, progress: bool = True,
-                 variants: Mapping[int, tuple[DialogueRecord, CharacterCard]] | None = None) -> None:
+                 variants: Mapping[int, tuple[DialogueRecord, CharacterCard]] | None = None,
+                 image_words: Sequence[Sequence[int]] | None = None) -> None:
         if not records:
             raise DataError("no conversations to train on (check the split and character filters)")
         with_image = {r.image is not None for r in records}
@@ -40,7 +43,10 @@ class RolePlayDataset(Dataset):
             first = next(r for r in records if r.image is None)
             raise DataError("some conversations have an image and some do not; use one kind per data set "
                             f"(conversation {first.id!r} has none)", line=first.line)
+        if image_words is not None and len(image_words) != len(records):
+            raise ValueError(f"image_words has {len(image_words)} entries for {len(records)} conversations")
         self.records, self.tokenizer = list(records), tokenizer
+        self.image_words = None if image_words is None else [list(words) for words in image_words]
         builder = prompt_builder(tokenizer)
 
         def assemble(record: DialogueRecord, card: CharacterCard) -> Prompt:
@@ -77,15 +83,30 @@ class RolePlayDataset(Dataset):
         item: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "index": index}
         if self.images is not None:
             item["image"] = self.images[index]
+        if self.image_words is not None:
+            item["align_ids"] = torch.tensor(self.image_words[index], dtype=torch.long)
         return item
 
 
+def first_pieces(tokenizer: Tokenizer, names: Sequence[str]) -> list[int]:
+    """The first word piece of each name as it reads mid-sentence (" backpack"), once each, in order."""
+    pieces: list[int] = []
+    for name in names:
+        text = " " + name.strip()
+        ids = tokenizer.encode(text, add_cls=False) if isinstance(tokenizer, Tokenizer) else tokenizer.encode(text)
+        if ids and ids[0] not in pieces:
+            pieces.append(ids[0])
+    return pieces
+
+
 def collate_roleplay(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ids (pad_id) and labels (IGNORE_INDEX); stack and normalise images when present."""
+    """Right-pad ids (pad_id), labels and align_ids (IGNORE_INDEX); stack and normalise images when present."""
     input_ids, attention_mask = pad_ids([item["input_ids"] for item in items], pad_id)
     labels, _ = pad_ids([item["labels"] for item in items], IGNORE_INDEX)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
              "index": torch.tensor([item["index"] for item in items])}
+    if "align_ids" in items[0]:
+        batch["align_ids"], _ = pad_ids([item["align_ids"] for item in items], IGNORE_INDEX)
     if "image" in items[0]:
         batch["pixel_values"] = normalize_pixels(torch.stack([item["image"] for item in items]))
     return batch

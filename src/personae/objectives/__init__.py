@@ -1,5 +1,6 @@
 """Objectives: each an nn.Module returning a dict of named losses (loss_*) and metrics."""
 
+from personae.objectives.alignment import RegionWordAlignment
 from personae.objectives.contrastive import ContrastiveLoss
 from personae.objectives.language_model import LanguageModelling
 from personae.objectives.masked_lm import MaskedLanguageModelling, mask_tokens
@@ -11,5 +12,5 @@ OBJECTIVES = {
 
 __all__ = [
     "OBJECTIVES", "ContrastiveLoss", "LanguageModelling", "ImageTextMatching", "MaskedLanguageModelling",
-    "mask_tokens", "sample_hard_negatives",
+    "RegionWordAlignment", "mask_tokens", "sample_hard_negatives",
 ]

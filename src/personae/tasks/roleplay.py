@@ -1,4 +1,4 @@
-"""The role-play task: the decoder's reply-only language-modelling loss."""
+"""The role-play task: the decoder's reply-only language-modelling loss (plus region-word alignment)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,35 @@ from torch import nn
 
 from personae.config import FinetuneCfg
 from personae.models.model import PersonaeModel
-from personae.objectives import LanguageModelling
+from personae.objectives import LanguageModelling, RegionWordAlignment
 
 
 class RolePlayTask(nn.Module):
-    """Reply-only causal LM loss of the decoder over [image prefix; prompt; replies]."""
+    """Reply-only causal LM loss of the decoder over [image prefix; prompt; replies].
+
+    With `finetune.align_weight` > 0 and batches that carry `align_ids` (the first word piece of
+    each thing the image holds), the region-word alignment loss of the image prefix is added with
+    that weight (personae.objectives.alignment).
+    """
 
     def __init__(self, model: PersonaeModel, cfg: FinetuneCfg) -> None:
         super().__init__()
         self.model, self.cfg = model, cfg
         self.lm = LanguageModelling()
+        self.align = RegionWordAlignment()
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.model.lm_hidden(batch.get("pixel_values"), batch["input_ids"])  # (B, T, D)
+        input_ids, pixel_values = batch["input_ids"], batch.get("pixel_values")
+        embeddings = self.model.embed_prompt(input_ids, pixel_values)  # (B, R+T, D)
+        hidden = self.model.require_decoder()(embeddings)[:, -input_ids.shape[1]:]  # right padding needs no mask
         metrics = self.lm(hidden, batch["labels"], self.model.lm_head)
-        return {"loss": metrics["loss_lm"], **metrics}
+        loss = metrics["loss_lm"]
+        if self.cfg.align_weight > 0 and pixel_values is not None and "align_ids" in batch:
+            prefix = embeddings[:, : embeddings.shape[1] - input_ids.shape[1]]  # (B, R, D)
+            aligned = self.align(prefix, batch["align_ids"], self.model.lm_head)
+            metrics.update(aligned)
+            loss = loss + self.cfg.align_weight * aligned["loss_align"]
+        return {"loss": loss, **metrics}
 
 
 def dense_roleplay_task(model: PersonaeModel, cfg: FinetuneCfg) -> RolePlayTask:

@@ -13,7 +13,7 @@ from personae.config import Config, load_config
 from personae.data.dialogues import load_character_cards, read_dialogues, require_cards
 from personae.data.kinds import open_data
 from personae.data.marker_swap import swap_conversations
-from personae.data.roleplay import RolePlayDataset, collate_roleplay
+from personae.data.roleplay import RolePlayDataset, collate_roleplay, first_pieces
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.models.generation_config import recommended_generation, write_generation_config
@@ -70,7 +70,7 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = 
     dataset = RolePlayDataset(records, cards, tokenizer, image_size=cfg.model.vision.image_size,
                               max_tokens=model.text_budget(0, records[0].image is not None),
                               include_examples=cfg.finetune.include_examples, progress=progress,
-                              variants=variants)
+                              variants=variants, image_words=_image_words(cfg, data_dir, records, tokenizer))
     if variants and progress and dist.is_primary:
         print(f"persona swap: {len(variants) - dataset.fallbacks} of {len(records)} conversations speak with fresh "
               f"markers ({dataset.fallbacks} too long once swapped kept their own)")
@@ -81,6 +81,17 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = 
     trainer = Trainer(task, model, dataset, partial(collate_roleplay, pad_id=tokenizer.pad_id), cfg, tokenizer,
                       out_dir, dist, stage="finetune", progress=progress, train_cfg=cfg.finetune.train)
     return trainer.fit(resume=resume, stop_at=stop_at)
+
+
+def _image_words(cfg: Config, data_dir: Path, records: list, tokenizer: Tokenizer) -> list[list[int]] | None:
+    """finetune.align_weight: the first word piece of each thing in each conversation's image (None: off)."""
+    if cfg.finetune.align_weight <= 0:
+        return None
+    if records[0].image is None:
+        raise PersonaeError("finetune.align_weight aligns image regions with words, but these conversations "
+                            "have no images: set it to 0")
+    kind = open_data(data_dir)
+    return [first_pieces(tokenizer, kind.image_objects(record)) for record in records]
 
 
 def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) -> dict:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from personae.data.dialogues import DialogueRecord
 from personae.data.kinds import DataKind, register_data_kind
+from personae.errors import DataError
 from personae.world.build import WORLD_FILE, load_scenes
 from personae.world.characters import Character, load_characters
 from personae.world.metrics import METRICS, aggregate, score_reply, world_word_kinds
@@ -51,6 +53,10 @@ class SceneWorld(DataKind):
     marker = WORLD_FILE
     metrics = METRICS
 
+    def __init__(self, root: Path | str) -> None:
+        super().__init__(root)
+        self._scenes: dict[str, Scene] | None = None  # read on first use
+
     def characters(self, split: str) -> list[str]:
         """Sorted ids of the world's characters of SPLIT (train / heldout), from its cards."""
         return sorted(load_characters(self.root, split=split))
@@ -68,6 +74,16 @@ class SceneWorld(DataKind):
     def word_kinds(self) -> dict[str, tuple[str, ...]]:
         """The world's vocabulary by kind: object names, numbers, yes/no, positions, setting, persona words."""
         return world_word_kinds(load_characters(self.root))
+
+    def image_objects(self, record: DialogueRecord) -> list[str]:
+        """The object names of RECORD's scene graph (what a caption of its image names)."""
+        if self._scenes is None:
+            self._scenes = {scene.scene_id: scene for scene in load_scenes(self.root)}
+        scene = self._scenes.get(record.scene_id or "")
+        if scene is None:
+            raise DataError(f"conversation {record.id!r}: scene {record.scene_id!r} is not in the world's scenes",
+                            self.root, line=record.line)
+        return [placed.name for placed in scene.objects]
 
     def persona_swap(self, seed: int, setting: str) -> PersonaSwap:
         """Fresh markers for the world's characters, drawn with SEED."""
