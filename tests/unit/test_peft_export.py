@@ -31,7 +31,7 @@ from tests.unit.test_hf_decoder import _model, _prompt
 from tests.unit.test_hf_lora import IDS, hf_folder, perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAMILIES = ["llama", "gpt2"]
+FAMILIES = ["llama", "qwen2", "gpt2", "gemma3_text"]
 
 
 @pytest.fixture(scope="module")
