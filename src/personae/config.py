@@ -114,6 +114,10 @@ class ModelCfg:
     # to add with meta.lora_rank rather than setting this by hand.
     lora_rank: int = 0
     lora_alpha: float = 8.0  # LoRA scale: the adapter's output is multiplied by lora_alpha / lora_rank
+    # the decoder's linear layers LoRA wraps, comma-separated names or dotted-path ends (e.g.
+    # "q_proj,v_proj", "mlp.fc"); empty: the decoder's defaults (own decoder: attn.qkv,attn.proj,
+    # mlp.fc,mlp.proj; Hugging Face LMs: q_proj,k_proj,v_proj,o_proj, GPT-2: c_attn,c_proj)
+    lora_targets: str = ""
 
 
 @dataclass

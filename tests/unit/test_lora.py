@@ -106,7 +106,7 @@ def test_adapter_and_lora_errors_name_the_problem(tmp_path):
     add_lora(model)
     with pytest.raises(AdapterError, match="already has LoRA"):
         add_lora(model)
-    with pytest.raises(AdapterError, match="no Linear layer named"):
+    with pytest.raises(AdapterError, match="name no linear layer under nothing"):
         add_lora(micro_model(), targets=("nothing",))
     with pytest.raises(AdapterError, match="adapter file not found"):
         load_adapter(tmp_path / "missing.safetensors")

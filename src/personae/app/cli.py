@@ -94,6 +94,12 @@ def _eval_adaptation(args: argparse.Namespace) -> None:
                             progress=not args.quiet)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from personae.app.commands import export
+
+    export(Path(args.run), Path(args.out), character=args.character, merge=args.merge)
+
+
 def _data_convert(args: argparse.Namespace) -> None:
     from personae.app.commands import data_convert
 
@@ -232,6 +238,20 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
     talk.add_argument("--seed", type=int, default=None)
     talk.add_argument("--user", default="User", help="your name in the conversation")
     talk.set_defaults(handler=_chat, takes_overrides=False)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae export` command line."""
+    exp = sub.add_parser("export", help="write a run's Hugging Face LM as a plain HF model folder (--merge) or a "
+                                        "PEFT adapter folder")
+    exp.add_argument("run", metavar="RUN", help="a run whose model.decoder.kind is hf")
+    exp.add_argument("--character", default=None,
+                     help="the character whose adapter (RUN/adapters/ID.safetensors) is exported (default: the run's own)")
+    exp.add_argument("--merge", action="store_true",
+                     help="fold the adapter into the weights and write a whole model folder (config, safetensors, "
+                          "tokenizer, chat template, generation_config); without it: a PEFT adapter folder")
+    exp.add_argument("--out", required=True, type=Path, help="the folder to write")
+    exp.set_defaults(handler=_export, takes_overrides=False)
 
 
 def _add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -389,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_meta_train_parser(sub)
     _add_adapt_parser(sub)
     _add_chat_parser(sub)
+    _add_export_parser(sub)
     _add_report_parser(sub)
     _add_serve_parser(sub)
     _add_eval_parser(sub)

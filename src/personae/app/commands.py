@@ -14,6 +14,7 @@ from personae.data.manifest import read_pairs
 from personae.eval.grounding import evaluate_grounding, format_grounding_table, save_grounding
 from personae.eval.retrieval import evaluate_retrieval, format_table, save_result
 from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
+from personae.models.export import export_run
 from personae.models.generation import SamplingParams
 from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.io import load_model
@@ -146,3 +147,11 @@ def data_convert(source: Path, fmt: str, out: Path, *, to: str = "personae", car
     report = convert(source, fmt, out, to=to, card=load_card(card) if card else None)
     print(report.summary())
     return report
+
+
+def export(run: Path, out: Path, *, character: str | None = None, merge: bool = False) -> Path:
+    """`personae export`: RUN's Hugging Face LM to OUT, merged with the adapter or as a PEFT adapter folder."""
+    written = export_run(run, out, character=character, merge=merge)
+    kind = "Hugging Face model folder (adapter merged)" if merge else "PEFT adapter folder"
+    print(f"wrote a {kind} to {written}")
+    return written

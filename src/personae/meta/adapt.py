@@ -42,7 +42,9 @@ from personae.models.model import PersonaeModel
 from personae.tasks import dense_roleplay_task
 
 META_LRS_FILE = "meta_lrs.safetensors"
-HEAD = ("model.decoder.ln_f",)  # ANIL's head, named inside RolePlayTask (which holds the model as .model)
+# ANIL's head, named inside RolePlayTask (which holds the model as .model): the own decoder's final
+# norm, or a Hugging Face LM's (Llama / Qwen2 / Gemma: model.norm; GPT-2: transformer.ln_f)
+HEAD = ("model.decoder.ln_f", "model.decoder.lm.model.norm", "model.decoder.lm.transformer.ln_f")
 TASK_PREFIX = "model."  # RolePlayTask holds the model as .model; adapter tensors use the model's own names
 ALGO_INNER_PARAMS = {"lora-maml": "lora", "anil": "head"}  # every other algorithm adapts all parameters
 

@@ -33,7 +33,7 @@ from personae.errors import PersonaeError
 from personae.meta import MetaLearner, build_meta
 from personae.meta.adapt import HEAD, META_LRS_FILE, learned_rates
 from personae.models.generation_config import recommended_generation, write_generation_config
-from personae.models.lora import add_decoder_lora, lora_settings
+from personae.models.lora import add_decoder_lora, lora_settings, parse_targets
 from personae.models.model import PersonaeModel
 from personae.tasks import dense_roleplay_task
 from personae.train.distributed import init_distributed
@@ -60,14 +60,15 @@ def adapts_lora(cfg: Config) -> bool:
 
 
 def ensure_lora(model: PersonaeModel, cfg: Config, seed: int) -> bool:
-    """Give the decoder LoRA adapters (meta.lora_rank, meta.lora_alpha) unless it has them; True if added.
+    """Give the decoder LoRA adapters (meta.lora_rank, meta.lora_alpha, model.lora_targets) unless it has them.
 
     The adapters are recorded in cfg.model so that the saved run is rebuilt with them. B starts at
-    zero, so adding them leaves the model's outputs unchanged; A is drawn with `seed`.
+    zero, so adding them leaves the model's outputs unchanged; A is drawn with `seed`. True if added.
     """
     if lora_settings(model) is not None:
         return False
-    add_decoder_lora(model, cfg.meta.lora_rank, cfg.meta.lora_alpha, seed=seed)
+    add_decoder_lora(model, cfg.meta.lora_rank, cfg.meta.lora_alpha, seed=seed,
+                     targets=parse_targets(cfg.model.lora_targets) or None)  # the run's, or the decoder's own
     cfg.model.lora_rank, cfg.model.lora_alpha = cfg.meta.lora_rank, cfg.meta.lora_alpha
     return True
 
