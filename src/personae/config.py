@@ -174,6 +174,9 @@ class FinetuneCfg:
     # holds (the data kind's image_objects), the region whose tied-head read-out ranks its first word
     # piece highest is trained toward it (personae.objectives.alignment)
     align_weight: float = 0.0
+    # the reply loss weighs reply tokens of the data kind's content kinds (the scene world: object
+    # names, numbers, yes/no, positions) this much and other reply tokens 1 (1: a plain mean)
+    content_weight: float = 1.0
 
 
 @dataclass

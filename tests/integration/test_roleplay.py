@@ -121,13 +121,13 @@ def test_each_stage_reads_its_own_compile_key(pretrained_run, small_world, tmp_p
     assert len(compiled) == 1 and isinstance(compiled[0], RolePlayTask)
 
 
-def test_region_word_alignment_trains_the_prefix_toward_the_scene_s_object_names(pretrained_run, small_world,
-                                                                                  tmp_path):
+def test_region_word_alignment_and_content_weighting_train_on_a_scene_world(pretrained_run, small_world,
+                                                                             tmp_path):
     import shutil
 
     from personae.errors import DataError
 
-    steps = ["finetune.train.steps=12", "finetune.align_weight=1.0"]
+    steps = ["finetune.train.steps=12", "finetune.align_weight=1.0", "finetune.content_weight=3.0"]
     state = run_finetune(pretrained_run, small_world, tmp_path / "aligned", apply_overrides(run_config(pretrained_run),
                          steps), progress=False)
     losses = [row["loss_align"] for row in state.history]
@@ -139,7 +139,12 @@ def test_region_word_alignment_trains_the_prefix_toward_the_scene_s_object_names
     rows = [json.loads(line) for line in (data / "dialogues.jsonl").read_text().splitlines()]
     rows[0]["objects"] = "backpack"
     (data / "dialogues.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    plain = [*steps, "finetune.persona_swap=0", "finetune.content_weight=1"]
     with pytest.raises(DataError, match=f"conversation '{rows[0]['id']}': \"objects\" must be a list"):
-        run_finetune(pretrained_run, data, tmp_path / "bad", apply_overrides(run_config(pretrained_run),
-                     [*steps, "finetune.persona_swap=0"]),
+        run_finetune(pretrained_run, data, tmp_path / "bad", apply_overrides(run_config(pretrained_run), plain),
                      progress=False)
+    from personae.errors import PersonaeError
+
+    with pytest.raises(PersonaeError, match="content_weight weighs the content words"):  # a plain folder names none
+        run_finetune(pretrained_run, data, tmp_path / "bad", apply_overrides(run_config(pretrained_run),
+                     [*plain, "finetune.align_weight=0", "finetune.content_weight=3"]), progress=False)

@@ -195,3 +195,40 @@ def test_a_plain_folder_gets_the_question_types_and_all_tokens(finetuned, small_
     assert result["loss"]["all"]["n"] == sum(row["n"] for row in result["loss"]["by_type"].values()) > 0
     assert "object names" not in format_grounding_table(result)
     assert worth_line(result).startswith("image worth: all tokens ")
+
+
+def test_content_weighting_weighs_the_answer_tokens_of_each_reply(pretrained_run):
+    from personae.data.labels import IGNORE_INDEX
+    from personae.data.word_kinds import ContentWeighting
+    from personae.models.io import load_model
+
+    _, _, tokenizer = load_model(pretrained_run)
+    kinds = WordKinds({"object names": ("dogs",), "numbers": ("two",), "persona words": ("woof",)})
+    reply = tokenizer.encode("Woof! Two dogs.", add_cls=False, parse_special=False)
+    labels = [IGNORE_INDEX] * 3 + [*reply, tokenizer.eos_id] + [IGNORE_INDEX] * 2 + [*reply, tokenizer.eos_id]
+    weighting = ContentWeighting(kinds, frozenset({"object names", "numbers"}), 4.0)
+    weights = weighting.label_weights(tokenizer, labels)
+    assert len(weights) == len(labels)
+    assert [w for w, label in zip(weights, labels) if label == IGNORE_INDEX] == [0.0] * 5
+    tagged = kinds.of_tokens(tokenizer, reply)
+    expected = [4.0 if kind in ("object names", "numbers") else 1.0 for kind in tagged] + [1.0]
+    assert weights[3 : 4 + len(reply)] == expected and weights[-len(reply) - 1 :] == expected
+    assert 4.0 in expected and expected.count(4.0) < len(expected) - 1  # woof and "!" keep weight 1
+
+
+def test_weighted_reply_loss_scales_each_token_and_divides_by_the_token_count():
+    import torch.nn.functional as F
+
+    from personae.data.labels import IGNORE_INDEX
+    from personae.objectives import LanguageModelling
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(1, 5, 4), torch.nn.Linear(4, 7)
+    labels = torch.tensor([[IGNORE_INDEX, 3, 5, IGNORE_INDEX, 2]])
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0, 1.0]])
+    ce = F.cross_entropy(head(hidden[0, :-1]), labels[0, 1:], reduction="none", ignore_index=IGNORE_INDEX)
+    expected = (ce[0] * 1.0 + ce[1] * 3.0 + ce[3] * 1.0) / 3
+    lm = LanguageModelling()
+    assert lm(hidden, labels, head, weights)["loss_lm"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert lm(hidden, labels, head, torch.ones(1, 5))["loss_lm"].item() == pytest.approx(
+        lm(hidden, labels, head)["loss_lm"].item(), rel=1e-6)

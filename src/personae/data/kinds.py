@@ -69,6 +69,8 @@ class DataKind:
     name: ClassVar[str] = "role-play folder"  # how messages and the registry call the kind
     marker: ClassVar[str | None] = None  # the file whose presence in a folder marks the kind
     metrics: ClassVar[tuple[str, ...]] = ()  # the names of the exact metrics reply_scorer gives
+    # the word kinds (of word_kinds) that carry a reply's answer, what finetune.content_weight weighs
+    content_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)

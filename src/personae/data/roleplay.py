@@ -17,6 +17,7 @@ from personae.data.images import normalize_pixels
 from personae.data.labels import IGNORE_INDEX
 from personae.data.prompt import Prompt, PromptTooLong, Turn
 from personae.data.tokenizer import Tokenizer, pad_ids
+from personae.data.word_kinds import ContentWeighting
 from personae.errors import DataError
 
 
@@ -28,6 +29,7 @@ class RolePlayDataset(Dataset):
     tail: the rules of `personae.data.prompt`). `variants` replaces some
     conversations (by index) with another (record, card), e.g. a persona swap; a variant whose
     definition does not fit the budget falls back to the plain conversation (`fallbacks` counts them).
+    `content` weighs the reply tokens of content kinds (`label_weights` in a batch).
     `image_words` gives each conversation the token ids its image's things are named by (the targets
     of the region-word alignment loss, `align_ids` in a batch).
     """
@@ -35,7 +37,8 @@ class RolePlayDataset(Dataset):
     def __init__(self, records: Sequence[DialogueRecord], cards: Mapping[str, CharacterCard], tokenizer: Tokenizer,
                  *, image_size: int, max_tokens: int, include_examples: bool = True, progress: bool = True,
                  variants: Mapping[int, tuple[DialogueRecord, CharacterCard]] | None = None,
-                 image_words: Sequence[Sequence[int]] | None = None) -> None:
+                 image_words: Sequence[Sequence[int]] | None = None,
+                 content: ContentWeighting | None = None) -> None:
         if not records:
             raise DataError("no conversations to train on (check the split and character filters)")
         with_image = {r.image is not None for r in records}
@@ -54,6 +57,7 @@ class RolePlayDataset(Dataset):
                                  include_examples=include_examples)
 
         self.examples: list[tuple[list[int], list[int]]] = []
+        self.weights: list[list[float]] | None = None if content is None else []
         self.fallbacks = 0
         variants = variants or {}
         for index, record in enumerate(tqdm(self.records, desc="assembling prompts",
@@ -66,6 +70,8 @@ class RolePlayDataset(Dataset):
                     self.fallbacks += 1
             prompt = prompt or assemble(record, cards[record.character])
             self.examples.append((prompt.ids, prompt.labels))
+            if self.weights is not None:
+                self.weights.append(content.label_weights(tokenizer, prompt.labels))
         self.images = None
         if records[0].image is not None:
             self.images = ImageCache([r.image for r in self.records], image_size,
@@ -83,6 +89,8 @@ class RolePlayDataset(Dataset):
         item: dict[str, Any] = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "index": index}
         if self.images is not None:
             item["image"] = self.images[index]
+        if self.weights is not None:
+            item["label_weights"] = torch.tensor(self.weights[index])
         if self.image_words is not None:
             item["align_ids"] = torch.tensor(self.image_words[index], dtype=torch.long)
         return item
@@ -105,6 +113,9 @@ def collate_roleplay(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, 
     labels, _ = pad_ids([item["labels"] for item in items], IGNORE_INDEX)
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
              "index": torch.tensor([item["index"] for item in items])}
+    if "label_weights" in items[0]:
+        batch["label_weights"] = torch.nn.utils.rnn.pad_sequence([item["label_weights"] for item in items],
+                                                                 batch_first=True)  # padding weighs 0
     if "align_ids" in items[0]:
         batch["align_ids"], _ = pad_ids([item["align_ids"] for item in items], IGNORE_INDEX)
     if "image" in items[0]:

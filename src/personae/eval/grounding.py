@@ -17,7 +17,6 @@ spread over the visible keys would put there.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,14 @@ from personae.data.dialogues import DialogueRecord, load_character_cards, read_d
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
 from personae.data.kinds import DIALOGUES_FILE, open_data
-from personae.data.labels import IGNORE_INDEX
+from personae.data.labels import IGNORE_INDEX, labelled_spans
 from personae.data.prompt import PromptBuilder, Turn
 from personae.data.tokenizer import Tokenizer, pad_ids
+from personae.data.word_kinds import OTHER, WordKinds
 from personae.errors import DataError
 from personae.models.model import PersonaeModel
 
 IMAGES = ("true", "shuffled", "blank")  # the three images each conversation's replies are scored with
-OTHER = "other"  # reply tokens of no named kind
 ALL = "all tokens"
 UNTYPED = "untyped"  # the question type of a turn whose data says none
 BLANK_GREY = 128  # the blank image's value in every channel (uint8)
@@ -55,37 +54,6 @@ class ScoredTokens:
     types: list[str | None]  # per position: the question type of the turn it answers
 
 
-class WordKinds:
-    """Classifies a reply's tokens by the phrases of each kind (the longest phrase at a place wins)."""
-
-    def __init__(self, kinds: Mapping[str, Sequence[str]]) -> None:
-        self.names = tuple(kinds)
-        owner: dict[str, str] = {}
-        for kind, phrases in kinds.items():
-            for phrase in phrases:
-                owner.setdefault(phrase.lower(), kind)
-        self.owner = owner
-        ordered = sorted(owner, key=len, reverse=True)
-        self.pattern = (re.compile(r"(?<![a-z0-9])(" + "|".join(map(re.escape, ordered)) + r")(?![a-z0-9])")
-                        if ordered else None)
-
-    def of_tokens(self, tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-        """The kind of each token of IDS (a reply's text tokens): that of the first named character it covers."""
-        if self.pattern is None:
-            return [OTHER] * len(ids)
-        text = tokenizer.decode(ids, skip_special=False).lower().replace("\u2019", "'")
-        at: list[str | None] = [None] * len(text)
-        for match in self.pattern.finditer(text):
-            at[match.start() : match.end()] = [self.owner[match.group(1)]] * (match.end() - match.start())
-        kinds, start = [], 0
-        for i in range(len(ids)):  # each token's characters: the growth of the decoded prefix
-            end = len(tokenizer.decode(ids[: i + 1], skip_special=False))
-            named = [at[c] for c in range(start, min(end, len(at))) if at[c] is not None and not text[c].isspace()]
-            kinds.append(named[0] if named else OTHER)
-            start = end
-        return kinds
-
-
 def assemble(records: Sequence[DialogueRecord], cards: Mapping[str, Any], tokenizer: Tokenizer, budget: int,
              words: WordKinds, include_examples: bool) -> list[ScoredTokens]:
     """Each conversation as one training-style sequence, its reply tokens tagged by kind and question type."""
@@ -96,7 +64,7 @@ def assemble(records: Sequence[DialogueRecord], cards: Mapping[str, Any], tokeni
                                max_tokens=budget, include_examples=include_examples)
         kinds: list[str | None] = [None] * len(prompt.ids)
         types: list[str | None] = [None] * len(prompt.ids)
-        spans = _labelled_spans(prompt.labels)
+        spans = labelled_spans(prompt.labels)
         kept = record.turns[len(record.turns) - len(spans):]  # truncation drops the oldest turns
         for (start, end), turn in zip(spans, kept):
             reply = tokenizer.encode(turn.reply, add_cls=False, add_eos=False, parse_special=False)
@@ -106,18 +74,6 @@ def assemble(records: Sequence[DialogueRecord], cards: Mapping[str, Any], tokeni
             types[start:end] = [str(turn.meta.get("type") or UNTYPED)] * (end - start)
         out.append(ScoredTokens(r, prompt.ids, prompt.labels, kinds, types))
     return out
-
-
-def _labelled_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) of each run of labelled positions (one per reply, its end-of-reply token last)."""
-    spans, start = [], None
-    for i, label in enumerate([*labels, IGNORE_INDEX]):
-        if label != IGNORE_INDEX and start is None:
-            start = i
-        elif label == IGNORE_INDEX and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 def shuffled_images(records: Sequence[DialogueRecord], seed: int) -> list[int]:

@@ -23,11 +23,14 @@ class LanguageModelling(nn.Module):
         super().__init__()
         self.dense = dense
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor,
-                head: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """hidden (B, T, D), labels (B, T) with IGNORE_INDEX where no loss, head (M, D) -> (M, V)."""
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """hidden (B, T, D), labels (B, T) with IGNORE_INDEX where no loss, head (M, D) -> (M, V);
+        weights (B, T), aligned with labels, scale each token's loss (the mean still divides by tokens)."""
         targets = labels[:, 1:]  # (B, T-1)
         if self.dense:
+            if weights is not None:
+                raise ValueError("the dense reply loss (meta-learning) takes no token weights")
             logits = head(hidden[:, :-1])  # (B, T-1, V)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
             return {"loss_lm": loss}
@@ -37,6 +40,9 @@ class LanguageModelling(nn.Module):
             return {"loss_lm": zero, "lm_acc": zero.detach()}
         logits = head(hidden[:, :-1][selected])  # (M, V)
         wanted = targets[selected]
-        loss = F.cross_entropy(logits, wanted)
+        if weights is None:
+            loss = F.cross_entropy(logits, wanted)
+        else:
+            loss = (F.cross_entropy(logits, wanted, reduction="none") * weights[:, 1:][selected]).mean()
         return {"loss_lm": loss, "lm_acc": (logits.argmax(-1) == wanted).float().mean().detach(),
                 "lm_tokens": selected.sum().float().detach()}

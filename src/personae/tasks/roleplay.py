@@ -28,7 +28,7 @@ class RolePlayTask(nn.Module):
         input_ids, pixel_values = batch["input_ids"], batch.get("pixel_values")
         embeddings = self.model.embed_prompt(input_ids, pixel_values)  # (B, R+T, D)
         hidden = self.model.require_decoder()(embeddings)[:, -input_ids.shape[1]:]  # right padding needs no mask
-        metrics = self.lm(hidden, batch["labels"], self.model.lm_head)
+        metrics = self.lm(hidden, batch["labels"], self.model.lm_head, batch.get("label_weights"))
         loss = metrics["loss_lm"]
         if self.cfg.align_weight > 0 and pixel_values is not None and "align_ids" in batch:
             prefix = embeddings[:, : embeddings.shape[1] - input_ids.shape[1]]  # (B, R, D)

@@ -15,6 +15,7 @@ from personae.data.kinds import open_data
 from personae.data.marker_swap import swap_conversations
 from personae.data.roleplay import RolePlayDataset, collate_roleplay, first_pieces
 from personae.data.tokenizer import Tokenizer
+from personae.data.word_kinds import ContentWeighting, WordKinds
 from personae.errors import PersonaeError
 from personae.models.generation_config import recommended_generation, write_generation_config
 from personae.models.io import CONFIG_FILE, CheckpointError, load_model, require_file
@@ -70,7 +71,8 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = 
     dataset = RolePlayDataset(records, cards, tokenizer, image_size=cfg.model.vision.image_size,
                               max_tokens=model.text_budget(0, records[0].image is not None),
                               include_examples=cfg.finetune.include_examples, progress=progress,
-                              variants=variants, image_words=_image_words(cfg, data_dir, records, tokenizer))
+                              variants=variants, image_words=_image_words(cfg, data_dir, records, tokenizer),
+                              content=_content_weighting(cfg, data_dir))
     if variants and progress and dist.is_primary:
         print(f"persona swap: {len(variants) - dataset.fallbacks} of {len(records)} conversations speak with fresh "
               f"markers ({dataset.fallbacks} too long once swapped kept their own)")
@@ -92,6 +94,19 @@ def _image_words(cfg: Config, data_dir: Path, records: list, tokenizer: Tokenize
                             "have no images: set it to 0")
     kind = open_data(data_dir)
     return [first_pieces(tokenizer, kind.image_objects(record)) for record in records]
+
+
+def _content_weighting(cfg: Config, data_dir: Path) -> ContentWeighting | None:
+    """finetune.content_weight: how the reply loss weighs the data kind's content words (None: a plain mean)."""
+    if cfg.finetune.content_weight == 1.0:
+        return None
+    if cfg.finetune.content_weight <= 0:
+        raise PersonaeError(f"finetune.content_weight must be > 0, got {cfg.finetune.content_weight}")
+    kind = open_data(data_dir)
+    if not kind.content_kinds:
+        raise PersonaeError(f"finetune.content_weight weighs the content words a data kind names; this folder is a "
+                            f"{kind.name}, which names none: leave it at 1")
+    return ContentWeighting(WordKinds(kind.word_kinds()), frozenset(kind.content_kinds), cfg.finetune.content_weight)
 
 
 def _persona_swapped(cfg: Config, data_dir: Path, records: list, cards: dict) -> dict:

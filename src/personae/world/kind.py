@@ -29,6 +29,7 @@ class SceneScorer:
     """The exact role-play metrics of ``personae.world.metrics``, against a split's scene graphs."""
 
     metrics = METRICS
+    content_kinds = ("object names", "numbers", "yes/no", "positions")
 
     def __init__(self, scenes: Mapping[str, Scene], characters: Mapping[str, Character]) -> None:
         self.scenes, self.characters = dict(scenes), dict(characters)
@@ -52,6 +53,7 @@ class SceneWorld(DataKind):
     name = "scene-world"
     marker = WORLD_FILE
     metrics = METRICS
+    content_kinds = ("object names", "numbers", "yes/no", "positions")
 
     def __init__(self, root: Path | str) -> None:
         super().__init__(root)
