@@ -6,13 +6,7 @@ keeps working.
 """
 
 from personae.models.hf_decoder import EngineCache, HFDecoder, load_causal_lm
-from personae.models.hf_towers import (
-    ConvVisionTower,
-    HFTextTower,
-    HFVisionTower,
-    load_text_model,
-    load_vision_model,
-)
+from personae.models.hf_towers import ConvVisionTower, HFTextTower, HFVisionTower, load_text_model, load_vision_model
 
 __all__ = ["ConvVisionTower", "EngineCache", "HFDecoder", "HFTextTower", "HFVisionTower", "load_causal_lm",
            "load_text_model", "load_vision_model"]
