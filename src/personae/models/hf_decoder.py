@@ -19,7 +19,6 @@ is refused naming the folder (:func:`load_causal_lm`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from personae.config import DecoderCfg
 from personae.errors import DataError
 from personae.models.cache import KVCache
+from personae.models.hf_towers import read_model_config
 from personae.models.layers import init_weights
 
 __all__ = ["EngineCache", "HFDecoder", "load_causal_lm"]
@@ -43,16 +43,7 @@ def load_causal_lm(path: str | Path) -> PreTrainedModel:
     which takes the engine's explicit 4-D masks.
     """
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not str(path):
-        raise DataError("model.decoder.kind is 'hf' but model.decoder.path is empty: give a local model folder")
-    if not config_file.is_file():
-        raise DataError("no config.json in the Hugging Face model folder (model.decoder.path); "
-                        "it needs config.json, the weights and the tokenizer files", folder)
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
-    except json.JSONDecodeError as error:
-        raise DataError(f"config.json is not valid JSON: {error}", folder) from error
+    model_type = read_model_config(str(path), "model.decoder.path").get("model_type", "")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise DataError(f"model_type {model_type!r} in config.json is not a causal LM architecture that "
                         f"AutoModelForCausalLM loads (e.g. llama, qwen2, gpt2, gemma3_text)", folder)
