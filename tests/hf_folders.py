@@ -69,7 +69,7 @@ def llama_folder(path: Path, words: list[str]) -> Path:
     tokenizer.chat_template = LLAMA_TEMPLATE
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), **SMALL, num_key_value_heads=2,
-                                      max_position_embeddings=1024)
+                                      max_position_embeddings=4096)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
