@@ -148,6 +148,9 @@ def test_chat_eval_and_serve_load_a_llama_run_from_its_folder(llama_run, small_w
           "--json", str(tmp_path / "roleplay.json")])
     result = json.loads((tmp_path / "roleplay.json").read_text())
     assert result and all(torch.isfinite(torch.tensor(v)) for v in _numbers(result))
+    main(["-q", "eval", "retrieval", str(run), "--data", str(small_world), "--json", str(tmp_path / "retrieval.json")])
+    retrieval = json.loads((tmp_path / "retrieval.json").read_text())  # captions go through the caption tokenizer
+    assert 0 <= retrieval["i2t_r@1"] <= 1
 
 
 def test_a_llama_run_whose_decoder_folder_moved_names_it(llama_run, tmp_path):

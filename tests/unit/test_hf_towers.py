@@ -177,3 +177,10 @@ def test_more_tokens_than_the_folder_has_grow_the_embeddings_and_keep_the_old_ro
     torch.testing.assert_close(grown.text.word_embeddings[:141], model.text.word_embeddings)
     with pytest.raises(DataError, match="model.text.max_len=100 is more than the tower's 64 positions"):
         HFTextTower(TextCfg(kind="hf", path=str(folders["bert"]), max_len=100))
+
+
+def test_a_relative_folder_is_recorded_as_an_absolute_path(folders, monkeypatch):
+    monkeypatch.chdir(folders["clip"].parent)
+    model = PersonaeModel(_small(vision=VisionCfg(kind="clip", path="clip"),
+                                 text=TextCfg(kind="hf", path="./bert", max_len=16, vocab_size=0)))
+    assert (model.cfg.vision.path, model.cfg.text.path) == (str(folders["clip"]), str(folders["bert"]))

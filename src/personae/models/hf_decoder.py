@@ -96,6 +96,7 @@ class HFDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = load_causal_lm(cfg.path)
+        cfg.path = str(Path(cfg.path).resolve())  # the run records where the folder is, whatever the working directory
         config = self.lm.config
         self.hidden = int(config.hidden_size)
         self.image_proj = nn.Sequential(nn.Linear(image_width, self.hidden), nn.GELU(),

@@ -156,8 +156,10 @@ class HFVisionTower(nn.Module):
         self.model = load_vision_model(cfg)
         config = self.model.config
         size, mean, std = _processor_settings(cfg, self.spec, int(config.image_size))
-        # the rest of personae (image loaders, fusion positions, the decoder prefix) reads these keys
+        # the rest of personae (image loaders, fusion positions, the decoder prefix) reads these keys;
+        # the run records where the folder is, whatever the working directory
         cfg.image_size, cfg.patch_size, cfg.width = size, int(config.patch_size), int(config.hidden_size)
+        cfg.path = str(Path(cfg.path).resolve())
         self.cfg = cfg
         self.grid = size // cfg.patch_size
         self.renormalise = _Renormalise(mean, std)
@@ -212,6 +214,7 @@ class HFTextTower(nn.Module):
         if limit is not None and cfg.max_len > limit:
             raise DataError(f"model.text.max_len={cfg.max_len} is more than the tower's {limit} positions", cfg.path)
         cfg.vocab_size, cfg.width = max(rows, cfg.vocab_size), int(config.hidden_size)
+        cfg.path = str(Path(cfg.path).resolve())  # the run records where the folder is, whatever the working directory
         self.cfg = cfg
 
     @property
