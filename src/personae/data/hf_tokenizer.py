@@ -71,6 +71,9 @@ class HFChatTokenizer:
     """A local Hugging Face tokenizer with a chat template; see the module docstring."""
 
     def __init__(self, folder: str | Path, text_tokenizer: Tokenizer | None = None) -> None:
+        if not str(folder):
+            raise DataError("no tokenizer folder given: model.decoder.path is empty (a Hugging Face decoder "
+                            "needs its local model folder, with the tokenizer beside the weights)")
         self.folder = Path(folder)
         self.text_tokenizer = text_tokenizer  # the run's caption tokenizer, saved beside this one
         if not (self.folder / "tokenizer_config.json").is_file():

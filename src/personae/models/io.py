@@ -188,7 +188,11 @@ def load_tokenizer(directory: Path, config: Config) -> Tokenizer | HFChatTokeniz
     decoder = config.model.decoder
     if not (decoder.enabled and decoder.kind == "hf"):
         return tokenizer
-    return HFChatTokenizer.load(require_file(directory, CHAT_TOKENIZER_FILE), text_tokenizer=tokenizer)
+    path = Path(directory) / CHAT_TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the run's decoder is a Hugging Face LM (model.decoder.kind hf) "
+                              "and the run keeps the LM's tokenizer and chat template in this file")
+    return HFChatTokenizer.load(path, text_tokenizer=tokenizer)
 
 
 def caption_tokenizer(tokenizer: Tokenizer | HFChatTokenizer) -> Tokenizer:
