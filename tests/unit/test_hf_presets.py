@@ -51,3 +51,12 @@ def test_a_preset_without_its_folder_says_which_key_to_give(preset, key):
 
     with pytest.raises(DataError, match=f"{key} is empty"):
         PersonaeModel(load_preset(preset).model)
+
+
+def test_fusion_heads_that_do_not_divide_the_text_towers_width_name_both_keys(folders):
+    from personae.config import ConfigError
+
+    cfg = apply_overrides(load_preset("hf-minilm-lit"), [f"--model.text.path={folders['bert']}"])
+    with pytest.raises(ConfigError, match="model.fusion.heads=6 does not divide the fusion width 32 "
+                                          r"\(model.text.width, the hidden size of model.text.path\)"):
+        PersonaeModel(cfg.model)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personae.config import DecoderCfg, ModelCfg, TextCfg, VisionCfg
+from personae.config import ConfigError, DecoderCfg, ModelCfg, TextCfg, VisionCfg
 from personae.data.tokenizer import Tokenizer
 from personae.models.cache import KVCache
 from personae.models.decoder import Decoder
@@ -109,6 +109,9 @@ class PersonaeModel(nn.Module):
         text = TEXT_TOWERS[cfg.text.kind](cfg.text, cfg.dropout)
         self.vision, self.text = (nn.Identity() if vision_pretrained else vision), (nn.Identity() if text_pretrained else text)
         width = cfg.text.width  # fusion runs at the text width
+        if width % cfg.fusion.heads:  # said here: a pretrained text tower sets the width from its folder
+            raise ConfigError(f"model.fusion.heads={cfg.fusion.heads} does not divide the fusion width {width} "
+                              f"(model.text.width{', the hidden size of model.text.path' if text_pretrained else ''})")
         self.region_adapter = nn.Identity() if cfg.vision.width == width else nn.Linear(cfg.vision.width, width)
         grid = vision.grid // cfg.fusion.region_pool
         self.fusion = build_fusion(cfg.fusion, width, 1 + grid * grid, cfg.text.max_len, cfg.dropout)
