@@ -178,3 +178,45 @@ def _numbers(tree) -> list[float]:
     if isinstance(tree, list):
         return [n for value in tree for n in _numbers(value)]
     return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_the_llava_style_preset_runs_pretrain_finetune_and_chat_through_the_cli(small_world, folders, tmp_path):
+    small = ["--model.text.width=32", "--model.text.depth=1", "--model.text.heads=2", "--model.text.max_len=40",
+             "--model.fusion.heads=2", "--model.fusion.depth=1", "--model.embed_dim=16", "--pretrain.tokenizer_vocab=600"]
+    main(["-q", "pretrain", "--preset", "hf-llava-style", "--data", str(small_world), "--out", str(tmp_path / "pre"),
+          f"--model.vision.path={folders['clip']}", "--train.steps=2", "--train.batch_size=8", "--train.bf16=false",
+          *small])
+    main(["-q", "finetune", str(tmp_path / "pre"), "--data", str(small_world), "--out", str(tmp_path / "rp"),
+          f"--model.decoder.path={folders['llama']}", "--finetune.train.steps=2", "--finetune.train.batch_size=2",
+          "--finetune.train.grad_accum=1", "--finetune.train.bf16=false"])
+    model, cfg, tokenizer = load_model(tmp_path / "rp")
+    assert (cfg.model.vision.kind, cfg.model.decoder.kind, cfg.model.decoder.enabled) == ("clip", "hf", True)
+    assert isinstance(tokenizer, HFChatTokenizer) and model.image_prefix_length() == 1 + 4 * 4
+    pretrained = _tensors(tmp_path / "pre")
+    tuned = _tensors(tmp_path / "rp")
+    vision = [key for key in pretrained if key.startswith("vision.")]
+    assert vision and all(torch.equal(pretrained[key], tuned[key]) for key in vision)  # finetune.freeze_vision
+    character = sorted(path.stem for path in (tmp_path / "rp" / "characters").glob("*.json"))[0]
+    model, _, tokenizer, card = load_run_for_character(tmp_path / "rp", character)
+    session = ChatSession(model, tokenizer, card, params=SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert "".join(session.respond("Where is the fir tree?")) and len(session.history) == 1
+
+
+def test_the_minilm_lit_preset_runs_pretrain_finetune_and_chat_through_the_cli(small_world, folders, tmp_path):
+    small = ["--model.vision.image_size=32", "--model.vision.patch_size=8", "--model.vision.width=32",
+             "--model.vision.depth=1", "--model.vision.heads=2", "--model.fusion.heads=2", "--model.fusion.depth=1",
+             "--model.decoder.width=32", "--model.decoder.depth=1", "--model.decoder.heads=2",
+             "--model.decoder.max_len=2048", "--model.embed_dim=16"]  # letter-by-letter WordPiece: long prompts
+    main(["-q", "pretrain", "--preset", "hf-minilm-lit", "--data", str(small_world), "--out", str(tmp_path / "pre"),
+          f"--model.text.path={folders['bert']}", "--train.steps=2", "--train.batch_size=8", *small])
+    main(["-q", "finetune", str(tmp_path / "pre"), "--data", str(small_world), "--out", str(tmp_path / "rp"),
+          "--finetune.train.steps=2", "--finetune.train.batch_size=2"])
+    model, cfg, tokenizer = load_model(tmp_path / "rp")
+    assert (cfg.model.text.kind, cfg.model.text.locked, cfg.model.decoder.kind) == ("hf", True, "own")
+    assert tokenizer.mask_id == tokenizer.token_to_id("[MASK]")  # the tower's tokenizer is the run's
+    start, tuned = _tensors(folders["bert"], "text.model."), _tensors(tmp_path / "rp")
+    assert all(torch.equal(tuned[key][: value.shape[0]], value) for key, value in start.items() if key in tuned)
+    character = sorted(path.stem for path in (tmp_path / "rp" / "characters").glob("*.json"))[0]
+    model, _, tokenizer, card = load_run_for_character(tmp_path / "rp", character)
+    session = ChatSession(model, tokenizer, card, params=SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert "".join(session.respond("Where is the fir tree?")) and len(session.history) == 1
