@@ -61,7 +61,8 @@ def test_pretraining_runs_with_each_pretrained_tower(small_world, folders, tmp_p
         tokenizer = Tokenizer.from_file(tmp_path / "run" / "tokenizer.json")
         assert tokenizer.mask_id == tokenizer.token_to_id("[MASK]") == 4  # the tower's own mask token
         tower = transformers.AutoTokenizer.from_pretrained(folders["bert"])
-        assert tokenizer.encode("A fir tree") == [tower.cls_token_id, *tower.encode("A fir tree", add_special_tokens=False)]
+        body = tower.encode("A fir tree", add_special_tokens=False)
+        assert tokenizer.encode("A fir tree") == [tower.cls_token_id, *body]
         folder = _tensors(folders["bert"], "text.model.")
         kept = {key: value for key, value in folder.items() if ".pooler." not in key}  # the pooler is dropped
         assert len(kept) == len([key for key in run if key.startswith("text.")])
@@ -182,7 +183,8 @@ def _numbers(tree) -> list[float]:
 
 def test_the_llava_style_preset_runs_pretrain_finetune_and_chat_through_the_cli(small_world, folders, tmp_path):
     small = ["--model.text.width=32", "--model.text.depth=1", "--model.text.heads=2", "--model.text.max_len=40",
-             "--model.fusion.heads=2", "--model.fusion.depth=1", "--model.embed_dim=16", "--pretrain.tokenizer_vocab=600"]
+             "--model.fusion.heads=2", "--model.fusion.depth=1", "--model.embed_dim=16",
+             "--pretrain.tokenizer_vocab=600"]
     main(["-q", "pretrain", "--preset", "hf-llava-style", "--data", str(small_world), "--out", str(tmp_path / "pre"),
           f"--model.vision.path={folders['clip']}", "--train.steps=2", "--train.batch_size=8", "--train.bf16=false",
           *small])

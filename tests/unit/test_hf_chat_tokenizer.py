@@ -32,7 +32,8 @@ def test_a_saved_chat_tokenizer_loads_with_the_same_ids_template_and_caption_tok
     messages = card_messages(CARD, [Turn("hello", "hi there."), Turn("why?")])
     assert loaded.prompt_ids(messages) == tokenizer.prompt_ids(messages)
     assert loaded.example(messages[:3]) == tokenizer.example(messages[:3])
-    assert (loaded.eos_id, loaded.pad_id, loaded.vocab_size) == (tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size)
+    assert (loaded.eos_id, loaded.pad_id) == (tokenizer.eos_id, tokenizer.pad_id)
+    assert loaded.vocab_size == tokenizer.vocab_size
     assert caption_tokenizer(loaded) is captions and caption_tokenizer(captions) is captions
     assert loaded.folder == tmp_path / "chat_tokenizer.json"
 
@@ -56,7 +57,8 @@ def test_encode_takes_the_keywords_the_server_passes(tokenizer):
     assert tokenizer.encode("<|eot_id|>hi") == [eot, tokenizer.hf.convert_tokens_to_ids("hi")]
     assert eot not in tokenizer.encode("<|eot_id|>hi", parse_special=False)  # the marker as plain text
     assert tokenizer.encode("hi there", add_cls=True, add_eos=True) == [bos, *tokenizer.encode("hi there"), eot]
-    assert tokenizer.encode("hi there the sea", add_cls=True, max_length=3) == [bos, *tokenizer.encode("hi there the sea")[:2]]
+    body = tokenizer.encode("hi there the sea")
+    assert tokenizer.encode("hi there the sea", add_cls=True, max_length=3) == [bos, *body[:2]]
     assert {bos, eot} <= tokenizer.special_ids
     assert tokenizer.id_to_token(eot) == "<|eot_id|>" and tokenizer.id_to_token(10**6) is None
 

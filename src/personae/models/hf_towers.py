@@ -225,7 +225,8 @@ class HFTextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids, (B, T) bool valid mask -> (B, T, D) word states, zeros at padding."""
         if input_ids.shape[1] > self.cfg.max_len:
-            raise ValueError(f"text of {input_ids.shape[1]} tokens is longer than model.text.max_len={self.cfg.max_len}")
+            raise ValueError(f"text of {input_ids.shape[1]} tokens is longer than "
+                             f"model.text.max_len={self.cfg.max_len}")
         mask = attention_mask.long() if attention_mask is not None else None
         words = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
         return words if attention_mask is None else words * attention_mask[..., None].to(words.dtype)

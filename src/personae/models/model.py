@@ -107,7 +107,8 @@ class PersonaeModel(nn.Module):
         vision_pretrained, text_pretrained = cfg.vision.kind in PRETRAINED_VISION, cfg.text.kind in PRETRAINED_TEXT
         vision = VISION_TOWERS[cfg.vision.kind](cfg.vision, cfg.dropout)
         text = TEXT_TOWERS[cfg.text.kind](cfg.text, cfg.dropout)
-        self.vision, self.text = (nn.Identity() if vision_pretrained else vision), (nn.Identity() if text_pretrained else text)
+        self.vision = nn.Identity() if vision_pretrained else vision
+        self.text = nn.Identity() if text_pretrained else text
         width = cfg.text.width  # fusion runs at the text width
         if width % cfg.fusion.heads:  # said here: a pretrained text tower sets the width from its folder
             raise ConfigError(f"model.fusion.heads={cfg.fusion.heads} does not divide the fusion width {width} "
@@ -153,11 +154,11 @@ class PersonaeModel(nn.Module):
         return self.text(input_ids, attention_mask)
 
     def image_embed(self, regions: torch.Tensor) -> torch.Tensor:
-        """Unit-norm ITC embedding of the image cls region, (B, E)."""
+        """Unit-norm ITC embedding (B, E) of region 0: the cls region, or a pretrained tower's pooled output."""
         return F.normalize(self.image_proj(regions[:, 0]), dim=-1)
 
     def text_embed(self, words: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Unit-norm ITC embedding, (B, E), of the text pooled by model.text.pooling (cls word or mean of real words)."""
+        """Unit-norm ITC embedding (B, E) of the text pooled by model.text.pooling (cls word or mean of real words)."""
         if self.cfg.text.pooling == "cls":
             pooled = words[:, 0]
         elif attention_mask is None:
@@ -221,7 +222,7 @@ class PersonaeModel(nn.Module):
         """Seed the decoder with the pretrained text tower: word embeddings and, where shapes agree, blocks."""
         decoder = self.require_decoder()
         if not isinstance(decoder, Decoder) or not isinstance(self.text, TextEncoder):
-            return  # a pretrained (Hugging Face) decoder keeps its own weights; a pretrained text tower has other shapes
+            return  # a pretrained (HF) decoder keeps its own weights; a pretrained text tower has other shapes
         with torch.no_grad():
             if decoder.tok_embed.weight.shape == self.text.tok_embed.weight.shape:
                 decoder.tok_embed.weight.copy_(self.text.tok_embed.weight)
