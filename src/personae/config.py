@@ -57,6 +57,7 @@ class VisionCfg:
     # clip / siglip only: a local folder with config.json, the weights and (optionally)
     # preprocessor_config.json (never downloaded); image_size / patch_size / width are then the folder's own
     path: str = ""
+    locked: bool = False  # the tower's weights stay fixed (no gradient, always in eval mode), e.g. a pretrained CLIP
     image_size: int = 64  # images are resized to this many pixels a side
     patch_size: int = 8  # pixels a side of one patch (one region v_i)
     width: int = 128  # feature size of the tower

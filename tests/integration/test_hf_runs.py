@@ -196,8 +196,9 @@ def test_the_llava_style_preset_runs_pretrain_finetune_and_chat_through_the_cli(
     assert isinstance(tokenizer, HFChatTokenizer) and model.image_prefix_length() == 1 + 4 * 4
     pretrained = _tensors(tmp_path / "pre")
     tuned = _tensors(tmp_path / "rp")
-    vision = [key for key in pretrained if key.startswith("vision.")]
-    assert vision and all(torch.equal(pretrained[key], tuned[key]) for key in vision)  # finetune.freeze_vision
+    clip = _tensors(folders["clip"], "vision.model.")
+    assert clip and all(torch.equal(pretrained[key], clip[key]) for key in clip)  # model.vision.locked
+    assert all(torch.equal(tuned[key], clip[key]) for key in clip)
     character = sorted(path.stem for path in (tmp_path / "rp" / "characters").glob("*.json"))[0]
     model, _, tokenizer, card = load_run_for_character(tmp_path / "rp", character)
     session = ChatSession(model, tokenizer, card, params=SamplingParams(max_new_tokens=4, temperature=0.0))

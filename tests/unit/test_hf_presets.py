@@ -21,7 +21,7 @@ def test_the_llava_style_preset_builds_a_clip_tower_a_projector_and_the_lm(folde
     cfg = apply_overrides(load_preset("hf-llava-style"), [
         f"--model.vision.path={folders['clip']}", f"--model.decoder.path={folders['llama']}",
         "--model.decoder.enabled=true", "--model.text.vocab_size=300"])
-    assert (cfg.model.vision.kind, cfg.model.decoder.kind, cfg.finetune.freeze_vision) == ("clip", "hf", True)
+    assert (cfg.model.vision.kind, cfg.model.vision.locked, cfg.model.decoder.kind) == ("clip", True, "hf")
     model = PersonaeModel(cfg.model).eval()
     assert (cfg.model.vision.image_size, cfg.model.vision.width) == (32, 32)  # the folder's own
     assert model.image_prefix_length() == 1 + 4 * 4

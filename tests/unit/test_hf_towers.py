@@ -185,3 +185,12 @@ def test_a_relative_folder_is_recorded_as_an_absolute_path(folders, monkeypatch)
     model = PersonaeModel(_small(vision=VisionCfg(kind="clip", path="clip"),
                                  text=TextCfg(kind="hf", path="./bert", max_len=16, vocab_size=0)))
     assert (model.cfg.vision.path, model.cfg.text.path) == (str(folders["clip"]), str(folders["bert"]))
+
+
+def test_a_locked_vision_tower_gets_no_gradient_and_stays_in_eval_mode(folders):
+    model = PersonaeModel(_small(vision=VisionCfg(kind="clip", path=str(folders["clip"]), locked=True))).train()
+    assert not model.vision.training and model.text.training
+    out = model(torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 5)))
+    (out.image_embed.sum() + model.itm_logits(model.fuse(out.regions, out.words)).sum()).backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert model.image_proj.weight.grad is not None and model.itm_head.weight.grad is not None

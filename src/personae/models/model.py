@@ -127,8 +127,8 @@ class PersonaeModel(nn.Module):
             self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
         self.vision, self.text = vision, text
-        if cfg.text.locked:  # LiT: the text tower is fixed (and kept in eval mode by train())
-            self.text.requires_grad_(False).eval()
+        for tower in self._locked_towers():  # LiT and its mirror image: fixed, and kept in eval mode by train()
+            tower.requires_grad_(False).eval()
         if cfg.decoder.enabled and pretrained:
             self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(min(math.log(1.0 / cfg.init_temperature), MAX_LOGIT_SCALE)))
@@ -138,11 +138,15 @@ class PersonaeModel(nn.Module):
                                  "is false")
             add_decoder_lora(self, cfg.lora_rank, cfg.lora_alpha)
 
+    def _locked_towers(self) -> list[nn.Module]:
+        """The towers whose config says locked (model.vision.locked, model.text.locked)."""
+        return [tower for tower, cfg in ((self.vision, self.cfg.vision), (self.text, self.cfg.text)) if cfg.locked]
+
     def train(self, mode: bool = True) -> PersonaeModel:
-        """nn.Module.train, except that a locked text tower stays in eval mode (no dropout)."""
+        """nn.Module.train, except that a locked tower stays in eval mode (no dropout)."""
         super().train(mode)
-        if self.cfg.text.locked:
-            self.text.eval()
+        for tower in self._locked_towers():
+            tower.eval()
         return self
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
