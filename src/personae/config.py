@@ -28,7 +28,10 @@ INNER_PARAMS = ("auto", "all", "head", "lora")  # auto: the algorithm's own (lor
 INNER_OPTIMIZERS = ("sgd", "adam")
 VMAP_MODES = ("auto", "on", "off")
 RANDOMNESS_MODES = ("different", "same", "error")
-DECODER_KINDS = ("own", "hf")  # own: personae's decoder; hf: a local Hugging Face causal LM folder (models/hf.py)
+DECODER_KINDS = ("own", "hf")  # own: personae's decoder; hf: a local HF causal LM folder (models/hf_decoder.py)
+VISION_KINDS = ("own", "clip", "siglip")  # own: personae's ViT; clip / siglip: a local HF folder (models/hf_towers.py)
+TEXT_KINDS = ("own", "hf")  # own: personae's encoder; hf: a local BERT-family folder (AutoModel)
+TEXT_POOLINGS = ("cls", "mean")  # the text embedding for ITC: the first token's state, or the mean of the real tokens
 
 # Keys that older runs' config.json may hold and that nothing reads any more: load_config drops
 # them with a note (only while the schema has no field of that name); anywhere else they are unknown.
@@ -49,6 +52,12 @@ def choice(default: str, choices: tuple[str, ...]) -> Any:
 class VisionCfg:
     """ViT-style image encoder: patches of the image are the regions v_i."""
 
+    # own: personae's ViT trained here; clip / siglip: CLIPVisionModel / SiglipVisionModel from `path`
+    kind: str = choice("own", VISION_KINDS)
+    # clip / siglip only: a local folder with config.json, the weights and (optionally)
+    # preprocessor_config.json (never downloaded); image_size / patch_size / width are then the folder's own
+    path: str = ""
+    locked: bool = False  # the tower's weights stay fixed (no gradient, always in eval mode), e.g. a pretrained CLIP
     image_size: int = 64  # images are resized to this many pixels a side
     patch_size: int = 8  # pixels a side of one patch (one region v_i)
     width: int = 128  # feature size of the tower
@@ -61,7 +70,15 @@ class VisionCfg:
 class TextCfg:
     """Transformer text encoder giving the word features w_j."""
 
-    vocab_size: int = 4096  # overwritten by the tokenizer's size when a run starts
+    kind: str = choice("own", TEXT_KINDS)  # own: personae's encoder trained here; hf: the AutoModel in `path`
+    # hf only: a local BERT-family folder with config.json, the weights and its tokenizer (never
+    # downloaded); captions are tokenized with that tokenizer, and width / depth / heads are the folder's own
+    path: str = ""
+    pooling: str = choice("cls", TEXT_POOLINGS)  # the ITC text embedding: cls (first token) or mean (real tokens)
+    locked: bool = False  # LiT: the tower's weights stay fixed (no gradient, always in eval mode)
+    # overwritten by the tokenizer's size when a run starts; hf: 0 or less than the folder's
+    # vocabulary means the folder's own, more grows its embeddings (special tokens personae adds)
+    vocab_size: int = 4096
     max_len: int = 48  # tokens of a caption (longer ones are cut)
     width: int = 128  # feature size of the tower
     depth: int = 2  # transformer blocks

@@ -17,7 +17,7 @@ from personae.eval.roleplay import evaluate_roleplay, format_roleplay_table
 from personae.models.export import export_run
 from personae.models.generation import SamplingParams
 from personae.models.generation_config import read_generation_config, recommended_generation
-from personae.models.io import load_model
+from personae.models.io import caption_tokenizer, load_model
 from personae.train.distributed import pick_device
 
 
@@ -26,7 +26,8 @@ def evaluate_run(run: Path, data: Path, *, split: str = "test", out: Path | None
     """`personae eval retrieval`: load RUN, score the split, print the table, save JSON."""
     model, _, tokenizer = load_model(run, pick_device())
     manifest = read_pairs(Path(data) / "pairs.jsonl").filter(split)
-    result = evaluate_retrieval(model, tokenizer, manifest, batch_size=batch_size, progress=progress)
+    # a run with a Hugging Face decoder loads its chat tokenizer; captions need the text tower's
+    result = evaluate_retrieval(model, caption_tokenizer(tokenizer), manifest, batch_size=batch_size, progress=progress)
     path = save_result(result, out or Path(run) / "eval" / "retrieval.json")
     print(f"retrieval on the {split} split of {data}:\n{format_table(result)}\nsaved: {path}")
     return result

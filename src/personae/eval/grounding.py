@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from personae.data.dialogues import DialogueRecord, load_character_cards, read_dialogues
+from personae.data.hf_tokenizer import prompt_builder
 from personae.data.image_cache import ImageCache
 from personae.data.images import normalize_pixels
 from personae.data.kinds import DIALOGUES_FILE, open_data
 from personae.data.labels import IGNORE_INDEX, labelled_spans
-from personae.data.prompt import PromptBuilder, Turn
+from personae.data.prompt import Turn
 from personae.data.tokenizer import Tokenizer, pad_ids
 from personae.data.word_kinds import OTHER, WordKinds
 from personae.errors import DataError
@@ -57,7 +58,7 @@ class ScoredTokens:
 def assemble(records: Sequence[DialogueRecord], cards: Mapping[str, Any], tokenizer: Tokenizer, budget: int,
              words: WordKinds, include_examples: bool) -> list[ScoredTokens]:
     """Each conversation as one training-style sequence, its reply tokens tagged by kind and question type."""
-    builder = PromptBuilder(tokenizer)
+    builder = prompt_builder(tokenizer)
     out = []
     for r, record in enumerate(records):
         prompt = builder.build(cards[record.character], [Turn(t.user, t.reply) for t in record.turns],

@@ -1,5 +1,12 @@
 """A model on disk: a directory of config.json, model.safetensors and tokenizer.json (no pickle).
 
+A run with a Hugging Face decoder also holds ``chat_tokenizer.json``, the LM's tokenizer and chat
+template (:meth:`HFChatTokenizer.save`); :func:`load_model` then returns that tokenizer (its
+``text_tokenizer`` is the caption tokenizer of tokenizer.json), so chat, evaluation and serving need
+only the run folder for it. Pretrained towers and the decoder are rebuilt from the folders the
+config names (``model.vision.path``, ``model.text.path``, ``model.decoder.path``) before the run's
+weights are read; a folder that moved is an error naming the key.
+
 Both training (checkpoints) and serving (loading a run) use this module, which is why it lives
 below `train/` and `serve/`. Every folder written here carries ``checkpoint.json``, the sha256
 and size of each file it wrote; :func:`verify_checkpoint` checks them before anything is loaded,
@@ -22,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from personae.config import Config, load_config, save_config
+from personae.data.hf_tokenizer import HFChatTokenizer
 from personae.data.jsonl import JsonError, strict_json_loads
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
@@ -33,6 +41,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TOKENIZER_FILE = "chat_tokenizer.json"  # runs with a Hugging Face decoder: its tokenizer and chat template
 STATE_FILE = "trainer_state.json"  # written last when a folder is updated in place
 MANIFEST_FILE = "checkpoint.json"  # {"format": 1, "files": {name: {"sha256": hex, "bytes": n}}}
 MODEL_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)
@@ -43,11 +52,16 @@ class CheckpointError(PersonaeError):
     """A checkpoint directory is missing a file or does not match the model."""
 
 
-def write_model_files(folder: Path, model: nn.Module, config: Config, tokenizer: Tokenizer) -> None:
-    """config.json, model.safetensors and tokenizer.json into an (empty, staging) folder."""
+def write_model_files(folder: Path, model: nn.Module, config: Config, tokenizer: Tokenizer | HFChatTokenizer) -> None:
+    """config.json, model.safetensors and tokenizer.json (and a chat tokenizer's chat_tokenizer.json) into a folder."""
     save_config(config, folder / CONFIG_FILE)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    if isinstance(tokenizer, HFChatTokenizer):
+        if tokenizer.text_tokenizer is None:
+            raise CheckpointError(f"{folder}: a run keeps its caption tokenizer; this chat tokenizer carries none")
+        tokenizer.save(folder / CHAT_TOKENIZER_FILE)
+        tokenizer = tokenizer.text_tokenizer
     tokenizer.save(folder / TOKENIZER_FILE)
 
 
@@ -149,11 +163,15 @@ def require_file(directory: Path, name: str) -> Path:
     return path
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[PersonaeModel, Config, Tokenizer]:
-    """Verify the checksums, rebuild the model from config.json, load model.safetensors (strict)."""
+def load_model(directory: Path, device: str | torch.device = "cpu"
+               ) -> tuple[PersonaeModel, Config, Tokenizer | HFChatTokenizer]:
+    """Verify the checksums, rebuild the model from config.json, load model.safetensors (strict).
+
+    The tokenizer is the run's chat tokenizer when it has a Hugging Face decoder, else tokenizer.json's.
+    """
     verify_checkpoint(directory)
     config = load_config(require_file(directory, CONFIG_FILE))
-    tokenizer = Tokenizer.from_file(require_file(directory, TOKENIZER_FILE))
+    tokenizer = load_tokenizer(directory, config)
     model = PersonaeModel(config.model)
     weights = load_tensors(require_file(directory, MODEL_FILE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -162,3 +180,25 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> tuple[Per
             f"{directory}: weights do not match config.json (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
     return model.to(device), config, tokenizer
+
+
+def load_tokenizer(directory: Path, config: Config) -> Tokenizer | HFChatTokenizer:
+    """tokenizer.json, wrapped in the run's chat tokenizer when its decoder is a Hugging Face LM."""
+    tokenizer = Tokenizer.from_file(require_file(directory, TOKENIZER_FILE))
+    decoder = config.model.decoder
+    if not (decoder.enabled and decoder.kind == "hf"):
+        return tokenizer
+    path = Path(directory) / CHAT_TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the run's decoder is a Hugging Face LM (model.decoder.kind hf) "
+                              "and the run keeps the LM's tokenizer and chat template in this file")
+    return HFChatTokenizer.load(path, text_tokenizer=tokenizer)
+
+
+def caption_tokenizer(tokenizer: Tokenizer | HFChatTokenizer) -> Tokenizer:
+    """The tokenizer of captions (the text tower's): a chat tokenizer's text_tokenizer, else the tokenizer itself."""
+    if isinstance(tokenizer, HFChatTokenizer):
+        if tokenizer.text_tokenizer is None:
+            raise CheckpointError(f"{tokenizer.folder}: this chat tokenizer carries no caption tokenizer")
+        return tokenizer.text_tokenizer
+    return tokenizer

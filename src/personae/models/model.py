@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personae.config import DecoderCfg, ModelCfg
+from personae.config import ConfigError, DecoderCfg, ModelCfg, TextCfg, VisionCfg
 from personae.data.tokenizer import Tokenizer
 from personae.models.cache import KVCache
 from personae.models.decoder import Decoder
@@ -32,7 +33,7 @@ def _own_decoder(cfg: DecoderCfg, vocab_size: int, image_width: int, dropout: fl
 def _hf_decoder(cfg: DecoderCfg, vocab_size: int, image_width: int, dropout: float) -> nn.Module:
     # imported here, not at the top: transformers is the optional extra personae[hf]
     try:
-        from personae.models.hf import HFDecoder
+        from personae.models.hf_decoder import HFDecoder
     except ImportError as error:
         raise ImportError("model.decoder.kind 'hf' needs transformers: pip install 'personae[hf]'") from error
     return HFDecoder(cfg, image_width)  # its vocabulary and dropout are the LM's own
@@ -41,6 +42,33 @@ def _hf_decoder(cfg: DecoderCfg, vocab_size: int, image_width: int, dropout: flo
 # model.decoder.kind -> builder(cfg, vocab_size, image_width, dropout); keys = config.DECODER_KINDS
 DECODERS = {"own": _own_decoder, "hf": _hf_decoder}
 PRETRAINED_DECODERS = frozenset({"hf"})  # kinds whose weights come from a folder (not re-initialised here)
+
+
+def _hf_towers() -> ModuleType:
+    """personae.models.hf_towers, imported here, not at the top: transformers is the extra personae[hf]."""
+    try:
+        from personae.models import hf_towers
+    except ImportError as error:
+        raise ImportError("a Hugging Face tower (model.vision.kind clip / siglip, model.text.kind hf) needs "
+                          "transformers: pip install 'personae[hf]'") from error
+    return hf_towers
+
+
+def _hf_vision(cfg: VisionCfg, dropout: float) -> nn.Module:
+    return _hf_towers().HFVisionTower(cfg)  # its dropout is the folder's own
+
+
+def _hf_text(cfg: TextCfg, dropout: float) -> nn.Module:
+    return _hf_towers().HFTextTower(cfg)  # its dropout is the folder's own
+
+
+# model.vision.kind -> builder(cfg, dropout); keys = config.VISION_KINDS. A pretrained tower writes
+# the config's image_size / patch_size / width from its folder; every tower has `grid` (regions a side).
+VISION_TOWERS = {"own": VisionEncoder, "clip": _hf_vision, "siglip": _hf_vision}
+# model.text.kind -> builder(cfg, dropout); keys = config.TEXT_KINDS
+TEXT_TOWERS = {"own": TextEncoder, "hf": _hf_text}
+PRETRAINED_VISION = frozenset({"clip", "siglip"})  # kinds whose weights come from a folder
+PRETRAINED_TEXT = frozenset({"hf"})
 
 
 @dataclass
@@ -75,11 +103,18 @@ class PersonaeModel(nn.Module):
     def __init__(self, cfg: ModelCfg) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg.vision, cfg.dropout)
-        self.text = TextEncoder(cfg.text, cfg.dropout)
+        # pretrained towers are built first (they write their widths into cfg) and kept out of the init below
+        vision_pretrained, text_pretrained = cfg.vision.kind in PRETRAINED_VISION, cfg.text.kind in PRETRAINED_TEXT
+        vision = VISION_TOWERS[cfg.vision.kind](cfg.vision, cfg.dropout)
+        text = TEXT_TOWERS[cfg.text.kind](cfg.text, cfg.dropout)
+        self.vision = nn.Identity() if vision_pretrained else vision
+        self.text = nn.Identity() if text_pretrained else text
         width = cfg.text.width  # fusion runs at the text width
+        if width % cfg.fusion.heads:  # said here: a pretrained text tower sets the width from its folder
+            raise ConfigError(f"model.fusion.heads={cfg.fusion.heads} does not divide the fusion width {width} "
+                              f"(model.text.width{', the hidden size of model.text.path' if text_pretrained else ''})")
         self.region_adapter = nn.Identity() if cfg.vision.width == width else nn.Linear(cfg.vision.width, width)
-        grid = cfg.vision.image_size // cfg.vision.patch_size // cfg.fusion.region_pool
+        grid = vision.grid // cfg.fusion.region_pool
         self.fusion = build_fusion(cfg.fusion, width, 1 + grid * grid, cfg.text.max_len, cfg.dropout)
         self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
@@ -91,6 +126,9 @@ class PersonaeModel(nn.Module):
         if cfg.decoder.enabled and not pretrained:
             self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.apply(init_weights)
+        self.vision, self.text = vision, text
+        for tower in self._locked_towers():  # LiT and its mirror image: fixed, and kept in eval mode by train()
+            tower.requires_grad_(False).eval()
         if cfg.decoder.enabled and pretrained:
             self.decoder = build(cfg.decoder, cfg.text.vocab_size, cfg.vision.width, cfg.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(min(math.log(1.0 / cfg.init_temperature), MAX_LOGIT_SCALE)))
@@ -99,6 +137,17 @@ class PersonaeModel(nn.Module):
                 raise ValueError("model.lora_rank > 0 puts LoRA adapters on the decoder, but model.decoder.enabled "
                                  "is false")
             add_decoder_lora(self, cfg.lora_rank, cfg.lora_alpha)
+
+    def _locked_towers(self) -> list[nn.Module]:
+        """The towers whose config says locked (model.vision.locked, model.text.locked)."""
+        return [tower for tower, cfg in ((self.vision, self.cfg.vision), (self.text, self.cfg.text)) if cfg.locked]
+
+    def train(self, mode: bool = True) -> PersonaeModel:
+        """nn.Module.train, except that a locked tower stays in eval mode (no dropout)."""
+        super().train(mode)
+        for tower in self._locked_towers():
+            tower.eval()
+        return self
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1+N, Dv) image regions."""
@@ -109,12 +158,19 @@ class PersonaeModel(nn.Module):
         return self.text(input_ids, attention_mask)
 
     def image_embed(self, regions: torch.Tensor) -> torch.Tensor:
-        """Unit-norm ITC embedding of the image cls region, (B, E)."""
+        """Unit-norm ITC embedding (B, E) of region 0: the cls region, or a pretrained tower's pooled output."""
         return F.normalize(self.image_proj(regions[:, 0]), dim=-1)
 
-    def text_embed(self, words: torch.Tensor) -> torch.Tensor:
-        """Unit-norm ITC embedding of the <cls> word, (B, E)."""
-        return F.normalize(self.text_proj(words[:, 0]), dim=-1)
+    def text_embed(self, words: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-norm ITC embedding (B, E) of the text pooled by model.text.pooling (cls word or mean of real words)."""
+        if self.cfg.text.pooling == "cls":
+            pooled = words[:, 0]
+        elif attention_mask is None:
+            pooled = words.mean(dim=1)
+        else:
+            real = attention_mask[..., None].to(words.dtype)  # (B, T, 1)
+            pooled = (words * real).sum(dim=1) / real.sum(dim=1).clamp(min=1.0)
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) = 1 / temperature; at most 100 because the trainer calls clamp_logit_scale_."""
@@ -142,7 +198,7 @@ class PersonaeModel(nn.Module):
 
     def mlm_logits(self, fused_words: torch.Tensor) -> torch.Tensor:
         """(..., D) fused word features -> (..., V) vocabulary logits."""
-        return self.mlm_head(fused_words, self.text.tok_embed.weight)
+        return self.mlm_head(fused_words, self.text.word_embeddings)
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -154,7 +210,7 @@ class PersonaeModel(nn.Module):
             regions=regions,
             words=words,
             image_embed=self.image_embed(regions),
-            text_embed=self.text_embed(words),
+            text_embed=self.text_embed(words, attention_mask),
             logit_scale=self.scale(),
         )
 
@@ -169,8 +225,8 @@ class PersonaeModel(nn.Module):
     def init_decoder_from_text(self) -> None:
         """Seed the decoder with the pretrained text tower: word embeddings and, where shapes agree, blocks."""
         decoder = self.require_decoder()
-        if not isinstance(decoder, Decoder):
-            return  # a pretrained (Hugging Face) decoder keeps its own weights
+        if not isinstance(decoder, Decoder) or not isinstance(self.text, TextEncoder):
+            return  # a pretrained (HF) decoder keeps its own weights; a pretrained text tower has other shapes
         with torch.no_grad():
             if decoder.tok_embed.weight.shape == self.text.tok_embed.weight.shape:
                 decoder.tok_embed.weight.copy_(self.text.tok_embed.weight)
@@ -181,7 +237,7 @@ class PersonaeModel(nn.Module):
 
     def image_prefix_length(self) -> int:
         """How many decoder positions the image takes (cls + the pooled patch grid)."""
-        grid = self.cfg.vision.image_size // self.cfg.vision.patch_size // self.cfg.decoder.image_pool
+        grid = self.vision.grid // self.cfg.decoder.image_pool
         return 1 + grid * grid
 
     def text_budget(self, reserve: int = 0, with_image: bool = True) -> int:

@@ -22,6 +22,11 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, dropout) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(cfg.width)
 
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """(V, D) token embedding matrix (the MLM head's output weights are tied to it)."""
+        return self.tok_embed.weight
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids, (B, T) bool valid mask -> (B, T, D) word features."""
         T = input_ids.shape[1]

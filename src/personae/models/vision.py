@@ -20,7 +20,8 @@ class VisionEncoder(nn.Module):
                 f"model.vision.image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}"
             )
         self.cfg = cfg
-        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.grid = cfg.image_size // cfg.patch_size  # patches a side
+        self.num_patches = self.grid ** 2
         self.patch_embed = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, cfg.width))

@@ -38,8 +38,9 @@ import torch
 
 from personae import __version__
 from personae.data.cards import CharacterCard, default_avatar
+from personae.data.hf_tokenizer import prompt_builder
 from personae.data.images import model_pixels
-from personae.data.prompt import Prompt, PromptBuilder, PromptTooLong, Turn, client_system_card
+from personae.data.prompt import Prompt, PromptTooLong, Turn, client_system_card
 from personae.data.tokenizer import Tokenizer
 from personae.errors import DataError
 from personae.models.generation import Generation
@@ -96,7 +97,7 @@ class CompletionService:
         self.generation = generation  # the run's recommended sampling, for every field a request leaves out
         self.adapters = adapters
         self.include_examples = include_examples
-        self.builder = PromptBuilder(tokenizer)
+        self.builder = prompt_builder(tokenizer)  # an HF decoder's chat template, else personae's
         self.image_size = model.cfg.vision.image_size
         self._default_pixels: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()

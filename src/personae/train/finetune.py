@@ -11,6 +11,7 @@ import torch
 
 from personae.config import Config, load_config
 from personae.data.dialogues import load_character_cards, read_dialogues, require_cards
+from personae.data.hf_tokenizer import HFChatTokenizer
 from personae.data.kinds import open_data
 from personae.data.marker_swap import swap_conversations
 from personae.data.roleplay import RolePlayDataset, collate_roleplay, first_pieces
@@ -38,6 +39,10 @@ def model_with_decoder(run: Path, cfg: Config | None = None) -> tuple[PersonaeMo
     """
     pretrained, saved, tokenizer = load_model(run)
     cfg = copy.deepcopy(saved if cfg is None else cfg)
+    if cfg.model.decoder.kind == "hf" and not isinstance(tokenizer, HFChatTokenizer):
+        # a Hugging Face decoder reads and writes with its own tokenizer and chat template; the
+        # run's caption tokenizer goes along (the fine-tuned run saves both)
+        tokenizer = HFChatTokenizer(cfg.model.decoder.path, text_tokenizer=tokenizer)
     if pretrained.decoder is not None:
         return pretrained, cfg, tokenizer
     cfg.model.decoder.enabled = True

@@ -38,7 +38,13 @@ def training_texts(data_dir: Path, captions: list[str]) -> list[str]:
 
 
 def prepare_tokenizer(texts: list[str], cfg: Config, tokenizer_dir: Path | None) -> Tokenizer:
-    """Use an existing tokenizer folder/file, or train a byte-level BPE on the training text."""
+    """Use an existing tokenizer folder/file, the Hugging Face text tower's own, or train a byte-level BPE.
+
+    A Hugging Face text tower (model.text.kind hf) reads captions with its folder's tokenizer, so
+    its embeddings and MLM mask token are the ones it was trained with.
+    """
+    if tokenizer_dir is None and cfg.model.text.kind == "hf":
+        tokenizer_dir = Path(cfg.model.text.path)
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
         return Tokenizer.from_file(path) if path.is_file() else Tokenizer.from_pretrained_dir(path)
