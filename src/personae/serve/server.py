@@ -30,7 +30,8 @@ def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 8000, api_ke
         log.warning("serving on %s without an API key: anyone who can reach the port can use it", host)
     print(f"personae: serving {run_dir} on http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+                timeout_keep_alive=settings.keep_alive_s)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,7 +46,10 @@ class ServerThread:
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.app, self.host, self.port = app, host, port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on")
+        context = getattr(app.state, "context", None)  # a personae app: its keep-alive setting
+        keep_alive = context.settings.keep_alive_s if context is not None else 5
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on",
+                                timeout_keep_alive=keep_alive)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="personae-uvicorn", daemon=True)
 
