@@ -104,7 +104,8 @@ def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: P
         before = (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes()
         pictured = [dict(example, image=data_url(png_bytes(colour))) for example, colour in
                     zip(examples, [(200, 40, 40), (40, 40, 200)])]
-        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": pictured, "steps": 2}).json()
+        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": pictured, "steps": 2,
+                                                                      "overwrite": True}).json()
         assert _wait(client, CHARACTER, job["id"])["status"] == "succeeded"
         assert (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes() != before  # examples with images
     finally:

@@ -45,7 +45,8 @@ from personae.data.tokenizer import Tokenizer
 from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.model import PersonaeModel
-from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
+from personae.serve.adapt import AdaptJobs, AdaptTask, ServedRun
+from personae.serve.adapt_routes import add_adapt_routes
 from personae.serve.adapter_routes import add_adapter_routes
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import (
@@ -55,15 +56,12 @@ from personae.serve.characters import (
     CharacterReadOnly,
     CharacterRegistry,
 )
-from personae.serve.completions import CompletionService, completion_body, completion_id, decode_data_url, stream_chunks
+from personae.serve.completions import CompletionService, completion_body, completion_id, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
 from personae.serve.guards import CatchAllMiddleware, LimitsMiddleware, check_text_bytes
 from personae.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, first_token_timed, scrape
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import (
-    AdaptJobCreated,
-    AdaptJobInfo,
-    AdaptRequest,
     CharacterDeleted,
     CharacterInfo,
     CharacterList,
@@ -122,7 +120,7 @@ class ServerContext:
                                    retry_after=settings.retry_after_s,
                                    prefix_cache_bytes=settings.prefix_cache_mib * 1024 * 1024,
                                    adapters=self.adapters)
-        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=self._adapted)
+        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=self._adapted, max_jobs=settings.max_adapt_jobs)
         self.served = ServedRun(bundle.model, bundle.config, bundle.tokenizer, self.adapters.lock,
                                 settings.max_image_pixels, learned_rates(self.run_dir))
         self.started = time.time()
@@ -184,7 +182,7 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
     add_text_routes(app, context.text_completions, context.submit, _collect, context.offload,
                     settings.max_text_bytes)
     _character_routes(app, context)
-    _adapt_routes(app, context)
+    add_adapt_routes(app, context)
     add_adapter_routes(app, context.adapters, context.registry)
     _misc_routes(app, context)
     app.add_middleware(CatchAllMiddleware)  # innermost: the others see its 500 like any answer
@@ -350,65 +348,6 @@ def _card_fit(context: ServerContext, card: CharacterCard) -> tuple[int, int, li
     except PromptTooLong as error:
         return len(full.ids), budget, [f"the card cannot be used with the default max_tokens: {error}"]
     return len(full.ids), budget, fitted.warnings
-
-
-def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
-    @app.post("/v1/characters/{character_id}/adapt", status_code=202, tags=["characters"],
-              response_model=AdaptJobCreated)
-    async def adapt(character_id: str, body: AdaptRequest | None = None) -> JSONResponse:
-        entry = _entry(context, character_id)
-        body = body or AdaptRequest()
-        examples = [e.model_dump() for e in body.examples]
-        if not examples:  # the card's example dialogues, one (user, reply) pair per exchange
-            examples = [{"user": u, "reply": r, "image": None}
-                        for dialogue in entry.card.example_dialogues() for u, r in _pairs(dialogue)]
-        if not examples:
-            raise ApiError(400, f"'{entry.id}' has no example dialogues; send 'examples' to adapt from",
-                           param="examples", code="missing_examples")
-        pictured = [bool(example.get("image")) for example in examples]
-        if any(pictured) and not all(pictured):  # bad examples are a 400 now, not a failed job later
-            raise ApiError(400, "some examples have an image and some do not: send images with all of them or none",
-                           param="examples", code="mixed_examples")
-        for number, example in enumerate(examples):
-            if example.get("image"):
-                decode_data_url(example["image"], f"examples[{number}].image", context.settings.max_image_bytes)
-        options = {"steps": body.steps, "inner_params": body.inner_params}
-        task = AdaptTask(context.run_dir, entry.id, entry.card, examples, entry.adapter,
-                         {key: value for key, value in options.items() if value}, context.served)
-        try:
-            job = context.adapt_jobs.submit(task)
-        except AdaptationUnavailable as error:
-            raise ApiError(501, str(error), code="adaptation_unavailable") from None
-        return JSONResponse(job.info() | {"status_url": f"/v1/characters/{entry.id}/adapt/{job.id}"},
-                            status_code=202)
-
-    @app.get("/v1/characters/{character_id}/adapt", tags=["characters"], response_model=AdaptJobInfo)
-    async def latest_job(character_id: str) -> dict[str, Any]:
-        entry = _entry(context, character_id)
-        job = context.adapt_jobs.latest(entry.id)
-        if job is None:
-            raise ApiError(404, f"'{entry.id}' has no adaptation job", code="job_not_found")
-        return job.info()
-
-    @app.get("/v1/characters/{character_id}/adapt/{job_id}", tags=["characters"], response_model=AdaptJobInfo)
-    async def get_job(character_id: str, job_id: str) -> dict[str, Any]:
-        job = context.adapt_jobs.get(job_id)
-        if job is None or job.character != _entry(context, character_id).id:
-            raise ApiError(404, f"no adaptation job '{job_id}' for '{character_id}'", param="job_id",
-                           code="job_not_found")
-        return job.info()
-
-
-def _pairs(dialogue: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(user, reply) pairs of an example dialogue; a reply without a user line gets an empty one."""
-    pairs, user = [], ""
-    for who, text in dialogue:
-        if who == "user":
-            user = text
-        else:
-            pairs.append((user, text))
-            user = ""
-    return pairs
 
 
 def _misc_routes(app: FastAPI, context: ServerContext) -> None:

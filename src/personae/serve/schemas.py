@@ -273,12 +273,12 @@ class AdaptRequest(BaseModel):
 
 
 class AdaptJobInfo(BaseModel):
-    """An adaptation job as polled: status queued|running|succeeded|failed and progress in [0, 1]."""
+    """An adaptation job as polled: status queued|running|succeeded|failed|cancelled and progress in [0, 1]."""
 
     id: str
     object: Literal["adaptation.job"] = "adaptation.job"
     character: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float
     message: str
     error: str | None = None
