@@ -40,7 +40,7 @@ from personae.data.images import square_pixels
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.meta.adapt import AdaptSpec, CharacterAdapter, adapt_to_character
-from personae.models.lora import save_adapter
+from personae.models.adapter_files import save_verified_adapter
 from personae.models.model import PersonaeModel
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class AdaptJobs:
             adapter = self.adapt_fn(task, progress)
             if job.cancel_requested:  # cancelled after its last progress report: nothing is written
                 raise JobCancelled(f"adaptation job {job.id} was cancelled")
-            save_adapter(task.adapter_path, adapter.tensors, adapter.metadata)  # survives a restart
+            save_verified_adapter(task.adapter_path, adapter.tensors, adapter.metadata)  # survives a restart
             if self.on_done is not None:
                 self.on_done(task, adapter)
             job.status, job.progress, job.message = "succeeded", 1.0, "adapter written"
