@@ -230,3 +230,16 @@ def test_docs_are_behind_the_api_key_when_one_is_set(make_app: Callable[..., Fas
 @pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
 def test_docs_can_be_turned_off(make_app: Callable[..., FastAPI], path: str) -> None:
     assert_openai_error(TestClient(make_app(docs=False)).get(path), 404, "unknown_url")
+
+
+def test_every_error_code_the_server_answers_is_in_the_guide() -> None:
+    import re
+    from pathlib import Path
+
+    import personae.serve
+
+    source = "".join(path.read_text() for path in Path(personae.serve.__file__).parent.glob("*.py"))
+    codes = set(re.findall(r'code="([a-z_]+)"', source)) | {"unknown_url", "method_not_allowed"}
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "api.md").read_text()
+    errors = guide.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    assert len(codes) > 25 and sorted(c for c in codes if f"`{c}`" not in errors) == []
