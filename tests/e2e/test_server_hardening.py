@@ -243,3 +243,55 @@ def test_every_error_code_the_server_answers_is_in_the_guide() -> None:
     guide = (Path(__file__).resolve().parents[2] / "docs" / "guide" / "api.md").read_text()
     errors = guide.split("## Errors", 1)[1].split("\n## ", 1)[0]
     assert len(codes) > 25 and sorted(c for c in codes if f"`{c}`" not in errors) == []
+
+
+def test_turns_that_cannot_fit_are_dropped_before_tokenizing_with_the_same_prompt(
+        make_app: Callable[..., FastAPI]) -> None:
+    from personae.serve.schemas import ChatCompletionRequest
+
+    service = make_app().state.context.completions
+    history = [{"role": role, "content": f"turn {n}: " + "Bonjour, chef! " * 40}
+               for n in range(60) for role in ("user", "assistant")]
+    request = ChatCompletionRequest.model_validate(chat_body(messages=history + [{"role": "user", "content": "hi"}]))
+    tokenized: list[int] = []
+    original = service.builder.tok.encode
+
+    def counting(text: str, **kwargs: Any) -> list[int]:
+        tokenized.append(len(text))
+        return original(text, **kwargs)
+
+    service.builder.tok.encode = counting
+    try:
+        early = service.prepare(request)
+        early_chars, tokenized[:] = sum(tokenized), []
+        real = service.max_token_chars
+        service.max_token_chars = 10**9  # no floor: every turn is tokenized, then dropped by the builder
+        late = service.prepare(request)
+        late_chars = sum(tokenized)
+    finally:
+        service.max_token_chars = real
+        del service.builder.tok.encode
+    assert early.job.prompt_ids == late.job.prompt_ids and early.dropped_turns == late.dropped_turns > 50
+    assert early_chars < late_chars / 5  # most of the chat was never tokenized
+
+
+def test_a_4mb_message_is_refused_before_tokenizing_and_health_stays_fast(
+        make_app: Callable[..., FastAPI], serve_app: Callable[[FastAPI], str]) -> None:
+    url = serve_app(make_app(max_text_bytes=8 * MiB))  # let the text through the byte limit
+    body = json.dumps(chat_body("word " * (4 * MiB // 5)))
+    done, latencies, answers = threading.Event(), [], []
+    watcher = threading.Thread(target=_health_latencies, args=(url, done, latencies))
+    watcher.start()
+    senders = [threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60)))
+        for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(60)
+    time.sleep(0.2)
+    done.set()
+    watcher.join(10)
+    assert [a.json()["error"]["code"] for a in answers] == ["context_length_exceeded"] * 3
+    assert "the latest message is at least" in answers[0].json()["error"]["message"]
+    assert max(latencies) < 1.0, f"/health took up to {max(latencies):.2f} s"
