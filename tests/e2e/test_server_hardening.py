@@ -181,6 +181,38 @@ def test_keep_alive_timeout_is_set(make_app: Callable[..., FastAPI]) -> None:
     assert server.server.config.timeout_keep_alive == 3
 
 
+def _seconds_until_closed(raw: socket.socket, limit: float = 6.0) -> float | None:
+    start = time.monotonic()
+    raw.settimeout(limit)
+    try:
+        while raw.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    return time.monotonic() - start
+
+
+def test_clients_that_send_no_or_slow_headers_are_disconnected(make_app: Callable[..., FastAPI],
+                                                               serve_app: Callable[[FastAPI], str]) -> None:
+    url = serve_app(make_app(header_timeout_s=1, keep_alive_s=30))  # keep-alive long: the header deadline acts
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as silent:  # opens and sends nothing
+        closed = _seconds_until_closed(silent)
+    assert closed is not None and 0.8 < closed < 2.5
+    with socket.create_connection((host, int(port))) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # half the headers, the rest never comes
+        closed = _seconds_until_closed(slow)
+    assert closed is not None and closed < 2.5
+    with socket.create_connection((host, int(port))) as kept:  # a whole request, then half of the next one
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /health HTTP/1.1\r\n")
+        closed = _seconds_until_closed(kept)
+    assert closed is not None and closed < 2.5
+    assert httpx.get(f"{url}/health").status_code == 200  # prompt clients are served as before
+
+
 def _boom_app(make_app: Callable[..., FastAPI]) -> FastAPI:
     app = make_app(max_body_bytes=2000)
 

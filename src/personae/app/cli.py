@@ -146,6 +146,7 @@ _SERVE_LIMITS = {
     "max_text_bytes": "UTF-8 bytes of all the text of one request, checked before tokenizing (default 1 MiB)",
     "body_timeout_s": "seconds a client may take to send its body before a 408 (default 30)",
     "keep_alive_s": "seconds an idle keep-alive connection stays open (default 5)",
+    "header_timeout_s": "seconds a client may take to send a request's headers before it is disconnected (default 10)",
     "prepare_threads": "threads that tokenize and decode images off the event loop (default 4)",
     "max_adapt_jobs": "adaptation jobs queued or running before a 429 (default 4)",
     "max_adapt_examples": "examples of one adaptation request (default 256)",

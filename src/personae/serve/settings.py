@@ -27,6 +27,7 @@ class ServeSettings:
     max_text_bytes: int = 1 * MiB
     body_timeout_s: int = 30  # seconds a client may take to send its whole body (408 request_timeout after)
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this many seconds (uvicorn's)
+    header_timeout_s: int = 10  # seconds to send a request's headers, on a new or a kept-alive connection (closed after)
     prepare_threads: int = 4  # threads that tokenize requests and decode images, off the event loop
     docs: bool = True  # /docs, /redoc and /openapi.json (behind api_key when one is set); False: off (404)
     max_image_bytes: int = 4 * MiB  # one decoded image (400 image_too_large)
@@ -54,8 +55,8 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_n", "max_batch", "max_text_bytes",
-                    "body_timeout_s", "keep_alive_s", "prepare_threads", "max_adapt_jobs", "max_adapt_examples",
-                    "max_adapt_steps"]
+                    "body_timeout_s", "keep_alive_s", "header_timeout_s", "prepare_threads", "max_adapt_jobs",
+                    "max_adapt_examples", "max_adapt_steps"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
