@@ -4,8 +4,9 @@ Starts ``personae serve RUN`` in a subprocess (small limits, so that oversized a
 are quick to make), then runs CLIENTS threads that send a mix of requests until REQUESTS are
 answered or SECONDS have passed: valid chats (plain and streamed), streams dropped after their
 first chunk, text completions, malformed bodies (bad JSON, strings for integers, lone surrogates,
-unknown routes, undecodable images), bodies over ``max_body_bytes``, text over ``max_text_bytes``
-and clients that trickle their body (cut off by ``body_timeout_s``). Meanwhile a watcher times
+unknown routes, undecodable images), bodies over ``max_body_bytes``, text over ``max_text_bytes``,
+clients that trickle their body (cut off by ``body_timeout_s``) and clients that trickle their
+headers (disconnected after ``header_timeout_s``). Meanwhile a watcher times
 ``GET /health`` every 0.1 s, and the server's RSS is read at the start, the middle and the end.
 
 Every request kind has the status (and error code) docs/guide/api.md gives it; the report counts
@@ -35,7 +36,8 @@ from typing import Any
 import httpx
 
 # the limits the soak server runs with: small, so that refusals cost little
-LIMITS = {"max_body_bytes": 2 * 1024 * 1024, "max_text_bytes": 256 * 1024, "body_timeout_s": 2, "max_queue": 256}
+LIMITS = {"max_body_bytes": 2 * 1024 * 1024, "max_text_bytes": 256 * 1024, "body_timeout_s": 2, "header_timeout_s": 2,
+          "max_queue": 256}
 CHARACTER = "personae/chef-baptiste"
 
 
@@ -82,6 +84,26 @@ def _trickle(url: str, timeout_s: float) -> tuple[int, str | None]:
                 raw.sendall(b" ")
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
     return status, "request_timeout" if status == 408 else None
+
+
+def _trickle_headers(url: str, timeout_s: float) -> tuple[int, str | None]:
+    """Half a request line, then a byte every 0.25 s that never ends the headers: the server must hang up."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s + 10) as raw:
+        raw.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        deadline = time.monotonic() + timeout_s + 10
+        try:
+            while time.monotonic() < deadline:
+                raw.sendall(b"a")
+                raw.settimeout(0.25)
+                try:
+                    if raw.recv(65536) == b"":
+                        return 0, "closed"
+                except TimeoutError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            return 0, "closed"
+    return 0, "still open"
 
 
 def _image_chat(raw: bytes) -> dict[str, Any]:
@@ -187,8 +209,11 @@ class Soak:
         with httpx.Client(timeout=60) as client:  # one keep-alive connection per client, errors included
             while (number := self._take()) is not None:
                 if self.trickle_every and number % self.trickle_every == self.trickle_every - 1:
-                    name, status, code, send = "slow_client", 408, "request_timeout", None
+                    name, status, code = "slow_body", 408, "request_timeout"
                     got = _trickle(self.url, LIMITS["body_timeout_s"])
+                elif self.trickle_every and number % self.trickle_every == self.trickle_every // 2:
+                    name, status, code = "slow_headers", 0, "closed"  # no answer: the server hangs up
+                    got = _trickle_headers(self.url, LIMITS["header_timeout_s"])
                 else:
                     name, status, code, send = kinds[number % len(kinds)]
                     try:
@@ -201,7 +226,8 @@ class Soak:
         with self._lock:
             self.report.requests += 1
             self.report.by_kind[name] += 1
-            self.report.by_class[f"{got[0] // 100}xx" if got[0] else "no answer"] += 1
+            answered = f"{got[0] // 100}xx" if got[0] else "closed by the server" if got[1] == "closed" else "no answer"
+            self.report.by_class[answered] += 1
             if got[0] != expected[0] or (expected[1] is not None and got[1] != expected[1]):
                 self.report.unexpected.append(f"{name}: expected {expected}, got {got}")
 

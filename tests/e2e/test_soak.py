@@ -32,7 +32,7 @@ def test_soak_no_5xx_every_refusal_documented_health_fast_memory_flat(finetuned_
     assert report["requests"] >= min(requests, 100), report  # it did soak
     assert report["unexpected"] == [], report  # every valid one a 200, every refusal its documented status and code
     assert "5xx" not in report["by_class"] and "no answer" not in report["by_class"], report
-    assert report["by_kind"]["slow_client"] >= 1 and report["by_kind"]["stream_dropped"] >= 1, report
+    assert min(report["by_kind"][kind] for kind in ("slow_body", "slow_headers", "stream_dropped")) >= 1, report
     assert report["health_failures"] == 0 and report["health_max_s"] < 1.0, report
     rss = report["rss_mib"]
     assert rss["end"] - rss["start"] < 150, f"the server grew from {rss['start']:.0f} to {rss['end']:.0f} MiB"
