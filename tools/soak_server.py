@@ -13,6 +13,7 @@ Every request kind has the status (and error code) docs/guide/api.md gives it; t
 requests by status class and lists every answer that differed. Developer tool (not shipped):
 
     PYTHONPATH=src python tools/soak_server.py RUN --requests 2000 --seconds 600 --clients 4
+    PYTHONPATH=src python tools/soak_server.py RUN --huge 4194304   # three 4 MB chats, /health meanwhile
 """
 
 from __future__ import annotations
@@ -291,13 +292,74 @@ def soak(run: Path, requests: int, seconds: float, clients: int = 4) -> dict[str
     return report
 
 
+def huge_requests(run: Path, text_bytes: int, history: bool = False, count: int = 3,
+                  limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """COUNT simultaneous chats of TEXT_BYTES of text (one message, or a chat of 8 KB turns) against a fresh
+    server with LIMITS (default: the server's own defaults); their statuses, /health's worst latency, RSS."""
+    global LIMITS
+    saved, LIMITS = LIMITS, dict(limits or {})
+    port = free_port()
+    try:
+        process = start_server(run, port)
+    finally:
+        LIMITS = saved
+    url, latencies, statuses, peak = f"http://127.0.0.1:{port}", [], [], [0.0]
+    if history:
+        turns = [{"role": role, "content": "Bonjour, chef! " * 533} for _ in range(text_bytes // 16000)
+                 for role in ("user", "assistant")]
+        body = json.dumps({"model": CHARACTER, "max_tokens": 8, "messages": turns + [{"role": "user", "content": "hi"}]})
+    else:
+        body = json.dumps(_chat("word " * (text_bytes // 5)))
+    try:
+        httpx.post(url + "/v1/chat/completions", json=_chat(), timeout=60)
+        before, done = rss_mib(process.pid), threading.Event()
+
+        def watch() -> None:
+            with httpx.Client(timeout=300) as client:
+                while not done.is_set():
+                    start = time.perf_counter()
+                    client.get(url + "/health")
+                    latencies.append(time.perf_counter() - start)
+                    peak[0] = max(peak[0], rss_mib(process.pid))
+                    time.sleep(0.05)
+
+        def send() -> None:
+            statuses.append(httpx.post(url + "/v1/chat/completions", content=body, timeout=300,
+                                       headers={"Content-Type": "application/json"}).status_code)
+
+        watcher, started = threading.Thread(target=watch), time.perf_counter()
+        watcher.start()
+        senders = [threading.Thread(target=send) for _ in range(count)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        seconds = time.perf_counter() - started
+        done.set()
+        watcher.join()
+        return {"statuses": sorted(statuses), "seconds": round(seconds, 2), "health_max_s": round(max(latencies), 3),
+                "rss_before_mib": round(before), "rss_peak_mib": round(max(peak[0], before)),
+                "rss_after_mib": round(rss_mib(process.pid))}
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a fine-tuned run with the chef-baptiste character")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--huge", type=int, default=None, metavar="BYTES",
+                        help="instead: three simultaneous chats of BYTES of text at the server's default limits")
+    parser.add_argument("--history", action="store_true", help="with --huge: the text as a chat of 8 KB turns")
+    parser.add_argument("--max-text-bytes", type=int, default=None, help="with --huge: the server's text limit")
     args = parser.parse_args()
+    if args.huge is not None:
+        limits = {} if args.max_text_bytes is None else {"max_text_bytes": args.max_text_bytes}
+        print(json.dumps(huge_requests(args.run, args.huge, args.history, limits=limits)))
+        return
     print(json.dumps(soak(args.run, args.requests, args.seconds, args.clients), indent=1))
 
 
