@@ -245,6 +245,14 @@ def test_every_refusal_and_a_500_keep_the_connection(make_app: Callable[..., Fas
     connection.close()
 
 
+def test_the_frameworks_own_refusals_are_in_openai_shape(client: TestClient) -> None:
+    assert_openai_error(client.get("/static/nothing-here.js"), 404)  # a mounted app's 404
+    assert_openai_error(client.put("/v1/models"), 405, "method_not_allowed")
+    assert_openai_error(client.get("/v1/characters/chef-baptiste/adapt/x/y"), 404, "unknown_url")
+    missing = assert_openai_error(client.post("/v1/chat/completions"), 400, "missing_body")  # FastAPI: 422
+    assert missing["type"] == "invalid_request_error"
+
+
 def test_a_500_is_answered_by_personae_in_openai_shape(make_app: Callable[..., FastAPI]) -> None:
     client = TestClient(_boom_app(make_app), raise_server_exceptions=False)
     error = assert_openai_error(client.get("/v1/boom"), 500, "internal_error")
