@@ -52,6 +52,11 @@ def _json_post(client: httpx.Client, url: str, path: str, body: Any) -> tuple[in
     return response.status_code, _code(response)
 
 
+def _get(client: httpx.Client, url: str, path: str) -> tuple[int, str | None]:
+    response = client.get(url + path)
+    return response.status_code, _code(response)
+
+
 def _code(response: httpx.Response) -> str | None:
     try:
         return response.json()["error"]["code"]
@@ -133,7 +138,7 @@ def request_kinds() -> list[Kind]:
          lambda c, u: _json_post(c, u, "/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}')),
         ("bad_image", 400, "invalid_image",
          lambda c, u: _json_post(c, u, "/v1/chat/completions", _image_chat(b"%!PS-Adobe-3.0 EPSF-3.0\n"))),
-        ("unknown_route", 404, "unknown_url", lambda c, u: (lambda r: (r.status_code, _code(r)))(c.get(u + "/v1/nope"))),
+        ("unknown_route", 404, "unknown_url", lambda c, u: _get(c, u, "/v1/nope")),
         ("over_body", 413, "body_too_large", lambda c, u: _json_post(c, u, "/v1/chat/completions", over_body)),
         ("huge_text", 413, "text_too_large", lambda c, u: _json_post(c, u, "/v1/chat/completions", huge_text)),
         ("chat_again", 200, None, lambda c, u: _json_post(c, u, "/v1/chat/completions", _chat("Bonjour!"))),
