@@ -104,7 +104,8 @@ def test_the_api_lists_adapter_status_and_adapts_through_the_hook(adapted_run: P
         before = (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes()
         pictured = [dict(example, image=data_url(png_bytes(colour))) for example, colour in
                     zip(examples, [(200, 40, 40), (40, 40, 200)])]
-        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": pictured, "steps": 2}).json()
+        job = client.post(f"/v1/characters/{CHARACTER}/adapt", json={"examples": pictured, "steps": 2,
+                                                                      "overwrite": True}).json()
         assert _wait(client, CHARACTER, job["id"])["status"] == "succeeded"
         assert (run / "adapters" / f"{CHARACTER}.safetensors").read_bytes() != before  # examples with images
     finally:
@@ -147,7 +148,8 @@ def test_the_server_adapts_the_model_it_holds_in_memory_as_personae_adapt_does(a
     after = _files(run)
     changed = {path for path, stamp in after.items() if before.get(path) != stamp}
     stored_examples = Path("uploads") / "examples" / f"{CHARACTER}.jsonl"  # the API stores them (a restart)
-    assert changed == {Path("adapters") / f"{CHARACTER}.safetensors", stored_examples}
+    written = {Path("adapters") / f"{CHARACTER}.safetensors", Path("adapters") / f"{CHARACTER}.sha256.json"}
+    assert changed == written | {stored_examples}  # the adapter, its checksum and the examples
 
     files = Path(shutil.copytree(adapted_run, tmp_path / "files"))
     rows = [{"character": CHARACTER, "turns": [example]} for example in examples]

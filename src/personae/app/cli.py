@@ -138,7 +138,7 @@ def _serve(args: argparse.Namespace) -> None:
     from personae.serve.adapt import adapt_in_memory
 
     limits = {name: getattr(args, name) for name in _SERVE_LIMITS}
-    limits |= {"adapt_fn": adapt_in_memory, "batching": not args.no_batching}
+    limits |= {"adapt_fn": adapt_in_memory, "batching": not args.no_batching, "docs": not args.no_docs}
     serve(Path(args.run), host=args.host, port=args.port, api_key=args.api_key,
           **{k: v for k, v in limits.items() if v is not None})
 
@@ -149,6 +149,14 @@ _SERVE_LIMITS = {
     "default_max_tokens": "max_tokens of a request that gives none (default min(64, the limit))",
     "max_prompt_tokens": "prompt tokens after old turns are dropped (default: what the context leaves)",
     "max_body_bytes": "largest request body in bytes (default 64 MiB)",
+    "max_text_bytes": "UTF-8 bytes of all the text of one request, checked before tokenizing (default 1 MiB)",
+    "body_timeout_s": "seconds a client may take to send its body before a 408 (default 30)",
+    "keep_alive_s": "seconds an idle keep-alive connection stays open (default 5)",
+    "header_timeout_s": "seconds a client may take to send a request's headers before it is disconnected (default 10)",
+    "prepare_threads": "threads that tokenize and decode images off the event loop (default 4)",
+    "max_adapt_jobs": "adaptation jobs queued or running before a 429 (default 4)",
+    "max_adapt_examples": "examples of one adaptation request (default 256)",
+    "max_adapt_steps": "inner steps of one adaptation request (default 500)",
     "max_image_bytes": "largest decoded image in bytes (default 4 MiB)",
     "max_image_pixels": "largest image in width x height pixels (default 2048*2048)",
     "max_n": "choices per request (default 4)",
@@ -272,6 +280,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     for name, help_text in _SERVE_LIMITS.items():
         srv.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=help_text)
     srv.add_argument("--no-batching", action="store_true", help="one request at a time (for comparison)")
+    srv.add_argument("--no-docs", action="store_true", help="no /docs, /redoc, /openapi.json (else behind --api-key)")
     srv.set_defaults(handler=_serve, takes_overrides=False)
 
 

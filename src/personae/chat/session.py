@@ -21,16 +21,10 @@ from personae.data.images import ImageSource, model_pixels
 from personae.data.prompt import Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
+from personae.models.adapter_files import load_verified_adapter
 from personae.models.generation import SamplingParams, stream_batch
 from personae.models.io import load_model
-from personae.models.lora import (
-    LORA_MARKERS,
-    AdapterError,
-    add_decoder_lora,
-    apply_adapter,
-    load_adapter,
-    lora_settings,
-)
+from personae.models.lora import LORA_MARKERS, AdapterError, add_decoder_lora, apply_adapter, lora_settings
 from personae.models.model import PersonaeModel
 
 HELP = """commands:
@@ -83,7 +77,7 @@ def load_run_for_character(run: Path, name_or_card: str, device: str | torch.dev
     model, cfg, tokenizer = load_model(run, device)
     path = Path(run) / "adapters" / f"{character_id}.safetensors"
     if path.is_file():
-        tensors, metadata = load_adapter(path)
+        tensors, metadata = load_verified_adapter(path)
         attach_adapter(model, {name: value.to(device) for name, value in tensors.items()}, metadata)
     return model, cfg, tokenizer, card
 

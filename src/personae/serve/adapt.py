@@ -10,7 +10,10 @@ a hook (the default of ``ServeSettings.adapt_fn``), :func:`adaptation_unavailabl
 :class:`AdaptationUnavailable` and the endpoint answers 501 before starting a job.
 
 Jobs run one at a time on one worker thread (adaptation trains, and must not starve generation
-more than one job does); their state is kept in memory and polled with GET.
+more than one job does); their state is kept in memory and polled with GET. At most ``max_jobs``
+are queued or running (one more is :class:`AdaptQueueFull`, a 429), and :meth:`AdaptJobs.cancel`
+stops one: a queued job never starts, a running one stops at its next progress report (the hook
+reports every step), and no adapter is written for either.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from personae.data.images import square_pixels
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
 from personae.meta.adapt import AdaptSpec, CharacterAdapter, adapt_to_character
-from personae.models.lora import save_adapter
+from personae.models.adapter_files import save_verified_adapter
 from personae.models.model import PersonaeModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,14 @@ DEFAULT_STEPS = 10  # inner steps when the request names none (as `personae adap
 
 class AdaptationUnavailable(PersonaeError):
     """This build cannot adapt characters (no adapt_fn was plugged in)."""
+
+
+class AdaptQueueFull(PersonaeError):
+    """As many adaptation jobs as allowed are queued or running already."""
+
+
+class JobCancelled(PersonaeError):
+    """Raised inside a running job's progress report once the job is cancelled: the hook stops there."""
 
 
 @dataclass
@@ -131,6 +142,12 @@ class AdaptJob:
     error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     finished: int | None = None
+    cancel_requested: bool = False
+
+    @property
+    def active(self) -> bool:
+        """Queued or running."""
+        return self.status in ("queued", "running")
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "object": "adaptation.job", "character": self.character, "status": self.status,
@@ -142,9 +159,9 @@ class AdaptJobs:
     """Queues adaptation jobs, runs them on one worker thread, and remembers their state."""
 
     def __init__(self, adapt_fn: AdaptFn | None,
-                 on_done: Callable[[AdaptTask, CharacterAdapter], None] | None = None) -> None:
+                 on_done: Callable[[AdaptTask, CharacterAdapter], None] | None = None, max_jobs: int = 4) -> None:
         self.adapt_fn: AdaptFn = adapt_fn or adaptation_unavailable
-        self.on_done = on_done
+        self.on_done, self.max_jobs = on_done, max_jobs
         self._jobs: dict[str, AdaptJob] = {}
         self._lock = threading.Lock()
         self._queue: Queue[tuple[AdaptJob, AdaptTask] | None] = Queue()
@@ -155,9 +172,14 @@ class AdaptJobs:
         return self.adapt_fn is not adaptation_unavailable
 
     def submit(self, task: AdaptTask) -> AdaptJob:
-        """Store the examples beside the uploads and queue the job; raises AdaptationUnavailable."""
+        """Store the examples beside the uploads and queue the job; raises AdaptationUnavailable, AdaptQueueFull."""
         if not self.available:
             adaptation_unavailable(task, lambda fraction, message: None)
+        with self._lock:
+            active = sum(job.active for job in self._jobs.values())
+        if active >= self.max_jobs:
+            raise AdaptQueueFull(f"{active} adaptation jobs are queued or running, the limit (max_adapt_jobs; "
+                                 "`personae serve --max-adapt-jobs`); retry when one has finished or cancel one")
         examples = task.run_dir / "uploads" / "examples" / f"{task.character_id}.jsonl"
         examples.parent.mkdir(parents=True, exist_ok=True)
         examples.write_text("".join(json.dumps(e) + "\n" for e in task.examples))
@@ -180,6 +202,21 @@ class AdaptJobs:
             jobs = [j for j in self._jobs.values() if j.character == character]
         return jobs[-1] if jobs else None
 
+    def active_for(self, character: str) -> AdaptJob | None:
+        """A queued or running job of the character, or None."""
+        with self._lock:
+            return next((j for j in self._jobs.values() if j.character == character and j.active), None)
+
+    def cancel(self, job_id: str) -> AdaptJob | None:
+        """Cancel a queued or running job (a finished one is left as it is); None for an unknown id."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and job.active:
+                job.cancel_requested = True
+                if job.status == "queued":  # the worker skips it
+                    job.status, job.message, job.finished = "cancelled", "cancelled before it started", int(time.time())
+        return job
+
     def stop(self) -> None:
         self._queue.put(None)
 
@@ -190,15 +227,24 @@ class AdaptJobs:
 
     def _run(self, job: AdaptJob, task: AdaptTask) -> None:
         def progress(fraction: float, message: str = "") -> None:
+            if job.cancel_requested:
+                raise JobCancelled(f"adaptation job {job.id} was cancelled")
             job.progress, job.message = max(0.0, min(1.0, float(fraction))), message or job.message
 
-        job.status, job.message = "running", "adapting"
+        with self._lock:
+            if job.cancel_requested:
+                return
+            job.status, job.message = "running", "adapting"
         try:
             adapter = self.adapt_fn(task, progress)
-            save_adapter(task.adapter_path, adapter.tensors, adapter.metadata)  # survives a restart
+            if job.cancel_requested:  # cancelled after its last progress report: nothing is written
+                raise JobCancelled(f"adaptation job {job.id} was cancelled")
+            save_verified_adapter(task.adapter_path, adapter.tensors, adapter.metadata)  # survives a restart
             if self.on_done is not None:
                 self.on_done(task, adapter)
             job.status, job.progress, job.message = "succeeded", 1.0, "adapter written"
+        except JobCancelled:
+            job.status, job.message = "cancelled", "cancelled while running; no adapter was written"
         except Exception as error:  # the job reports it; the server goes on
             log.exception("adaptation of %s failed", task.character_id)
             job.status, job.error, job.message = "failed", f"{type(error).__name__}: {error}", "failed"

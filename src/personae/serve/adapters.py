@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from personae.models.adapter_bank import AdapterBank
-from personae.models.lora import AdapterError, add_decoder_lora, load_adapter, lora_settings
+from personae.models.adapter_files import load_verified_adapter
+from personae.models.lora import AdapterError, add_decoder_lora, lora_settings
 from personae.models.model import PersonaeModel
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class ServerAdapters:
         return list(self._recent)
 
     def _load(self, character: str, path: Path) -> None:
-        tensors, metadata = load_adapter(path)
+        tensors, metadata = load_verified_adapter(path)  # a damaged file is an AdapterError naming it
         self._apply(character, tensors, metadata, path.name)
         self._sources[character] = path
 

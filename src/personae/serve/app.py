@@ -24,20 +24,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from personae import __version__
 from personae.config import Config
@@ -47,7 +45,8 @@ from personae.data.tokenizer import Tokenizer
 from personae.meta.adapt import CharacterAdapter, learned_rates
 from personae.models.generation_config import read_generation_config, recommended_generation
 from personae.models.model import PersonaeModel
-from personae.serve.adapt import AdaptationUnavailable, AdaptJobs, AdaptTask, ServedRun
+from personae.serve.adapt import AdaptJobs, AdaptTask, ServedRun
+from personae.serve.adapt_routes import add_adapt_routes
 from personae.serve.adapter_routes import add_adapter_routes
 from personae.serve.adapters import ServerAdapters
 from personae.serve.characters import (
@@ -57,14 +56,12 @@ from personae.serve.characters import (
     CharacterReadOnly,
     CharacterRegistry,
 )
-from personae.serve.completions import CompletionService, completion_body, completion_id, decode_data_url, stream_chunks
+from personae.serve.completions import CompletionService, completion_body, completion_id, stream_chunks
 from personae.serve.errors import ApiError, install_error_handlers
+from personae.serve.guards import CatchAllMiddleware, LimitsMiddleware, check_text_bytes
 from personae.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware, first_token_timed, scrape
 from personae.serve.scheduler import Done, Failed, QueueFull, RequestHandle, Scheduler, SchedulerStopped
 from personae.serve.schemas import (
-    AdaptJobCreated,
-    AdaptJobInfo,
-    AdaptRequest,
     CharacterDeleted,
     CharacterInfo,
     CharacterList,
@@ -123,10 +120,12 @@ class ServerContext:
                                    retry_after=settings.retry_after_s,
                                    prefix_cache_bytes=settings.prefix_cache_mib * 1024 * 1024,
                                    adapters=self.adapters)
-        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=self._adapted)
+        self.adapt_jobs = AdaptJobs(settings.adapt_fn, on_done=self._adapted, max_jobs=settings.max_adapt_jobs)
         self.served = ServedRun(bundle.model, bundle.config, bundle.tokenizer, self.adapters.lock,
                                 settings.max_image_pixels, learned_rates(self.run_dir))
         self.started = time.time()
+        # tokenizing and image decoding run on these threads, never on the event loop; more requests wait
+        self.limiter = anyio.CapacityLimiter(settings.prepare_threads)
         self.metrics = Metrics()
         self.metrics.describe("personae_http_requests_total", "HTTP requests answered, by route, method and status")
         self.metrics.describe("personae_http_request_duration_seconds", "time to answer a request (streams: to "
@@ -145,6 +144,10 @@ class ServerContext:
         self.registry.refresh()
         self.adapters.add(task.character_id, adapter.tensors, adapter.metadata, task.adapter_path)
 
+    async def offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking function (tokenizing, decoding, hashing) on one of the bounded worker threads."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
+
     def submit(self, job: Any) -> RequestHandle:
         """Queue a job for this event loop; a full queue is a 503 with Retry-After."""
         try:
@@ -154,74 +157,6 @@ class ServerContext:
                            headers={"Retry-After": str(error.retry_after)}) from None
         except SchedulerStopped as error:
             raise ApiError(503, str(error), code="shutting_down") from None
-
-
-class LimitsMiddleware:
-    """API key (Bearer) on /v1/* and /stats, then the body size limit, before any route runs.
-
-    The body is read here (at most max_body_bytes) and replayed to the app; later receives go
-    to the server, so the app still hears when the client disconnects.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith(_PROTECTED) and scope["method"] != "OPTIONS":
-            problem = self._auth_problem(headers.get("authorization"))
-            if problem:
-                await ApiError(401, problem, code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send)
-                return
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        body = await self._read_body(headers.get("content-length"), receive)
-        if body is None:
-            too_big = ApiError(413, f"the request body is over the limit of {self.max_body_bytes} bytes "
-                                    "(max_body_bytes)", code="body_too_large")
-            await too_big.response()(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    def _auth_problem(self, header: str | None) -> str | None:
-        if not header:
-            return "this server needs an API key: send 'Authorization: Bearer <key>'"
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            return "the API key is wrong (expected 'Authorization: Bearer <key>')"
-        return None
-
-    async def _read_body(self, declared: str | None, receive: Receive) -> bytes | None:
-        """The whole body, or None when it is (or says it is) over the limit."""
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
 
 
 def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
@@ -237,18 +172,22 @@ def create_app(run_dir: Path | str, settings: ServeSettings | None = None, *,
         context.scheduler.stop()
         context.adapt_jobs.stop()
 
-    app = FastAPI(title="personae", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible role-play server; see docs/guide/api.md", responses=ERROR_RESPONSES)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="personae", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
+                  description="OpenAI-compatible role-play server; see docs/guide/api.md", **docs)
     app.state.context = context
     context.scheduler.start()  # also without the lifespan (e.g. a TestClient used outside `with`)
     install_error_handlers(app)
     _chat_routes(app, context)
-    add_text_routes(app, context.text_completions, context.submit, _collect, run_in_threadpool)
+    add_text_routes(app, context.text_completions, context.submit, _collect, context.offload,
+                    settings.max_text_bytes)
     _character_routes(app, context)
-    _adapt_routes(app, context)
+    add_adapt_routes(app, context)
     add_adapter_routes(app, context.adapters, context.registry)
     _misc_routes(app, context)
-    app.add_middleware(LimitsMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(CatchAllMiddleware)  # innermost: the others see its 500 like any answer
+    app.add_middleware(LimitsMiddleware, api_key=settings.api_key, protected=_PROTECTED,
+                       max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=context.metrics)  # outermost: refusals are counted too
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -291,7 +230,8 @@ _STREAM_RESPONSE = {200: {"description": "the completion; with `stream: true`, s
 def _chat_routes(app: FastAPI, context: ServerContext) -> None:
     @app.post("/v1/chat/completions", tags=["openai"], response_model=ChatCompletion, responses=_STREAM_RESPONSE)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        prepared = await run_in_threadpool(context.completions.prepare, body)
+        check_text_bytes(body.texts(), context.settings.max_text_bytes)  # before anything is tokenized
+        prepared = await context.offload(context.completions.prepare, body)
         handle = context.submit(prepared.job)
         context.metrics.inc("personae_prompt_tokens_total", prepared.prompt_tokens * prepared.job.n)
         headers = {"X-Personae-Dropped-Turns": str(prepared.dropped_turns)}
@@ -357,13 +297,13 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
             raise ApiError(400, "the body is empty: send a card as JSON or as a PNG with a chara/ccv3 chunk",
                            code="missing_body")
         try:
-            entry = await run_in_threadpool(
+            entry = await context.offload(
                 functools.partial(context.registry.add, raw, max_pixels=context.settings.max_image_pixels))
         except CardError as error:
             raise ApiError(400, f"not a valid character card: {error}", code="invalid_card") from None
         except CharacterExists as error:
             raise ApiError(409, str(error), code="character_exists") from None
-        tokens, budget, warnings = await run_in_threadpool(_card_fit, context, entry.card)
+        tokens, budget, warnings = await context.offload(_card_fit, context, entry.card)
         return CharacterUploaded(**_character_info(entry, context.adapters).model_dump(), prompt_tokens=tokens,
                                  prompt_budget=budget, warnings=warnings)
 
@@ -380,17 +320,17 @@ def _character_routes(app: FastAPI, context: ServerContext) -> None:
     @app.get("/v1/characters/{character_id}/avatar", tags=["characters"])
     async def avatar(character_id: str) -> Response:
         entry = _entry(context, character_id)
-        png = await run_in_threadpool(context.registry.avatar_png, entry)
+        png = await context.offload(context.registry.avatar_png, entry)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=300"})
 
     @app.get("/v1/characters/{character_id}/card", tags=["characters"])
     async def card_json(character_id: str) -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(context.registry.card_json, _entry(context, character_id)))
+        return JSONResponse(await context.offload(context.registry.card_json, _entry(context, character_id)))
 
     @app.get("/v1/characters/{character_id}/card.png", tags=["characters"])
     async def card_png(character_id: str) -> Response:
         entry = _entry(context, character_id)
-        png = await run_in_threadpool(context.registry.card_png, entry)
+        png = await context.offload(context.registry.card_png, entry)
         return Response(png, media_type="image/png",
                         headers={"Content-Disposition": f'attachment; filename="{entry.id}.png"'})
 
@@ -408,65 +348,6 @@ def _card_fit(context: ServerContext, card: CharacterCard) -> tuple[int, int, li
     except PromptTooLong as error:
         return len(full.ids), budget, [f"the card cannot be used with the default max_tokens: {error}"]
     return len(full.ids), budget, fitted.warnings
-
-
-def _adapt_routes(app: FastAPI, context: ServerContext) -> None:
-    @app.post("/v1/characters/{character_id}/adapt", status_code=202, tags=["characters"],
-              response_model=AdaptJobCreated)
-    async def adapt(character_id: str, body: AdaptRequest | None = None) -> JSONResponse:
-        entry = _entry(context, character_id)
-        body = body or AdaptRequest()
-        examples = [e.model_dump() for e in body.examples]
-        if not examples:  # the card's example dialogues, one (user, reply) pair per exchange
-            examples = [{"user": u, "reply": r, "image": None}
-                        for dialogue in entry.card.example_dialogues() for u, r in _pairs(dialogue)]
-        if not examples:
-            raise ApiError(400, f"'{entry.id}' has no example dialogues; send 'examples' to adapt from",
-                           param="examples", code="missing_examples")
-        pictured = [bool(example.get("image")) for example in examples]
-        if any(pictured) and not all(pictured):  # bad examples are a 400 now, not a failed job later
-            raise ApiError(400, "some examples have an image and some do not: send images with all of them or none",
-                           param="examples", code="mixed_examples")
-        for number, example in enumerate(examples):
-            if example.get("image"):
-                decode_data_url(example["image"], f"examples[{number}].image", context.settings.max_image_bytes)
-        options = {"steps": body.steps, "inner_params": body.inner_params}
-        task = AdaptTask(context.run_dir, entry.id, entry.card, examples, entry.adapter,
-                         {key: value for key, value in options.items() if value}, context.served)
-        try:
-            job = context.adapt_jobs.submit(task)
-        except AdaptationUnavailable as error:
-            raise ApiError(501, str(error), code="adaptation_unavailable") from None
-        return JSONResponse(job.info() | {"status_url": f"/v1/characters/{entry.id}/adapt/{job.id}"},
-                            status_code=202)
-
-    @app.get("/v1/characters/{character_id}/adapt", tags=["characters"], response_model=AdaptJobInfo)
-    async def latest_job(character_id: str) -> dict[str, Any]:
-        entry = _entry(context, character_id)
-        job = context.adapt_jobs.latest(entry.id)
-        if job is None:
-            raise ApiError(404, f"'{entry.id}' has no adaptation job", code="job_not_found")
-        return job.info()
-
-    @app.get("/v1/characters/{character_id}/adapt/{job_id}", tags=["characters"], response_model=AdaptJobInfo)
-    async def get_job(character_id: str, job_id: str) -> dict[str, Any]:
-        job = context.adapt_jobs.get(job_id)
-        if job is None or job.character != _entry(context, character_id).id:
-            raise ApiError(404, f"no adaptation job '{job_id}' for '{character_id}'", param="job_id",
-                           code="job_not_found")
-        return job.info()
-
-
-def _pairs(dialogue: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """(user, reply) pairs of an example dialogue; a reply without a user line gets an empty one."""
-    pairs, user = [], ""
-    for who, text in dialogue:
-        if who == "user":
-            user = text
-        else:
-            pairs.append((user, text))
-            user = ""
-    return pairs
 
 
 def _misc_routes(app: FastAPI, context: ServerContext) -> None:

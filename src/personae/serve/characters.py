@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from personae.data.images import model_pixels
 from personae.errors import PersonaeError
 from personae.files import write_bytes_atomic
 
+log = logging.getLogger(__name__)
 Source = Literal["trained", "uploaded"]
 MODEL_PREFIX = "personae/"
 _CARD_SUFFIXES = (".json", ".png")
@@ -85,16 +87,30 @@ class CharacterRegistry:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read both card folders (an unreadable trained card is an error; so is an uploaded one)."""
+        """Re-read both card folders: an unreadable trained card is an error, an unreadable upload is skipped.
+
+        Uploads stored by an older, laxer version (a card with ``Infinity`` before strict JSON) must not
+        stop the server: each is logged with its file and the reason, and kept in ``skipped``.
+        """
         entries: dict[str, CharacterEntry] = {}
+        skipped: dict[Path, str] = {}
         for folder, source in ((self.trained_dir, "trained"), (self.upload_dir, "uploaded")):
             if not folder.is_dir():
                 continue
             for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in _CARD_SUFFIXES):
                 if path.stem in entries:
                     continue  # a trained id wins over an upload of the same id
-                entries[path.stem] = CharacterEntry(path.stem, load_card(path), path, source,  # type: ignore[arg-type]
+                try:
+                    card = load_card(path)
+                except (PersonaeError, OSError) as error:  # a CardError, an unreadable file
+                    if source == "trained":
+                        raise
+                    skipped[path] = str(error)
+                    log.warning("skipping the uploaded card %s: %s (delete or fix the file)", path, error)
+                    continue
+                entries[path.stem] = CharacterEntry(path.stem, card, path, source,  # type: ignore[arg-type]
                                                     self.adapter_dir / f"{path.stem}.safetensors")
+        self.skipped = skipped
         with self._lock:
             self._entries = entries
             self._pixels = {k: v for k, v in self._pixels.items() if k in entries}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import re
 import threading
@@ -100,6 +101,9 @@ class CompletionService:
         self.builder = prompt_builder(tokenizer)  # an HF decoder's chat template, else personae's
         self.image_size = model.cfg.vision.image_size
         self._default_pixels: dict[str, torch.Tensor] = {}
+        # the most characters one token covers (byte-level BPE: one vocabulary character per byte): a text's
+        # length over it is a floor on its tokens, known before tokenizing
+        self.max_token_chars = max(1, max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True))))
         self._lock = threading.Lock()
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
@@ -108,7 +112,9 @@ class CompletionService:
         conversation = split_messages(request.messages, request.user_name)
         card, model_name, avatar, adapter = self._character(request, conversation)
         max_tokens, cut_note = self._max_tokens(request)
+        conversation, predropped = self._drop_what_cannot_fit(card, conversation)
         prompt, max_tokens, fit_note = self._prompt(card, conversation, max_tokens)
+        prompt.dropped_turns += predropped
         pixels = self._image(*conversation.image) if conversation.image else avatar
         # the same for every request to the card with the same lore entries active: cached by its tokens
         head = prompt.segments["definition"] + prompt.segments["examples"]
@@ -119,6 +125,33 @@ class CompletionService:
         warnings = tuple(prompt.warnings) + tuple(note for note in (cut_note, fit_note) if note)
         return PreparedRequest(model_name, job, len(prompt.ids) + self.model.image_prefix_length(),
                                prompt.dropped_turns, stream, include_usage, warnings, self.tokenizer)
+
+    def _drop_what_cannot_fit(self, card: CharacterCard, conversation: Conversation) -> tuple[Conversation, int]:
+        """Before tokenizing: refuse a latest message, and drop old turns, that cannot fit however they tokenize.
+
+        No token covers more than `max_token_chars` characters, so a text of C characters is at least
+        C // max_token_chars tokens: a latest message over the model's prompt positions is a 400 at
+        once, and turns the builder would drop anyway are not tokenized first (a chat of a megabyte
+        costs its last few turns, not a megabyte of tokens). With a lorebook every turn is kept: its
+        entries are activated by the whole chat.
+        """
+        positions, chars = self.model.text_budget(MIN_REPLY, with_image=True), self.max_token_chars
+        turns = conversation.turns
+        at_least = len(turns[-1].user) // chars
+        if at_least > positions:
+            raise ApiError(400, f"the latest message is at least {at_least} tokens ({len(turns[-1].user)} characters, "
+                                f"no token covers more than {chars}), more than the {positions} prompt positions of "
+                                "the model; shorten the message", param="messages", code="context_length_exceeded")
+        if card.character_book:
+            return conversation, 0
+        kept = 0
+        for turn in reversed(turns[:-1]):
+            at_least += (len(turn.user) + len(turn.reply or "")) // chars
+            if at_least > positions:
+                break
+            kept += 1
+        dropped = len(turns) - 1 - kept
+        return (dataclasses.replace(conversation, turns=turns[dropped:]), dropped) if dropped else (conversation, 0)
 
     def _sampling(self, request: ChatCompletionRequest, max_tokens: int, stop: list[str]) -> SamplingParams:
         """The request's sampling over the run's recommended settings (serve/sampling.py)."""

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 # OpenAI's error types by status
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
-    429: "rate_limit_error", 500: "server_error", 501: "not_implemented_error", 503: "server_overloaded",
+    405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+    501: "not_implemented_error", 503: "server_overloaded",
 }
 
 

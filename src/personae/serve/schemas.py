@@ -9,6 +9,7 @@ would cost more than the model), and ``/stats``, whose counters are the schedule
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -76,7 +77,9 @@ class StreamOptions(_Lenient):
 class SamplerFields(BaseModel):
     """Sampling options of /v1/chat/completions and /v1/completions; null or absent: the run's default."""
 
-    model_config = ConfigDict(extra="allow")  # unknown fields are kept: unsupported samplers are refused by name
+    # unknown fields are kept: unsupported samplers are refused by name; strict: "10" is no integer and
+    # "true" no boolean (OpenAI's API says integer / number / boolean), refused rather than coerced
+    model_config = ConfigDict(extra="allow", strict=True)
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0, description="0 keeps only the most likely token")
@@ -117,6 +120,18 @@ class ChatCompletionRequest(SamplerFields):
     character: str | None = Field(None, description="a character id or name; wins over `model`")
     ignore_eos: bool | None = None
     user_name: Text | None = Field(None, max_length=64, description="who {{user}} is in the card")
+
+    def texts(self) -> Iterator[str | None]:
+        """Every text the request holds (what max_text_bytes counts before anything is tokenized)."""
+        yield self.user_name
+        yield from [self.stop] if isinstance(self.stop, str) else self.stop or []
+        for message in self.messages:
+            yield message.name
+            if isinstance(message.content, str):
+                yield message.content
+            for part in message.content if isinstance(message.content, list) else []:
+                if isinstance(part, TextPart):
+                    yield part.text
 
 
 class Usage(BaseModel):
@@ -248,20 +263,22 @@ class AdaptExample(_Lenient):
 class AdaptRequest(BaseModel):
     """POST /v1/characters/{id}/adapt: examples (default: the card's example dialogues) and options."""
 
-    model_config = ConfigDict(extra="forbid")  # ours, not OpenAI's: a misspelt option is a 400, not ignored
+    # ours, not OpenAI's: a misspelt option is a 400, not ignored; "20" is no number of steps
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    examples: list[AdaptExample] = Field(default_factory=list, max_length=256)
-    steps: int | None = Field(None, ge=1, le=10000)
+    examples: list[AdaptExample] = Field(default_factory=list, description="at most max_adapt_examples")
+    steps: int | None = Field(None, ge=1, description="at most max_adapt_steps")
+    overwrite: bool = Field(False, description="replace the character's existing adapter (409 without)")
     inner_params: Literal[INNER_PARAMS] | None = None  # which parameters adapt (default: the run's meta.inner_params)
 
 
 class AdaptJobInfo(BaseModel):
-    """An adaptation job as polled: status queued|running|succeeded|failed and progress in [0, 1]."""
+    """An adaptation job as polled: status queued|running|succeeded|failed|cancelled and progress in [0, 1]."""
 
     id: str
     object: Literal["adaptation.job"] = "adaptation.job"
     character: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: float
     message: str
     error: str | None = None

@@ -22,6 +22,14 @@ class ServeSettings:
 
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_body_bytes: int = 64 * MiB  # whole request body (413 above it); front ends re-send every image of a chat
+    # UTF-8 bytes of all the text of one request (messages, names, stop, prompt), counted before anything is
+    # tokenized (413 text_too_large above it); a long chat's history is a few hundred KB
+    max_text_bytes: int = 1 * MiB
+    body_timeout_s: int = 30  # seconds a client may take to send its whole body (408 request_timeout after)
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this many seconds (uvicorn's)
+    header_timeout_s: int = 10  # seconds to send a request's headers, on a new or a kept-alive connection (closed after)
+    prepare_threads: int = 4  # threads that tokenize requests and decode images, off the event loop
+    docs: bool = True  # /docs, /redoc and /openapi.json (behind api_key when one is set); False: off (404)
     max_image_bytes: int = 4 * MiB  # one decoded image (400 image_too_large)
     max_image_pixels: int = 2048 * 2048  # width x height, checked before decoding (400 image_too_large)
     max_prompt_tokens: int | None = None  # prompt tokens after old turns are dropped; None: what the context leaves
@@ -41,9 +49,14 @@ class ServeSettings:
     include_examples: bool | None = None  # card example dialogues in prompts; None: as the run was trained
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
     adapt_fn: Callable[..., Any] | None = None  # the adaptation hook; None: adaptation unavailable (501)
+    max_adapt_jobs: int = 4  # adaptation jobs queued or running at once (429 above it)
+    max_adapt_examples: int = 256  # examples of one adaptation request (400 above it)
+    max_adapt_steps: int = 500  # inner steps of one adaptation (400 above it)
 
     def __post_init__(self) -> None:
-        positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_n", "max_batch"]
+        positive = ["max_body_bytes", "max_image_bytes", "max_image_pixels", "max_n", "max_batch", "max_text_bytes",
+                    "body_timeout_s", "keep_alive_s", "header_timeout_s", "prepare_threads", "max_adapt_jobs",
+                    "max_adapt_examples", "max_adapt_steps"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

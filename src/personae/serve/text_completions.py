@@ -9,6 +9,7 @@ the legacy integer ``logprobs``); what a request leaves out comes from the run's
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -26,6 +27,7 @@ from personae.models.model import PersonaeModel
 from personae.models.next_token import MAX_TOP_LOGPROBS
 from personae.serve.completions import FINGERPRINT
 from personae.serve.errors import ApiError, error_body
+from personae.serve.guards import check_text_bytes
 from personae.serve.logprobs import legacy_logprobs
 from personae.serve.sampling import sampling_params, stop_strings
 from personae.serve.scheduler import Done, Failed, Finished, GenerationJob, Piece, RequestHandle
@@ -53,6 +55,11 @@ class TextCompletionRequest(SamplerFields):
     ignore_eos: bool | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, not used
 
+    def texts(self) -> list[str]:
+        """The prompt's and stop strings' text (token ids are no text: max_body_bytes bounds them)."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else [p for p in self.prompt if isinstance(p, str)]
+        return prompts + ([self.stop] if isinstance(self.stop, str) else list(self.stop or []))
+
 
 class CompletionChoice(BaseModel):
     """One choice of a text completion."""
@@ -78,7 +85,7 @@ class TextCompletion(BaseModel):
 class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's shape)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str
@@ -96,7 +103,7 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     """POST /detokenize (vLLM's shape)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     tokens: list[int]
@@ -243,11 +250,12 @@ Collect = Callable[[RequestHandle, Request], Awaitable[list]]
 
 
 def add_text_routes(app: FastAPI, service: TextCompletionService, submit: Submit, collect: Collect,
-                    run_in_thread: Callable[..., Awaitable[Any]]) -> None:
-    """Register /v1/completions, /tokenize and /detokenize."""
+                    run_in_thread: Callable[..., Awaitable[Any]], max_text_bytes: int) -> None:
+    """Register /v1/completions, /tokenize and /detokenize; text over `max_text_bytes` is refused untokenized."""
 
     @app.post("/v1/completions", tags=["openai"], response_model=TextCompletion)
     async def completions(request: Request, body: TextCompletionRequest) -> Response:
+        check_text_bytes(body.texts(), max_text_bytes)
         job, ids = await run_in_thread(service.prepare, body)
         handle = submit(job)
         model = body.model or service.model_name
@@ -262,7 +270,9 @@ def add_text_routes(app: FastAPI, service: TextCompletionService, submit: Submit
 
     @app.post("/tokenize", tags=["tokenizer"])
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        tokens = service.tokenizer.encode(body.prompt, add_cls=body.add_special_tokens)
+        check_text_bytes([body.prompt], max_text_bytes)
+        tokens = await run_in_thread(functools.partial(service.tokenizer.encode, body.prompt,
+                                                       add_cls=body.add_special_tokens))
         return TokenizeResponse(count=len(tokens), max_model_len=service.model.max_positions, tokens=tokens)
 
     @app.post("/detokenize", tags=["tokenizer"])
@@ -270,7 +280,7 @@ def add_text_routes(app: FastAPI, service: TextCompletionService, submit: Submit
         vocab = service.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise ApiError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
-        return DetokenizeResponse(prompt=service.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await run_in_thread(service.tokenizer.decode, body.tokens))
 
 
 __all__ = ["DetokenizeRequest", "TextCompletionRequest", "TextCompletionService", "TokenizeRequest",

@@ -19,8 +19,8 @@ from personae.data.cards import CharacterCard, load_card
 from personae.data.dialogues import DialogueRecord, read_dialogues
 from personae.errors import DataError, PersonaeError
 from personae.meta.adapt import AdaptSpec, adapt_to_character, learned_rates
+from personae.models.adapter_files import save_verified_adapter
 from personae.models.io import load_model
-from personae.models.lora import save_adapter
 
 ADAPTERS_DIR = "adapters"
 
@@ -76,7 +76,7 @@ def adapt_character(run: Path, card_path: Path, examples_path: Path, *, k: int =
                                  on_progress=lambda fraction, message: bar.update(round(fraction * steps) - bar.n))
     bar.set_postfix(support_loss=f"{adapter.support_loss:.3f}")
     bar.close()
-    path = save_adapter(adapter_path(run, character_id), adapter.tensors, adapter.metadata)
+    path = save_verified_adapter(adapter_path(run, character_id), adapter.tensors, adapter.metadata)
     target = run / "characters" / card_path.name
     if copy_card and target.resolve() != card_path.resolve():
         target.parent.mkdir(parents=True, exist_ok=True)
