@@ -13,6 +13,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 LLAMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -59,17 +62,32 @@ def bert_folder(path: Path, *, max_positions: int = 64) -> Path:
 
 def llama_folder(path: Path, words: list[str]) -> Path:
     """A Llama causal LM with a word-level tokenizer (Llama-3's chat markers and template)."""
-    vocab = {token: i for i, token in enumerate(["[UNK]", *LLAMA_SPECIALS, "\n", "\n\n", " ", *words])}
+    settings = {**SMALL, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+    return _causal_lm_folder(path, words, LLAMA_SPECIALS, LLAMA_TEMPLATE, transformers.LlamaConfig, settings, bos=True)
+
+
+def gpt2_folder(path: Path, words: list[str]) -> Path:
+    """A GPT-2 causal LM (its lm_head tied to wte) with a word-level tokenizer and a ChatML template."""
+    settings = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 4096,
+                "bos_token_id": 1, "eos_token_id": 1}  # <|endoftext|>, not GPT-2's 50256
+    return _causal_lm_folder(path, words, CHATML_SPECIALS, CHATML_TEMPLATE, transformers.GPT2Config, settings,
+                             bos=False)
+
+
+def _causal_lm_folder(path: Path, words: list[str], specials: list[str], template: str,
+                      config_class: type[transformers.PretrainedConfig], settings: dict, *, bos: bool) -> Path:
+    """A random causal LM (`config_class(**settings)`, vocabulary sized to the tokenizer) and a word-level tokenizer."""
+    vocab = {token: i for i, token in enumerate(["[UNK]", *specials, "\n", "\n\n", " ", *words])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+|\w+|[^\w\s]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_SPECIALS})
-    tokenizer.bos_token = LLAMA_SPECIALS[0]
-    tokenizer.chat_template = LLAMA_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    if bos:
+        tokenizer.bos_token = specials[0]
+    tokenizer.chat_template = template
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), **SMALL, num_key_value_heads=2,
-                                      max_position_embeddings=4096)
+    config = config_class(vocab_size=len(tokenizer), **settings)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)

@@ -1,23 +1,28 @@
-"""PEFT adapter folders (peft loads ours with the same logits, we read peft's) and `personae export`."""
+"""PEFT adapter folders (peft loads ours with the same logits, we read peft's) and `personae export`.
+
+The export tests train real runs through the CLI (`personae finetune` a tiny random Llama and GPT-2,
+then `personae adapt` two characters) and load what `personae export` writes in `transformers` / `peft`.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
 
 from personae.app.cli import main
-from personae.config import Config, save_config
+from personae.data.episodes import examples_file
 from personae.data.hf_tokenizer import HFChatTokenizer
 from personae.models.export import ExportError, export_run, load_run_with_adapter
 from personae.models.generation import SamplingParams, generate
-from personae.models.io import MODEL_FILE, write_manifest
-from personae.models.lora import add_decoder_lora, lora_parameters, save_adapter
+from personae.models.io import MODEL_FILE, load_model
+from personae.models.lora import add_decoder_lora, lora_parameters
 from personae.models.model import PersonaeModel
 from personae.models.peft_format import (
     PEFT_CONFIG_FILE,
@@ -26,12 +31,14 @@ from personae.models.peft_format import (
     read_peft_adapter,
     write_peft_adapter,
 )
-from tests.conftest import micro_config
+from tests.hf_folders import gpt2_folder, llama_folder
 from tests.unit.test_hf_decoder import _model, _prompt
 from tests.unit.test_hf_lora import IDS, hf_folder, perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma3_text"]
+RUN_FAMILIES = {"llama": llama_folder, "gpt2": gpt2_folder}  # trained through the CLI, then exported
+CHARACTERS = ("butlertron", "rex-rumbleton")  # characters of the small world with example conversations
 
 
 @pytest.fixture(scope="module")
@@ -94,82 +101,108 @@ def test_a_peft_folder_that_is_not_plain_lora_is_refused(folders, tmp_path):
         read_peft_adapter(tmp_path / "nothing")
 
 
-def make_run(folder: Path, root: Path, *, tune_lm: bool = False) -> Path:
-    """A run folder as training writes it (config.json, model.safetensors, checkpoint.json), with two adapters."""
-    run = root / "run"
-    run.mkdir()
-    model = _model(folder)
-    if tune_lm:  # a full fine-tune changed the LM's own weights
-        with torch.no_grad():
-            model.decoder.lm.get_input_embeddings().weight.mul_(1.5)
-    save_config(Config(model=model.cfg), run / "config.json")
-    save_file({k: v.clone() for k, v in model.state_dict().items()}, str(run / MODEL_FILE))  # GPT-2 ties two
-    write_manifest(run)
-    add_decoder_lora(model, 2, 4.0)
-    for seed, character in ((1, "ada"), (2, "bob")):
-        perturb(model, seed, scale=0.5)
-        save_adapter(run / "adapters" / f"{character}.safetensors", lora_parameters(model),
-                     {"inner_params": "lora", "lora_rank": 2, "lora_alpha": 4.0})
+@pytest.fixture(scope="module")
+def lm_folders(small_world, tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama and GPT-2 whose word-level tokenizers know the world's words."""
+    text = (small_world / "dialogues.jsonl").read_text() + "".join(
+        path.read_text() for path in sorted((small_world / "characters").glob("*.json")))
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))
+    root = tmp_path_factory.mktemp("lms")
+    return {family: build(root / family, words) for family, build in RUN_FAMILIES.items()}
+
+
+def finetune(pretrained_run: Path, world: Path, lm: Path, out: Path, *extra: str) -> Path:
+    """`personae finetune` two steps with LM as the decoder."""
+    assert main(["-q", "finetune", str(pretrained_run), "--data", str(world), "--out", str(out),
+                 "--model.decoder.kind=hf", f"--model.decoder.path={lm}", "--model.decoder.max_len=1024",
+                 "--finetune.train.steps=2", "--finetune.train.batch_size=2", *extra]) == 0
+    return out
+
+
+def adapt(run: Path, world: Path, characters: tuple[str, ...] = CHARACTERS) -> Path:
+    """`personae adapt` each character from two example conversations (fresh LoRA adapters: what export writes)."""
+    for character in characters:
+        assert main(["-q", "adapt", str(run), "--card", str(world / "characters" / f"{character}.json"),
+                     "--examples", str(examples_file(world / "characters", character)), "-k", "2",
+                     "--steps", "2", "--lr", "0.5", "--inner-params", "lora"]) == 0
     return run
 
 
-def personae_logits(run: Path, character: str) -> torch.Tensor:
-    model, _ = load_run_with_adapter(run, character)
+@pytest.fixture(scope="module")
+def runs(pretrained_run, small_world, lm_folders, tmp_path_factory) -> dict[str, Path]:
+    """A fine-tuned Llama run and a fine-tuned GPT-2 run, each adapted to CHARACTERS, made by the CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    return {family: adapt(finetune(pretrained_run, small_world, folder, root / family), small_world)
+            for family, folder in lm_folders.items()}
+
+
+def personae_logits(run: Path, character: str | None) -> torch.Tensor:
+    model, _, _ = load_run_with_adapter(run, character)
     with torch.no_grad():
         return model.lm_logits(None, IDS)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_export_merge_writes_a_plain_hf_folder_with_the_adapters_logits(family, folders, tmp_path):
-    run = make_run(folders[family], tmp_path)
+@pytest.mark.parametrize("family", sorted(RUN_FAMILIES))
+def test_export_merge_writes_a_plain_hf_folder_with_the_adapters_logits(family, runs, tmp_path):
+    run, character = runs[family], CHARACTERS[1]
     out = tmp_path / "merged"
-    assert main(["export", str(run), "--character", "bob", "--merge", "--out", str(out)]) == 0
+    assert main(["export", str(run), "--character", character, "--merge", "--out", str(out)]) == 0
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     lm = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    expected = personae_logits(run, "bob")
+    expected = personae_logits(run, character)
     torch.testing.assert_close(hf_logits(lm), expected, rtol=0, atol=1e-5)
-    assert (personae_logits(run, "ada") - expected).abs().max() > 1e-3  # each character's own adapter
+    assert (personae_logits(run, CHARACTERS[0]) - expected).abs().max() > 1e-3  # each character's own adapter
+    assert (personae_logits(run, None) - expected).abs().max() > 1e-3  # the adapter is merged in
     tok = HFChatTokenizer(out)  # the chat template came along
+    assert tok.prompt_ids([{"role": "user", "content": "hello"}]) == load_model(run)[2].prompt_ids(
+        [{"role": "user", "content": "hello"}])
     assert tok.eos_id in lm.generation_config.eos_token_id and not lm.generation_config.do_sample
     prompt = _prompt(tok)
     with torch.no_grad():
         theirs = lm.generate(torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt):].tolist()
-    model, _ = load_run_with_adapter(run, "bob")
+    model, _, _ = load_run_with_adapter(run, character)
     ours = generate(model, tok, [prompt], None, SamplingParams(max_new_tokens=8)).pop().token_ids
     assert ours == (theirs[: theirs.index(tok.eos_id)] if tok.eos_id in theirs else theirs)
 
 
-def test_export_without_merge_writes_the_peft_adapter_over_the_lm_folder(folders, tmp_path):
-    run = make_run(folders["llama"], tmp_path)
-    out = export_run(run, tmp_path / "peft", character="ada")
-    assert sorted(p.name for p in out.iterdir()) == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
-    assert json.loads((out / PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"] == str(folders["llama"].resolve())
-    base = transformers.AutoModelForCausalLM.from_pretrained(folders["llama"], local_files_only=True)
-    theirs = peft.PeftModel.from_pretrained(base, out).eval()
-    torch.testing.assert_close(hf_logits(theirs), personae_logits(run, "ada"), rtol=0, atol=1e-5)
-
-
-def test_a_run_that_tuned_the_lm_exports_its_own_base_beside_the_peft_adapter(folders, tmp_path):
-    run = make_run(folders["llama"], tmp_path, tune_lm=True)
-    out = export_run(run, tmp_path / "peft", character="ada")
+@pytest.mark.parametrize("family", sorted(RUN_FAMILIES))
+def test_a_fine_tuned_run_exports_its_own_base_beside_the_peft_adapter(family, runs, lm_folders, tmp_path):
+    run, character = runs[family], CHARACTERS[0]
+    out = export_run(run, tmp_path / "peft", character=character)
     base_folder = json.loads((out / PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"]
-    assert base_folder == str((out / "base").resolve())
+    assert base_folder == str((out / "base").resolve())  # finetune changed the LM: the folder's is not the run's
     base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True)
+    folder = transformers.AutoModelForCausalLM.from_pretrained(lm_folders[family], local_files_only=True)
+    assert (hf_logits(base) - hf_logits(folder)).abs().max() > 1e-4
     theirs = peft.PeftModel.from_pretrained(base, out).eval()
-    torch.testing.assert_close(hf_logits(theirs), personae_logits(run, "ada"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hf_logits(theirs), personae_logits(run, character), rtol=0, atol=1e-5)
 
 
-def test_export_errors_say_what_is_supported_and_what_is_there(folders, tmp_path, capsys):
-    run = make_run(folders["llama"], tmp_path)
-    own = tmp_path / "own"  # a run of personae's own decoder: refused before its weights are read
-    own.mkdir()
-    save_config(micro_config(), own / "config.json")
-    (own / MODEL_FILE).write_bytes(b"")
-    with pytest.raises(ExportError, match="no adapter for character 'cid'.*adapters for: ada, bob"):
+def test_export_without_merge_writes_the_peft_adapter_over_the_lm_folder(pretrained_run, small_world, lm_folders,
+                                                                        tmp_path):
+    """A run whose LM is the folder's, bit for bit (fine-tuned at rate 0): the adapter points at the folder itself."""
+    run = finetune(pretrained_run, small_world, lm_folders["llama"], tmp_path / "run", "--finetune.train.lr=0")
+    adapt(run, small_world, CHARACTERS[:1])
+    out = export_run(run, tmp_path / "peft", character=CHARACTERS[0])
+    assert sorted(p.name for p in out.iterdir()) == [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
+    folder = lm_folders["llama"].resolve()
+    assert json.loads((out / PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"] == str(folder)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    theirs = peft.PeftModel.from_pretrained(base, out).eval()
+    torch.testing.assert_close(hf_logits(theirs), personae_logits(run, CHARACTERS[0]), rtol=0, atol=1e-5)
+
+
+def test_export_errors_say_what_is_supported_and_what_is_there(runs, pretrained_run, tmp_path, capsys):
+    run = runs["llama"]
+    with pytest.raises(ExportError, match=f"no adapter for character 'cid'.*adapters for: {', '.join(CHARACTERS)}"):
         export_run(run, tmp_path / "x", character="cid", merge=True)
     with pytest.raises(ExportError, match="carries no LoRA adapter.*--character ID.*--merge"):
         export_run(run, tmp_path / "x")
+    own = shutil.copytree(pretrained_run, tmp_path / "own")  # no decoder: refused before its weights are read
+    (own / MODEL_FILE).write_bytes(b"")  # (reading them would fail the checksum)
     assert main(["export", str(own), "--merge", "--out", str(tmp_path / "y")]) == 2
-    assert "supports runs whose decoder is a Hugging Face LM (model.decoder.kind: hf)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "supports runs whose decoder is a Hugging Face LM (model.decoder.kind: hf)" in err
+    assert "this run's decoder is none (model.decoder.enabled is false)" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

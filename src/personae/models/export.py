@@ -28,7 +28,7 @@ from personae.data.hf_tokenizer import HFChatTokenizer
 from personae.errors import PersonaeError
 from personae.files import atomic_directory
 from personae.models.generation_config import FALLBACK, read_generation_config
-from personae.models.io import CONFIG_FILE, MODEL_FILE, load_tensors, require_file, verify_checkpoint
+from personae.models.io import CONFIG_FILE, load_model, require_file
 from personae.models.lora import (
     AdapterError,
     LoRALinear,
@@ -52,21 +52,16 @@ class ExportError(PersonaeError):
     """A run cannot be exported as asked; the message says what export supports or what is there."""
 
 
-def load_hf_run(run: Path) -> tuple[PersonaeModel, Config]:
-    """The run's model (on the CPU, eval mode) and config; a run without a Hugging Face decoder is an error."""
-    verify_checkpoint(run, required=(CONFIG_FILE, MODEL_FILE))
-    config = load_config(require_file(run, CONFIG_FILE))
-    decoder = config.model.decoder
+def load_hf_run(run: Path) -> tuple[PersonaeModel, Config, HFChatTokenizer]:
+    """The run as :func:`load_model` loads it (checksums verified; the run's own chat tokenizer), on the CPU in
+    eval mode; a run without a Hugging Face decoder is an error before its weights are read."""
+    decoder = load_config(require_file(run, CONFIG_FILE)).model.decoder
     if not decoder.enabled or decoder.kind not in PRETRAINED_DECODERS:
         kind = decoder.kind if decoder.enabled else "none (model.decoder.enabled is false)"
         raise ExportError(f"{run}: personae export writes Hugging Face model folders, so it supports runs whose "
                           f"decoder is a Hugging Face LM (model.decoder.kind: hf); this run's decoder is {kind}")
-    model = PersonaeModel(config.model)
-    missing, unexpected = model.load_state_dict(load_tensors(run / MODEL_FILE), strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{run}: weights do not match config.json (missing: {missing[:5]}, "
-                          f"unexpected: {unexpected[:5]})")
-    return model.eval(), config
+    model, config, tokenizer = load_model(run)
+    return model.eval(), config, tokenizer
 
 
 def character_adapter(run: Path, character: str) -> Path:
@@ -79,12 +74,13 @@ def character_adapter(run: Path, character: str) -> Path:
                       f"{', '.join(known) if known else 'none (personae adapt writes them)'}")
 
 
-def load_run_with_adapter(run: Path, character: str | None = None) -> tuple[PersonaeModel, Config]:
-    """The run's model with CHARACTER's adapter on it (None: the run's own weights)."""
-    model, config = load_hf_run(run)
+def load_run_with_adapter(run: Path, character: str | None = None
+                          ) -> tuple[PersonaeModel, Config, HFChatTokenizer]:
+    """The run's model with CHARACTER's adapter on it (None: the run's own weights), its config and tokenizer."""
+    model, config, tokenizer = load_hf_run(run)
     if character is not None:
         _attach(model, character_adapter(run, character))
-    return model, config
+    return model, config, tokenizer
 
 
 def _attach(model: PersonaeModel, path: Path) -> None:
@@ -101,8 +97,7 @@ def _attach(model: PersonaeModel, path: Path) -> None:
 def export_run(run: Path, out: Path, *, character: str | None = None, merge: bool = False) -> Path:
     """Write RUN's LM (with CHARACTER's adapter, or the run's own) to OUT: merged HF folder or PEFT adapter."""
     run, out = Path(run), Path(out)
-    model, config = load_run_with_adapter(run, character)
-    tokenizer = HFChatTokenizer(run if (run / "tokenizer_config.json").is_file() else config.model.decoder.path)
+    model, config, tokenizer = load_run_with_adapter(run, character)
     if merge:
         return _write_merged(model, tokenizer, run, out)
     if lora_settings(model) is None:

@@ -11,7 +11,8 @@ Both training (checkpoints) and serving (loading a run) use this module, which i
 below `train/` and `serve/`. Every folder written here carries ``checkpoint.json``, the sha256
 and size of each file it wrote; :func:`verify_checkpoint` checks them before anything is loaded,
 so a truncated, bit-flipped or half-copied checkpoint is an error naming the file, never a
-different model. Folders written before checksums existed still load, with a note.
+different model. Folders written before checksums existed still load, with a note. Tied weights
+(an LM head that is its embeddings) are stored once and tied again on load (:func:`save_state_dict`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,6 +46,7 @@ CHAT_TOKENIZER_FILE = "chat_tokenizer.json"  # runs with a Hugging Face decoder:
 STATE_FILE = "trainer_state.json"  # written last when a folder is updated in place
 MANIFEST_FILE = "checkpoint.json"  # {"format": 1, "files": {name: {"sha256": hex, "bytes": n}}}
 MODEL_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)
+ALIASES_KEY = "personae_aliases"  # model.safetensors metadata: JSON {alias: name} of state-dict names tied to one tensor
 _HASH_CHUNK = 1 << 20
 
 
@@ -55,14 +57,48 @@ class CheckpointError(PersonaeError):
 def write_model_files(folder: Path, model: nn.Module, config: Config, tokenizer: Tokenizer | HFChatTokenizer) -> None:
     """config.json, model.safetensors and tokenizer.json (and a chat tokenizer's chat_tokenizer.json) into a folder."""
     save_config(config, folder / CONFIG_FILE)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    save_state_dict(model.state_dict(), folder / MODEL_FILE)
     if isinstance(tokenizer, HFChatTokenizer):
         if tokenizer.text_tokenizer is None:
             raise CheckpointError(f"{folder}: a run keeps its caption tokenizer; this chat tokenizer carries none")
         tokenizer.save(folder / CHAT_TOKENIZER_FILE)
         tokenizer = tokenizer.text_tokenizer
     tokenizer.save(folder / TOKENIZER_FILE)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors; tied entries (one tensor under two names) are stored once, the tie recorded.
+
+    safetensors refuses tensors that share memory, and an LM with tied embeddings (GPT-2's lm_head
+    and wte) has two names for one Parameter: the later name is kept in the file's metadata
+    (``ALIASES_KEY``) and :func:`load_tensors` gives it back, so a strict ``load_state_dict`` fills
+    the one Parameter and the tie stays. Views that overlap without being the same tensor are copied.
+    """
+    weights, aliases = untie(state)
+    metadata = {"format": "pt"} | ({ALIASES_KEY: json.dumps(aliases, sort_keys=True)} if aliases else {})
+    save_file(weights, str(path), metadata=metadata)
+
+
+def untie(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, {alias: name}): each tensor shared by several names kept once, under the first name, on the CPU."""
+    weights: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}  # (storage, offset, shape, stride) -> the first name of that exact tensor
+    storages: set[int] = set()
+    for name, value in state.items():
+        value = value.detach()
+        if value.numel() == 0:  # empty tensors own no memory to share
+            weights[name] = value.cpu()
+            continue
+        storage = value.untyped_storage().data_ptr()
+        view = (storage, value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if view in first:
+            aliases[name] = first[view]
+            continue
+        first[view] = name
+        weights[name] = value.contiguous().cpu() if storage not in storages else value.clone().contiguous().cpu()
+        storages.add(storage)
+    return weights, aliases
 
 
 @contextmanager
@@ -146,13 +182,32 @@ def _verify_file(path: Path, expected: dict[str, object], manifest: Path) -> Non
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; an unreadable file is a CheckpointError naming it."""
+    """A safetensors file's tensors, tied names given back (:func:`save_state_dict`); unreadable: a CheckpointError."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (SafetensorError, OSError, ValueError) as exc:  # what safetensors raises on bad bytes
         raise CheckpointError(f"{path}: damaged or not a safetensors file ({exc})") from None
+    return tensors | _aliased(tensors, metadata.get(ALIASES_KEY), path)
+
+
+def _aliased(tensors: dict[str, torch.Tensor], recorded: str | None, path: Path) -> dict[str, torch.Tensor]:
+    """{alias: the tensor it shares} from the file's recorded ties; a tie naming no tensor is a CheckpointError."""
+    if recorded is None:
+        return {}
+    try:
+        aliases = strict_json_loads(recorded.encode())
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            raise JsonError("expected {alias: name}")
+    except JsonError as exc:
+        raise CheckpointError(f"{path}: damaged {ALIASES_KEY} metadata ({exc})") from None
+    unknown = sorted(name for name in aliases.values() if name not in tensors)
+    if unknown:
+        raise CheckpointError(f"{path}: {ALIASES_KEY} ties names to tensors the file lacks: {unknown[:5]}")
+    return {alias: tensors[name] for alias, name in aliases.items()}
 
 
 def require_file(directory: Path, name: str) -> Path:
