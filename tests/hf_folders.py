@@ -16,6 +16,10 @@ LLAMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>"
+                  "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                  "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA_SPECIALS = ["<bos>", "<start_of_turn>", "<end_of_turn>", "<pad>"]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -72,6 +76,31 @@ def gpt2_folder(path: Path, words: list[str]) -> Path:
                 "bos_token_id": 1, "eos_token_id": 1}  # <|endoftext|>, not GPT-2's 50256
     return _causal_lm_folder(path, words, CHATML_SPECIALS, CHATML_TEMPLATE, transformers.GPT2Config, settings,
                              bos=False)
+
+
+def gemma3_folder(path: Path, words: list[str]) -> Path:
+    """A Gemma-3 text LM (embeddings tied to its head) with a word-level tokenizer and Gemma's turn markers."""
+    settings = {**SMALL, "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 1024,
+                "max_position_embeddings": 4096}
+    return _causal_lm_folder(path, words, GEMMA_SPECIALS, GEMMA_TEMPLATE, transformers.Gemma3TextConfig, settings,
+                             bos=True)
+
+
+def qwen2_folder(path: Path) -> Path:
+    """A Qwen2 LM with a byte-level BPE of no merges (one token per byte; transformers rebuilds a Qwen2 folder's
+    tokenizer as Qwen2's byte-level BPE, so a word-level one would not survive the round trip) and ChatML."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {token: i for i, token in enumerate([*CHATML_SPECIALS, *bytes_to_unicode().values()])}
+    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": CHATML_SPECIALS})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), **SMALL, num_key_value_heads=2,
+                                      max_position_embeddings=4096)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
 
 
 def _causal_lm_folder(path: Path, words: list[str], specials: list[str], template: str,

@@ -31,13 +31,14 @@ from personae.models.peft_format import (
     read_peft_adapter,
     write_peft_adapter,
 )
-from tests.hf_folders import gpt2_folder, llama_folder
+from tests.hf_folders import gemma3_folder, gpt2_folder, llama_folder, qwen2_folder
 from tests.unit.test_hf_decoder import _model, _prompt
 from tests.unit.test_hf_lora import IDS, hf_folder, perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma3_text"]
-RUN_FAMILIES = {"llama": llama_folder, "gpt2": gpt2_folder}  # trained through the CLI, then exported
+RUN_FAMILIES = {"llama": llama_folder, "gpt2": gpt2_folder, "gemma3_text": gemma3_folder,  # trained through
+                "qwen2": lambda path, words: qwen2_folder(path)}  # the CLI, then exported
 CHARACTERS = ("butlertron", "rex-rumbleton")  # characters of the small world with example conversations
 
 
@@ -103,7 +104,7 @@ def test_a_peft_folder_that_is_not_plain_lora_is_refused(folders, tmp_path):
 
 @pytest.fixture(scope="module")
 def lm_folders(small_world, tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama and GPT-2 whose word-level tokenizers know the world's words."""
+    """A tiny LM of each family; the word-level tokenizers know the world's words (Qwen2's is byte-level)."""
     text = (small_world / "dialogues.jsonl").read_text() + "".join(
         path.read_text() for path in sorted((small_world / "characters").glob("*.json")))
     words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))
@@ -130,7 +131,7 @@ def adapt(run: Path, world: Path, characters: tuple[str, ...] = CHARACTERS) -> P
 
 @pytest.fixture(scope="module")
 def runs(pretrained_run, small_world, lm_folders, tmp_path_factory) -> dict[str, Path]:
-    """A fine-tuned Llama run and a fine-tuned GPT-2 run, each adapted to CHARACTERS, made by the CLI."""
+    """A fine-tuned run of each family, adapted to CHARACTERS, made by the CLI."""
     root = tmp_path_factory.mktemp("runs")
     return {family: adapt(finetune(pretrained_run, small_world, folder, root / family), small_world)
             for family, folder in lm_folders.items()}
