@@ -120,12 +120,12 @@ def finetune(pretrained_run: Path, world: Path, lm: Path, out: Path, *extra: str
     return out
 
 
-def adapt(run: Path, world: Path, characters: tuple[str, ...] = CHARACTERS) -> Path:
-    """`personae adapt` each character from two example conversations (fresh LoRA adapters: what export writes)."""
+def adapt(run: Path, world: Path, characters: tuple[str, ...] = CHARACTERS, inner_params: str = "lora") -> Path:
+    """`personae adapt` each character from two example conversations (default: fresh LoRA adapters)."""
     for character in characters:
         assert main(["-q", "adapt", str(run), "--card", str(world / "characters" / f"{character}.json"),
                      "--examples", str(examples_file(world / "characters", character)), "-k", "2",
-                     "--steps", "2", "--lr", "0.5", "--inner-params", "lora"]) == 0
+                     "--steps", "2", "--lr", "0.5", "--inner-params", inner_params]) == 0
     return run
 
 
@@ -207,3 +207,15 @@ def test_export_errors_say_what_is_supported_and_what_is_there(runs, pretrained_
     assert "supports runs whose decoder is a Hugging Face LM (model.decoder.kind: hf)" in err
     assert "this run's decoder is none (model.decoder.enabled is false)" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_an_adapter_of_whole_weights_exports_merged_and_is_refused_as_peft(runs, small_world, tmp_path):
+    run = adapt(shutil.copytree(runs["llama"], tmp_path / "run"), small_world, ("agent-nightshade",), "all")
+    with pytest.raises(ExportError, match="'agent-nightshade'.*holds whole weights, not LoRA.*--merge.*"
+                                          "--inner-params lora"):
+        export_run(run, tmp_path / "peft", character="agent-nightshade")
+    out = export_run(run, tmp_path / "merged", character="agent-nightshade", merge=True)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    expected = personae_logits(run, "agent-nightshade")
+    assert (personae_logits(run, None) - expected).abs().max() > 1e-3  # the adapter's weights are what is exported
+    torch.testing.assert_close(hf_logits(lm), expected, rtol=0, atol=1e-5)

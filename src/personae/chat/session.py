@@ -7,7 +7,7 @@ A character adapted with `personae adapt` has `RUN/adapters/<id>.safetensors`;
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -21,10 +21,9 @@ from personae.data.images import ImageSource, model_pixels
 from personae.data.prompt import Turn
 from personae.data.tokenizer import Tokenizer
 from personae.errors import PersonaeError
-from personae.models.adapter_files import load_verified_adapter
+from personae.models.adapter_files import attach_adapter, load_verified_adapter
 from personae.models.generation import SamplingParams, stream_batch
 from personae.models.io import load_model
-from personae.models.lora import LORA_MARKERS, AdapterError, add_decoder_lora, apply_adapter, lora_settings
 from personae.models.model import PersonaeModel
 
 HELP = """commands:
@@ -58,16 +57,6 @@ def locate_character(run: Path, name_or_card: str) -> tuple[str, CharacterCard]:
 def find_character(run: Path, name_or_card: str) -> CharacterCard:
     """A card file path, or a character the run knows by id (file stem) or by name (any case)."""
     return locate_character(run, name_or_card)[1]
-
-
-def attach_adapter(model: PersonaeModel, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Copy an adapter's tensors into the model, first adding the fresh LoRA layers it was made with (if any)."""
-    needs_lora = any(name.rsplit(".", 1)[-1] in LORA_MARKERS for name in tensors)
-    if needs_lora and lora_settings(model) is None:
-        if "lora_rank" not in metadata:
-            raise AdapterError("the adapter holds LoRA tensors but records no lora_rank, and the model has no LoRA")
-        add_decoder_lora(model, int(metadata["lora_rank"]), float(metadata.get("lora_alpha", 8.0)))
-    apply_adapter(model, tensors)
 
 
 def load_run_for_character(run: Path, name_or_card: str, device: str | torch.device = "cpu"

@@ -20,7 +20,16 @@ import torch
 from personae.data.jsonl import JsonError, strict_json_loads
 from personae.files import write_bytes_atomic
 from personae.models.io import file_sha256
-from personae.models.lora import AdapterError, load_adapter, save_adapter
+from personae.models.lora import (
+    LORA_MARKERS,
+    AdapterError,
+    add_decoder_lora,
+    apply_adapter,
+    load_adapter,
+    lora_settings,
+    save_adapter,
+)
+from personae.models.model import PersonaeModel
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIX = ".sha256.json"
@@ -73,4 +82,14 @@ def load_verified_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     return load_adapter(path)
 
 
-__all__ = ["MANIFEST_SUFFIX", "load_verified_adapter", "manifest_path", "save_verified_adapter", "verify_adapter"]
+def attach_adapter(model: PersonaeModel, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Copy an adapter's tensors into the model, first adding the fresh LoRA layers it was made with (if any)."""
+    needs_lora = any(name.rsplit(".", 1)[-1] in LORA_MARKERS for name in tensors)
+    if needs_lora and lora_settings(model) is None:
+        if "lora_rank" not in metadata:
+            raise AdapterError("the adapter holds LoRA tensors but records no lora_rank, and the model has no LoRA")
+        add_decoder_lora(model, int(metadata["lora_rank"]), float(metadata.get("lora_alpha", 8.0)))
+    apply_adapter(model, tensors)
+
+
+__all__ = ["MANIFEST_SUFFIX", "attach_adapter", "load_verified_adapter", "manifest_path", "save_verified_adapter", "verify_adapter"]

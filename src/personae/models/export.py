@@ -9,8 +9,10 @@ when the run changed the LM's own weights (a full fine-tune), those are written 
 ``base/`` and the adapter points there, since the adapter alone does not reproduce the run.
 
 Only the LM is exported: the image projector has no place in a text-only HF folder, so an exported
-model reads text. Runs whose decoder is personae's own are refused (there is no HF architecture to
-write); :func:`character_adapter` lists the run's adapters when the one asked for is not there.
+model reads text. The run loads as every command loads it (:func:`personae.models.io.load_model`:
+checksums verified, the run's own chat tokenizer, which is what the folder gets); runs whose decoder
+is personae's own are refused before their weights are read (there is no HF architecture to write).
+:func:`character_adapter` lists the run's adapters when the one asked for is not there.
 """
 
 from __future__ import annotations
@@ -27,17 +29,10 @@ from personae.config import Config, load_config
 from personae.data.hf_tokenizer import HFChatTokenizer
 from personae.errors import PersonaeError
 from personae.files import atomic_directory
+from personae.models.adapter_files import attach_adapter, load_verified_adapter
 from personae.models.generation_config import FALLBACK, read_generation_config
 from personae.models.io import CONFIG_FILE, load_model, require_file
-from personae.models.lora import (
-    AdapterError,
-    LoRALinear,
-    add_decoder_lora,
-    apply_adapter,
-    load_adapter,
-    lora_settings,
-    merge_lora,
-)
+from personae.models.lora import LoRALinear, lora_settings, merge_lora
 from personae.models.model import PRETRAINED_DECODERS, PersonaeModel
 from personae.models.peft_format import write_peft_adapter
 
@@ -53,8 +48,7 @@ class ExportError(PersonaeError):
 
 
 def load_hf_run(run: Path) -> tuple[PersonaeModel, Config, HFChatTokenizer]:
-    """The run as :func:`load_model` loads it (checksums verified; the run's own chat tokenizer), on the CPU in
-    eval mode; a run without a Hugging Face decoder is an error before its weights are read."""
+    """The run as :func:`load_model` loads it (verified, its own chat tokenizer), in eval mode; no HF decoder: error."""
     decoder = load_config(require_file(run, CONFIG_FILE)).model.decoder
     if not decoder.enabled or decoder.kind not in PRETRAINED_DECODERS:
         kind = decoder.kind if decoder.enabled else "none (model.decoder.enabled is false)"
@@ -78,20 +72,9 @@ def load_run_with_adapter(run: Path, character: str | None = None
                           ) -> tuple[PersonaeModel, Config, HFChatTokenizer]:
     """The run's model with CHARACTER's adapter on it (None: the run's own weights), its config and tokenizer."""
     model, config, tokenizer = load_hf_run(run)
-    if character is not None:
-        _attach(model, character_adapter(run, character))
+    if character is not None:  # checksummed like chat's and the server's, LoRA layers added when it brought them
+        attach_adapter(model, *load_verified_adapter(character_adapter(run, character)))
     return model, config, tokenizer
-
-
-def _attach(model: PersonaeModel, path: Path) -> None:
-    """Put an adapter file on the model (adding the LoRA layers it was made with); LoRA adapters only."""
-    tensors, metadata = load_adapter(path)
-    if lora_settings(model) is None:
-        if "lora_rank" not in metadata:
-            raise AdapterError(f"{path}: records no lora_rank and the model has no LoRA; only LoRA adapters "
-                               "are exported")
-        add_decoder_lora(model, int(metadata["lora_rank"]), float(metadata.get("lora_alpha", 8.0)))
-    apply_adapter(model, tensors)
 
 
 def export_run(run: Path, out: Path, *, character: str | None = None, merge: bool = False) -> Path:
@@ -100,6 +83,9 @@ def export_run(run: Path, out: Path, *, character: str | None = None, merge: boo
     model, config, tokenizer = load_run_with_adapter(run, character)
     if merge:
         return _write_merged(model, tokenizer, run, out)
+    if lora_settings(model) is None and character is not None:
+        raise ExportError(f"the adapter of {character!r} in {run} holds whole weights, not LoRA, and the PEFT format "
+                          "holds LoRA only: export it with --merge, or adapt with --inner-params lora")
     if lora_settings(model) is None:
         raise ExportError(f"{run} carries no LoRA adapter to write in the PEFT format: give --character ID "
                           "(one of the run's adapters) or --merge for a whole model folder")
