@@ -39,7 +39,7 @@ import torch
 
 from personae import __version__
 from personae.data.cards import CharacterCard, default_avatar
-from personae.data.hf_tokenizer import prompt_builder
+from personae.data.hf_tokenizer import HFChatTokenizer, prompt_builder
 from personae.data.images import model_pixels
 from personae.data.prompt import Prompt, PromptTooLong, Turn, client_system_card
 from personae.data.tokenizer import Tokenizer
@@ -103,7 +103,9 @@ class CompletionService:
         self._default_pixels: dict[str, torch.Tensor] = {}
         # the most characters one token covers (byte-level BPE: one vocabulary character per byte): a text's
         # length over it is a floor on its tokens, known before tokenizing
-        self.max_token_chars = max(1, max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True))))
+        vocab = (tokenizer.hf.get_vocab() if isinstance(tokenizer, HFChatTokenizer)  # an HF decoder's own tokenizer
+                 else tokenizer.backend.get_vocab(with_added_tokens=True))
+        self.max_token_chars = max(1, max(map(len, vocab)))
         self._lock = threading.Lock()
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedRequest:
