@@ -219,3 +219,33 @@ def test_an_adapter_of_whole_weights_exports_merged_and_is_refused_as_peft(runs,
     expected = personae_logits(run, "agent-nightshade")
     assert (personae_logits(run, None) - expected).abs().max() > 1e-3  # the adapter's weights are what is exported
     torch.testing.assert_close(hf_logits(lm), expected, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def meta_runs(runs, small_world, tmp_path_factory) -> dict[str, Path]:
+    """`personae meta-train --algo lora-maml` two steps from the fine-tuned Llama and GPT-2 runs (their own LoRA)."""
+    root = tmp_path_factory.mktemp("meta")
+    for family in ("llama", "gpt2"):
+        assert main(["-q", "meta-train", str(runs[family]), "--data", str(small_world), "--out", str(root / family),
+                     "--algo", "lora-maml", "--meta.persona_swap=false", "--meta.inner_optimizer=sgd",
+                     "--meta.inner_lr=0.05", "--meta.train.steps=2", "--meta.train.warmup_steps=1",
+                     "--meta.train.lr=3e-2", "--meta.meta_batch=2", "--meta.support=1", "--meta.query=1",
+                     "--meta.inner_steps=1"]) == 0
+    return {family: root / family for family in ("llama", "gpt2")}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_lora_maml_run_exports_its_own_lora_for_peft_and_merged(family, meta_runs, tmp_path):
+    run = meta_runs[family]
+    out = export_run(run, tmp_path / "peft")  # no --character: the run's meta-learned LoRA initialisation
+    base_folder = json.loads((out / PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"]
+    assert base_folder == str((out / "base").resolve())  # meta-training moved the base weights too
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, local_files_only=True)
+    plain = hf_logits(base)
+    theirs = peft.PeftModel.from_pretrained(base, out).eval()
+    expected = personae_logits(run, None)
+    assert (plain - expected).abs().max() > 1e-4  # the run's LoRA is what makes them equal
+    torch.testing.assert_close(hf_logits(theirs), expected, rtol=0, atol=1e-5)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "merged", merge=True),
+                                                               local_files_only=True).eval()
+    torch.testing.assert_close(hf_logits(merged), expected, rtol=0, atol=1e-5)

@@ -92,4 +92,5 @@ def attach_adapter(model: PersonaeModel, tensors: Mapping[str, torch.Tensor], me
     apply_adapter(model, tensors)
 
 
-__all__ = ["MANIFEST_SUFFIX", "attach_adapter", "load_verified_adapter", "manifest_path", "save_verified_adapter", "verify_adapter"]
+__all__ = ["MANIFEST_SUFFIX", "attach_adapter", "load_verified_adapter", "manifest_path", "save_verified_adapter",
+           "verify_adapter"]

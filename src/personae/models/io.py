@@ -46,7 +46,7 @@ CHAT_TOKENIZER_FILE = "chat_tokenizer.json"  # runs with a Hugging Face decoder:
 STATE_FILE = "trainer_state.json"  # written last when a folder is updated in place
 MANIFEST_FILE = "checkpoint.json"  # {"format": 1, "files": {name: {"sha256": hex, "bytes": n}}}
 MODEL_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE)
-ALIASES_KEY = "personae_aliases"  # model.safetensors metadata: JSON {alias: name} of state-dict names tied to one tensor
+ALIASES_KEY = "personae_aliases"  # model.safetensors metadata: JSON {alias: name}, names tied to one tensor
 _HASH_CHUNK = 1 << 20
 
 
