@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from personae.config import Config, load_config, save_config
@@ -184,8 +184,8 @@ def _verify_file(path: Path, expected: dict[str, object], manifest: Path) -> Non
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, tied names given back (:func:`save_state_dict`); unreadable: a CheckpointError."""
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (no __contains__)
             metadata = handle.metadata() or {}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
