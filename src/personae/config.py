@@ -194,6 +194,16 @@ class FinetuneCfg:
     # the reply loss weighs reply tokens of the data kind's content kinds (the scene world: object
     # names, numbers, yes/no, positions) this much and other reply tokens 1 (1: a plain mean)
     content_weight: float = 1.0
+    # a new decoder starts from the pretrained text tower's word embeddings and blocks (false: from a
+    # random init; the text tower's embeddings keep a decoder on the plateau before copying, see
+    # docs/lab/2026-12-02-copy-first.md)
+    decoder_from_text: bool = True
+    # steps of the copy warm-up before role-play (0: none): the decoder learns associative recall on
+    # random tokens (a segment, then its repeat) so it can carry words from its context into replies
+    # (personae.tasks.recall); its own learning rate and sequence length:
+    recall_steps: int = 0
+    recall_lr: float = 3e-3
+    recall_length: int = 64
 
 
 @dataclass

@@ -148,3 +148,15 @@ def test_region_word_alignment_and_content_weighting_train_on_a_scene_world(pret
     with pytest.raises(PersonaeError, match="content_weight weighs the content words"):  # a plain folder names none
         run_finetune(pretrained_run, data, tmp_path / "bad", apply_overrides(run_config(pretrained_run),
                      [*plain, "finetune.align_weight=0", "finetune.content_weight=3"]), progress=False)
+
+
+def test_the_copy_warm_up_runs_before_fine_tuning_and_not_on_resume(pretrained_run, small_world, tmp_path, capsys):
+    overrides = ["finetune.train.steps=2", "finetune.train.save_every=1", "finetune.recall_steps=3",
+                 "finetune.recall_length=16", "finetune.decoder_from_text=false"]
+    cfg = apply_overrides(run_config(pretrained_run), overrides)
+    run_finetune(pretrained_run, small_world, tmp_path / "warm", cfg, progress=True, stop_at=1)
+    assert "copy warm-up: 3 steps" in capsys.readouterr().out
+    record = json.loads((tmp_path / "warm" / "recall_warmup.json").read_text())
+    assert [row["step"] for row in record["history"]] == [1, 2, 3]
+    state = run_finetune(pretrained_run, small_world, tmp_path / "warm", cfg, progress=True, resume=True)
+    assert state.step == 2 and "copy warm-up" not in capsys.readouterr().out  # the checkpoint holds its weights
