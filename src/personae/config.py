@@ -200,10 +200,10 @@ class FinetuneCfg:
     decoder_from_text: bool = True
     # steps of the copy warm-up before role-play (0: none): the decoder learns associative recall on
     # random tokens (a segment, then its repeat) so it can carry words from its context into replies
-    # (personae.tasks.recall); its own learning rate and sequence length:
+    # (personae.tasks.recall)
     recall_steps: int = 0
-    recall_lr: float = 3e-3
-    recall_length: int = 64
+    recall_lr: float = 3e-3  # the warm-up's AdamW learning rate (a constant after a 10 % linear ramp)
+    recall_length: int = 64  # tokens per warm-up sequence: a random segment of half of them, then its repeat
 
 
 @dataclass
