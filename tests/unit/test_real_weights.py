@@ -14,17 +14,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 
 from personae.config import ModelCfg, TextCfg, VisionCfg
 from personae.data.images import normalize_pixels
-from personae.models.efficientnet import (EfficientNetLite, SamePadConv2d, build_efficientnet_tower,
-                                          load_efficientnet, rename_package_keys)
+from personae.models.efficientnet import (
+    EfficientNetLite,
+    SamePadConv2d,
+    build_efficientnet_tower,
+    load_efficientnet,
+    rename_package_keys,
+)
 from personae.models.hf_towers import HFTextTower
 from personae.models.model import PersonaeModel
 from personae.models.registry_weights import package_file
+from personae.train.pretrain import run_pretrain
 from personae.world.catalog import OBJECTS, glyphs_at
 from personae.world.scene import Placed, Scene, SceneRenderer
 from personae.world.settings import SETTINGS
+from tests.conftest import micro_config
 
 # world object -> its ImageNet-1k class index (the standard synset order): what a rendered emoji
 # of the object should be called; the first seven are named top-1, the rest at least in the top 5
@@ -175,3 +183,22 @@ def test_minilm_sentence_embeddings_match_the_sentence_transformers_recipe():
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
     similarity = ours @ ours.T
     assert similarity[0, 1] > similarity[0, 2] + 0.2  # the paraphrase scores above the unrelated sentence
+
+
+@pytest.mark.slow
+def test_a_locked_minilm_stays_bit_identical_through_pretraining_steps(small_world, tmp_path):
+    folder = package_file("all-minilm-l6-v2")
+    cfg = micro_config("train.steps=3", "model.text.kind=hf", f"model.text.path={folder}", "model.text.vocab_size=0",
+                       "model.text.pooling=mean", "model.text.locked=true")
+    state = run_pretrain(small_world, tmp_path / "run", cfg, progress=False)
+    assert len(state.history) == 3 and all(torch.isfinite(torch.tensor(row["loss"])) for row in state.history)
+    run = load_file(str(tmp_path / "run" / "model.safetensors"))
+    # the next-sentence pooler is dropped; position_ids is a constant buffer the old file happens to hold
+    packaged = {f"text.model.{key}": value for key, value in load_file(str(folder / "model.safetensors")).items()
+                if not key.startswith("pooler.") and key != "embeddings.position_ids"}
+    assert {key for key in run if key.startswith("text.")} == set(packaged)
+    for key, value in packaged.items():
+        # locked: bit-identical after three optimiser steps (rows personae's special tokens add aside)
+        assert torch.equal(run[key][:value.shape[0]], value), key
+    assert run["text.model.embeddings.word_embeddings.weight"].shape[0] >= 30522
+    assert cfg.model.text.width == 384
