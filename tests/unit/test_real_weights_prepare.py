@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ import transformers
 
 from personae.app import cli
 from personae.app.cli import main
-from personae.config import TextCfg
+from personae.config import TextCfg, apply_overrides, load_preset
 from personae.data.hf_tokenizer import HFChatTokenizer
 from personae.errors import DataError
 from personae.models import registry_weights
 from personae.models.efficientnet import load_efficientnet
 from personae.models.hf_decoder import load_causal_lm
 from personae.models.hf_towers import HFTextTower
+from personae.models.model import PersonaeModel
 from personae.models.registry_weights import PREPARED_FILE, REGISTRY_MODELS, package_file, prepare, sha256_of
 
 
@@ -103,11 +105,18 @@ def _perplexity(model, tokenizer, text: str) -> float:
         return torch.exp(model(ids, labels=ids).loss).item()
 
 
-@pytest.mark.slow
-def test_smollm2_converts_from_gguf_to_a_folder_that_speaks_english(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2(prepared) -> tuple[Path, float]:
+    """SmolLM2 prepared beside the others: (folder, seconds the conversion took)."""
     started = time.perf_counter()
-    folder = prepare("smollm2-135m-instruct", tmp_path)
-    assert time.perf_counter() - started < 120  # measured 27 s on 1 thread
+    folder = prepare("smollm2-135m-instruct", prepared[0])
+    return folder, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_smollm2_converts_from_gguf_to_a_folder_that_speaks_english(smollm2):
+    folder, seconds = smollm2
+    assert seconds < 120  # measured 27 s on 1 thread
     assert (folder / "model.safetensors").stat().st_size < 300e6  # bf16: 135 M parameters, 2 bytes each
     model, tokenizer = load_causal_lm(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == "llama" and model.config.vocab_size == 49152
@@ -119,3 +128,22 @@ def test_smollm2_converts_from_gguf_to_a_folder_that_speaks_english(tmp_path):
     prompt = chat.render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHello<|im_end|>" in prompt
     assert chat.eos_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # a reply ends its turn
+
+
+@pytest.mark.slow
+def test_the_real_preset_builds_from_the_prepared_folders(prepared, smollm2):
+    _, folders = prepared
+    cfg = apply_overrides(load_preset("real"), [
+        f"--model.vision.path={folders['efficientnet-lite0']}", f"--model.text.path={folders['all-minilm-l6-v2']}",
+        f"--model.decoder.path={smollm2[0]}", "--model.decoder.enabled=true"])
+    model = PersonaeModel(cfg.model).train()
+    assert (cfg.model.vision.width, cfg.model.vision.patch_size, model.vision.grid) == (1280, 32, 9)
+    assert (cfg.model.text.width, cfg.model.text.vocab_size) == (384, 30522)
+    assert model.image_prefix_length() == 1 + 3 * 3  # one region per world cell
+    assert not model.vision.training and not model.text.training  # both towers locked
+    assert not any(p.requires_grad for p in [*model.vision.parameters(), *model.text.parameters()])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    logits = model.lm_logits(torch.randn(1, 3, 288, 288), ids)
+    assert logits.shape == (1, 4, 49152) and torch.isfinite(logits).all()
+    logits[0, -1].logsumexp(-1).backward()
+    assert model.decoder.image_proj[0].weight.grad is not None  # the projector learns
