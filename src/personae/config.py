@@ -199,15 +199,8 @@ class FinetuneCfg:
     # names, numbers, yes/no, positions) this much and other reply tokens 1 (1: a plain mean)
     content_weight: float = 1.0
     # a new decoder starts from the pretrained text tower's word embeddings and blocks (false: from a
-    # random init; the text tower's embeddings keep a decoder on the plateau before copying, see
-    # docs/lab/2026-12-02-copy-first.md)
+    # random init, which the tiny preset uses: see docs/lab/2026-12-02-copy-first.md)
     decoder_from_text: bool = True
-    # steps of the copy warm-up before role-play (0: none): the decoder learns associative recall on
-    # random tokens (a segment, then its repeat) so it can carry words from its context into replies
-    # (personae.tasks.recall)
-    recall_steps: int = 0
-    recall_lr: float = 3e-3  # the warm-up's AdamW learning rate (a constant after a 10 % linear ramp)
-    recall_length: int = 64  # tokens per warm-up sequence: a random segment of half of them, then its repeat
 
 
 @dataclass

@@ -150,13 +150,17 @@ def test_region_word_alignment_and_content_weighting_train_on_a_scene_world(pret
                      [*plain, "finetune.align_weight=0", "finetune.content_weight=3"]), progress=False)
 
 
-def test_the_copy_warm_up_runs_before_fine_tuning_and_not_on_resume(pretrained_run, small_world, tmp_path, capsys):
-    overrides = ["finetune.train.steps=2", "finetune.train.save_every=1", "finetune.recall_steps=3",
-                 "finetune.recall_length=16", "finetune.decoder_from_text=false"]
-    cfg = apply_overrides(run_config(pretrained_run), overrides)
-    run_finetune(pretrained_run, small_world, tmp_path / "warm", cfg, progress=True, stop_at=1)
-    assert "copy warm-up: 3 steps" in capsys.readouterr().out
-    record = json.loads((tmp_path / "warm" / "recall_warmup.json").read_text())
-    assert [row["step"] for row in record["history"]] == [1, 2, 3]
-    state = run_finetune(pretrained_run, small_world, tmp_path / "warm", cfg, progress=True, resume=True)
-    assert state.step == 2 and "copy warm-up" not in capsys.readouterr().out  # the checkpoint holds its weights
+
+def test_a_new_decoder_starts_from_the_text_tower_only_when_asked(pretrained_run):
+    import torch
+
+    from personae.train.finetune import model_with_decoder
+
+    seeded, _, _ = model_with_decoder(pretrained_run, apply_overrides(run_config(pretrained_run),
+                                                                       ["finetune.decoder_from_text=true"]))
+    fresh, _, _ = model_with_decoder(pretrained_run, apply_overrides(run_config(pretrained_run),
+                                                                      ["finetune.decoder_from_text=false"]))
+    text = seeded.text.tok_embed.weight
+    assert torch.equal(seeded.decoder.tok_embed.weight, text)
+    assert not torch.equal(fresh.decoder.tok_embed.weight, text)
+    assert torch.equal(fresh.text.tok_embed.weight, text)  # the pretrained towers load either way

@@ -5,7 +5,6 @@ parameter use inside one forward.
 """
 
 from personae.tasks.pretrain import PretrainTask
-from personae.tasks.recall import RecallTask, recall_batch
 from personae.tasks.roleplay import RolePlayTask, dense_roleplay_task
 
-__all__ = ["PretrainTask", "RecallTask", "RolePlayTask", "dense_roleplay_task", "recall_batch"]
+__all__ = ["PretrainTask", "RolePlayTask", "dense_roleplay_task"]

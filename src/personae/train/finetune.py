@@ -24,7 +24,6 @@ from personae.models.model import PersonaeModel
 from personae.tasks import RolePlayTask
 from personae.train.distributed import init_distributed
 from personae.train.pretrain import wrap_ddp
-from personae.train.recall import save_recall, warm_up_recall
 from personae.train.trainer import Trainer, TrainerState
 
 
@@ -86,15 +85,6 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = 
     copy_cards(data_dir / "characters", out_dir / "characters", {r.character for r in records})
     if dist.is_primary:
         write_generation_config(out_dir, recommended_generation(cfg))
-    if cfg.finetune.recall_steps > 0 and not resume:  # a resumed run's weights come from its checkpoint
-        summary = warm_up_recall(model, cfg.finetune, max(tokenizer.special_ids) + 1, dist.device,
-                                 progress=progress and dist.is_primary)
-        if dist.is_primary:
-            save_recall(out_dir, summary)
-            last = summary["history"][-1]
-            if progress:
-                print(f"copy warm-up: {cfg.finetune.recall_steps} steps, recall loss {last['loss']:.3f}, "
-                      f"accuracy {last['recall_acc']:.3f}")
     task = wrap_ddp(RolePlayTask(model, cfg.finetune), dist)
     trainer = Trainer(task, model, dataset, partial(collate_roleplay, pad_id=tokenizer.pad_id), cfg, tokenizer,
                       out_dir, dist, stage="finetune", progress=progress, train_cfg=cfg.finetune.train)
