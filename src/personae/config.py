@@ -117,6 +117,9 @@ class DecoderCfg:
     mlp_ratio: float = 4.0  # MLP hidden width / width
     max_len: int = 256  # positions: image prefix + prompt + reply
     shift: int = 0  # q, k, v also mix in those of this many previous tokens (models/decoder.py)
+    # the decoder's own weights stay fixed; its image projector and LoRA adapters (model.lora_rank)
+    # still train: a LoRA fine-tune of a pretrained LM
+    locked: bool = False
 
 
 @dataclass
@@ -154,7 +157,13 @@ class TrainCfg:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
     warmup_steps: int = 50  # linear warm-up steps before the cosine decay
     clip_grad_norm: float = 1.0  # clip the gradient norm to this (0: no clipping)
-    bf16: bool = False  # autocast the forward pass to bfloat16
+    # autocast the forward and backward passes to bfloat16 on the run's device (CPU or CUDA); the
+    # weights, their gradients, the optimizer and the losses stay float32
+    bf16: bool = False
+    # recompute each block's activations in the backward pass instead of keeping them (less memory,
+    # about a third more compute): personae's own blocks through torch.utils.checkpoint, Hugging Face
+    # models through their gradient_checkpointing_enable (personae.models.checkpointing); not meta.train
+    gradient_checkpointing: bool = False
     seed: int = 0  # seeds the initialisation (pretraining) and the order of the batches
     log_every: int = 10  # steps between log lines (metrics.jsonl)
     save_every: int = 200  # steps between checkpoints

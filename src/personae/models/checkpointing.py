@@ -1,0 +1,54 @@
+"""Gradient checkpointing: blocks recompute their activations in the backward pass (less memory, more compute).
+
+personae's own blocks (vision and text encoder blocks, fusion layers, decoder blocks) run under
+`torch.utils.checkpoint` (non-reentrant) while the model trains with gradients on; Hugging Face
+modules inside the model (an HF decoder's LM, CLIP / SigLIP / BERT towers) use their own
+`activation_checkpointing_enable`. The state dict's names do not change: a block keeps its class and
+only its `forward` is wrapped, so checkpoints load the same with or without.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from personae.models.decoder import DecoderBlock
+from personae.models.fusion import CrossFusionLayer
+from personae.models.layers import Block
+
+OWN_BLOCKS = (Block, DecoderBlock, CrossFusionLayer)  # the repeated units whose activations dominate memory
+
+
+def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward`, recomputed in backward when `module` trains with gradients (plain otherwise: eval, caches)."""
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    run.personae_checkpointed = True  # type: ignore[attr-defined]
+    return run
+
+
+def enable_checkpointing(model: nn.Module) -> int:
+    """Turn gradient checkpointing on in every own block and HF model inside `model`; return how many it switched.
+
+    Idempotent: a block already wrapped, or an HF model already checkpointing (an outer HF model
+    switches on its inner ones), is left as it is and not counted.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, OWN_BLOCKS):
+            if not getattr(module.forward, "personae_checkpointed", False):
+                module.forward = _checkpointed(module, module.forward)
+                count += 1
+        elif getattr(module, "supports_gradient_checkpointing", False) and hasattr(module, "is_activation_checkpointing"):
+            if not module.is_activation_checkpointing:  # transformers >= 5.24 (the hf extra's floor)
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                count += 1
+    return count
