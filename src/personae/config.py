@@ -39,7 +39,9 @@ TEXT_POOLINGS = ("cls", "mean")  # the text embedding for ITC: the first token's
 REMOVED_KEYS = ("train.eval_every", "finetune.train.eval_every", "meta.train.eval_every",
                 "model.decoder.conditioning", "model.decoder.copy")
 # Keys of older runs that live on under a new name: load_config moves them, with a note.
-RENAMED_KEYS = {"meta.adapt": "meta.inner_params"}
+# finetune.freeze_vision said what model.vision.locked says (the fine-tune stage applies its model
+# section's locks to the loaded run, personae.models.model.PersonaeModel.lock_parts).
+RENAMED_KEYS = {"meta.adapt": "meta.inner_params", "finetune.freeze_vision": "model.vision.locked"}
 
 
 def choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -192,7 +194,6 @@ class FinetuneCfg:
     # the fine-tuning stage's optimisation
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=800, batch_size=32, lr=1e-3, warmup_steps=50))
     include_examples: bool = True  # the card's example messages go into every prompt
-    freeze_vision: bool = False  # keep the image tower's weights fixed
     max_new_tokens: int = 64  # room kept free in the decoder for a reply when prompts are cut
     # greedy replies in evaluation and chat: no n-gram more than this many times in a row (0: off;
     # personae.models.next_token.ban_loops)
@@ -442,5 +443,8 @@ def _upgrade_legacy_keys(data: dict[str, Any], path: Path) -> None:
         node = data
         for key in parents:
             node = node.setdefault(key, {})
-        node.setdefault(last, value)
+        if last in node and node[last] != value:  # a full config.json holds the new key too: it wins
+            log.info("%s: dropped the old key '%s' = %r ('%s' = %r is set)", path, old, value, new, node[last])
+            continue
+        node[last] = value
         log.info("%s: read the old key '%s' as '%s' = %r", path, old, new, value)

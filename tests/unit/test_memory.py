@@ -171,3 +171,14 @@ def test_a_locked_hf_decoder_trains_only_its_projector_and_lora(llama):
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert trainable_summary(model) == f"trainable parameters: {count:,} of {total:,} ({100 * count / total:.2f} %)"
+
+
+def test_a_later_stage_locks_the_parts_its_config_names():
+    model = own_model("model.lora_rank=2")  # built unlocked, as a loaded run with a decoder is
+    later = micro_config("model.decoder.enabled=true", "model.vision.locked=true", "model.decoder.locked=true").model
+    model.lock_parts(later)
+    assert not any(p.requires_grad for p in model.vision.parameters()) and model.cfg.vision.locked
+    assert model.train().vision.training is False  # kept in eval mode by train()
+    trainable = [n for n, p in model.decoder.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("image_proj.") or n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert all(p.requires_grad for p in model.text.parameters())  # not named: left as it is

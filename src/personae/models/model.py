@@ -146,6 +146,20 @@ class PersonaeModel(nn.Module):
         if self.decoder is not None and cfg.decoder.locked:
             self.lock_decoder()
 
+    def lock_parts(self, cfg: ModelCfg) -> None:
+        """Lock what `cfg` (a later stage's model section) says is locked: model.vision / text / decoder.locked.
+
+        One way only: a part this model was built locked stays locked. The towers' flags are copied
+        into the model's own config, so train() keeps them in eval mode.
+        """
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            if getattr(cfg, name).locked:
+                getattr(self.cfg, name).locked = True
+                tower.requires_grad_(False).eval()
+        if cfg.decoder.locked and self.decoder is not None:
+            self.cfg.decoder.locked = True
+            self.lock_decoder()
+
     def lock_decoder(self) -> None:
         """model.decoder.locked: the decoder's weights fixed except its image projector and LoRA adapters.
 
