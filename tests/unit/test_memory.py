@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -95,6 +96,19 @@ def test_checkpointing_recomputes_in_backward():
     with torch.no_grad():
         model.eval().lm_logits(None, torch.tensor([[5, 6, 7]]))
     assert len(calls) == 3  # eval / no grad: a plain forward
+
+
+def test_a_deep_copy_checkpoints_its_own_blocks():
+    model = own_model()
+    enable_checkpointing(model)
+    twin = copy.deepcopy(model)
+    assert twin.decoder.blocks[0].forward.args[0] is twin.decoder.blocks[0]
+    assert enable_checkpointing(twin) == 0  # already on in the copy
+    with torch.no_grad():
+        for p in twin.decoder.parameters():
+            p.add_(0.1)
+    batch = batch_for(model, model.cfg.text.vocab_size)
+    assert not torch.allclose(loss_and_grads(model, batch)[0], loss_and_grads(twin, batch)[0])
 
 
 def run_trainer(model: PersonaeModel, tmp_path: Path, name: str, *overrides: str, steps: int = 3) -> Trainer:

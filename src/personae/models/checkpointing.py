@@ -10,7 +10,6 @@ only its `forward` is wrapped, so checkpoints load the same with or without.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,15 +23,17 @@ from personae.models.layers import Block
 OWN_BLOCKS = (Block, DecoderBlock, CrossFusionLayer)  # the repeated units whose activations dominate memory
 
 
-def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """`forward`, recomputed in backward when `module` trains with gradients (plain otherwise: eval, caches)."""
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if module.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-    run.personae_checkpointed = True  # type: ignore[attr-defined]
-    return run
+def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The class's forward, recomputed in backward when `module` trains with gradients (plain otherwise: eval, caches)."""
+    forward = functools.partial(type(module).forward, module)
+    if module.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _is_checkpointed(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, functools.partial) and forward.func is _checkpointed_forward
 
 
 def enable_checkpointing(model: nn.Module) -> int:
@@ -44,8 +45,9 @@ def enable_checkpointing(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, OWN_BLOCKS):
-            if not getattr(module.forward, "personae_checkpointed", False):
-                module.forward = _checkpointed(module, module.forward)
+            if not _is_checkpointed(module):
+                # a partial over the module, not a closure: deepcopy and pickling carry it to the copy
+                module.forward = functools.partial(_checkpointed_forward, module)
                 count += 1
         elif getattr(module, "supports_gradient_checkpointing", False) and hasattr(module, "is_activation_checkpointing"):
             if not module.is_activation_checkpointing:  # transformers >= 5.24 (the hf extra's floor)
