@@ -39,7 +39,9 @@ TEXT_POOLINGS = ("cls", "mean")  # the text embedding for ITC: the first token's
 REMOVED_KEYS = ("train.eval_every", "finetune.train.eval_every", "meta.train.eval_every",
                 "model.decoder.conditioning", "model.decoder.copy")
 # Keys of older runs that live on under a new name: load_config moves them, with a note.
-RENAMED_KEYS = {"meta.adapt": "meta.inner_params"}
+# finetune.freeze_vision said what model.vision.locked says (the fine-tune stage applies its model
+# section's locks to the loaded run, personae.models.model.PersonaeModel.lock_parts).
+RENAMED_KEYS = {"meta.adapt": "meta.inner_params", "finetune.freeze_vision": "model.vision.locked"}
 
 
 def choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -117,6 +119,9 @@ class DecoderCfg:
     mlp_ratio: float = 4.0  # MLP hidden width / width
     max_len: int = 256  # positions: image prefix + prompt + reply
     shift: int = 0  # q, k, v also mix in those of this many previous tokens (models/decoder.py)
+    # the decoder's own weights stay fixed; its image projector and LoRA adapters (model.lora_rank)
+    # still train: a LoRA fine-tune of a pretrained LM
+    locked: bool = False
 
 
 @dataclass
@@ -154,7 +159,13 @@ class TrainCfg:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
     warmup_steps: int = 50  # linear warm-up steps before the cosine decay
     clip_grad_norm: float = 1.0  # clip the gradient norm to this (0: no clipping)
-    bf16: bool = False  # autocast the forward pass to bfloat16
+    # autocast the forward and backward passes to bfloat16 on the run's device (CPU or CUDA); the
+    # weights, their gradients, the optimizer and the losses stay float32
+    bf16: bool = False
+    # recompute each block's activations in the backward pass instead of keeping them (less memory,
+    # about a third more compute): personae's own blocks through torch.utils.checkpoint, Hugging Face
+    # models through their gradient_checkpointing_enable (personae.models.checkpointing); not meta.train
+    gradient_checkpointing: bool = False
     seed: int = 0  # seeds the initialisation (pretraining) and the order of the batches
     log_every: int = 10  # steps between log lines (metrics.jsonl)
     save_every: int = 200  # steps between checkpoints
@@ -183,7 +194,6 @@ class FinetuneCfg:
     # the fine-tuning stage's optimisation
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=800, batch_size=32, lr=1e-3, warmup_steps=50))
     include_examples: bool = True  # the card's example messages go into every prompt
-    freeze_vision: bool = False  # keep the image tower's weights fixed
     max_new_tokens: int = 64  # room kept free in the decoder for a reply when prompts are cut
     # greedy replies in evaluation and chat: no n-gram more than this many times in a row (0: off;
     # personae.models.next_token.ban_loops)
@@ -426,5 +436,8 @@ def _upgrade_legacy_keys(data: dict[str, Any], path: Path) -> None:
         node = data
         for key in parents:
             node = node.setdefault(key, {})
-        node.setdefault(last, value)
+        if last in node and node[last] != value:  # a full config.json holds the new key too: it wins
+            log.info("%s: dropped the old key '%s' = %r ('%s' = %r is set)", path, old, value, new, node[last])
+            continue
+        node[last] = value
         log.info("%s: read the old key '%s' as '%s' = %r", path, old, new, value)

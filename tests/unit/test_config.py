@@ -179,3 +179,19 @@ def test_meta_defaults_have_one_source():
 
     assert meta.MetaCfg is MetaCfg and maml.MetaCfg is MetaCfg
     assert meta.META["maml"](torch.nn.Linear(2, 1)).cfg == MetaCfg(algo="maml")
+
+
+def test_finetune_freeze_vision_is_read_as_model_vision_locked(tmp_path, caplog):
+    data = to_dict(load_preset("tiny"))
+    data["finetune"]["freeze_vision"] = True  # an older run's key, or a user's YAML
+    del data["model"]["vision"]["locked"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="personae.config"):
+        assert load_config(path).model.vision.locked is True
+    assert "'finetune.freeze_vision' as 'model.vision.locked'" in caplog.text
+    data["model"]["vision"]["locked"] = False  # a full config.json holds the new key: it wins, with a note
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="personae.config"):
+        assert load_config(path).model.vision.locked is False
+    assert "dropped the old key 'finetune.freeze_vision' = True ('model.vision.locked' = False is set)" in caplog.text

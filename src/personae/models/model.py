@@ -18,7 +18,7 @@ from personae.models.decoder import Decoder
 from personae.models.fusion import FusionOutput, build_fusion
 from personae.models.generation import Generation, SamplingParams, generate
 from personae.models.layers import init_weights
-from personae.models.lora import add_decoder_lora
+from personae.models.lora import LORA_MARKERS, add_decoder_lora
 from personae.models.text import TextEncoder
 from personae.models.vision import VisionEncoder, pool_regions
 
@@ -143,6 +143,33 @@ class PersonaeModel(nn.Module):
                 raise ValueError("model.lora_rank > 0 puts LoRA adapters on the decoder, but model.decoder.enabled "
                                  "is false")
             add_decoder_lora(self, cfg.lora_rank, cfg.lora_alpha)
+        if self.decoder is not None and cfg.decoder.locked:
+            self.lock_decoder()
+
+    def lock_parts(self, cfg: ModelCfg) -> None:
+        """Lock what `cfg` (a later stage's model section) says is locked: model.vision / text / decoder.locked.
+
+        One way only: a part this model was built locked stays locked. The towers' flags are copied
+        into the model's own config, so train() keeps them in eval mode.
+        """
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            if getattr(cfg, name).locked:
+                getattr(self.cfg, name).locked = True
+                tower.requires_grad_(False).eval()
+        if cfg.decoder.locked and self.decoder is not None:
+            self.cfg.decoder.locked = True
+            self.lock_decoder()
+
+    def lock_decoder(self) -> None:
+        """model.decoder.locked: the decoder's weights fixed except its image projector and LoRA adapters.
+
+        Adapters added later (meta-training, adaptation) are new parameters and train as well.
+        """
+        self.decoder.requires_grad_(False)
+        self.decoder.image_proj.requires_grad_(True)
+        for name, param in self.decoder.named_parameters():
+            if name.rsplit(".", 1)[-1] in LORA_MARKERS:
+                param.requires_grad_(True)
 
     def _locked_towers(self) -> list[nn.Module]:
         """The towers whose config says locked (model.vision.locked, model.text.locked)."""

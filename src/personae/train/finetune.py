@@ -68,8 +68,7 @@ def run_finetune(run: Path, data_dir: Path, out_dir: Path, cfg: Config | None = 
         raise PersonaeError("the fine-tuned run needs its own --out folder (it would overwrite its start)")
     model, cfg, tokenizer = model_with_decoder(run, cfg)
     model = model.to(dist.device)
-    if cfg.finetune.freeze_vision:
-        model.vision.requires_grad_(False)
+    model.lock_parts(cfg.model)  # this stage's model.*.locked, on a loaded decoder too
     records = read_dialogues(data_dir / "dialogues.jsonl", split="train", character_split="train")
     cards = load_character_cards(data_dir / "characters")
     require_cards(records, cards, data_dir / "dialogues.jsonl")

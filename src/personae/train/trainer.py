@@ -7,7 +7,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from personae.config import Config, ConfigError, TrainCfg
 from personae.data.tokenizer import Tokenizer
+from personae.models.checkpointing import enable_checkpointing
 from personae.models.io import MODEL_FILE, load_tensors, require_file
 from personae.models.model import PersonaeModel
 from personae.train.checkpoint import (
@@ -124,6 +125,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def trainable_summary(model: nn.Module, extra: Iterable[nn.Module] = ()) -> str:
+    """'trainable parameters: N of M (p %)' over the model and any extra modules the optimizer trains."""
+    params = {id(p): p for module in (model, *extra) for p in module.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f} %)"
+
+
 class Trainer:
     """Runs `task(batch, generator=...) -> {"loss": ..., metrics...}` for cfg.train.steps optimizer steps.
 
@@ -147,6 +156,10 @@ class Trainer:
         if (dataset is None) == (batch_fn is None):
             raise ValueError("the Trainer takes its batches from a dataset or from batch_fn: give exactly one")
         self.config, self.cfg, self.tokenizer = config, train_cfg or config.train, tokenizer
+        if self.cfg.gradient_checkpointing:
+            if stage == "meta":  # the inner loop's functional calls and second-order grads go around the wrapper
+                raise ConfigError("meta.train.gradient_checkpointing is not supported by meta-training: set it to false")
+            enable_checkpointing(model)
         self.task = torch.compile(task) if self.cfg.compile else task  # the stage's own `compile` key
         self.model, self.dataset, self.collate = model, dataset, collate
         self.run_dir, self.dist, self.stage = Path(run_dir), dist, stage
@@ -158,6 +171,8 @@ class Trainer:
         if extra:
             self.optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         self.state = TrainerState(stage=stage)
+        if self.progress:
+            print(trainable_summary(model, self.aux.values()))
 
     def resume(self) -> int:
         """Load the newest intact checkpoint of the run (weights, optimizer, step); return the step."""
