@@ -85,14 +85,14 @@ def test_under_a_real_terminal_errors_and_ctrl_c_leave_the_session_running(finet
     # the tmux server may be older than this test: the environment goes on the command line
     paths = os.pathsep.join(sys.path)
     command = ["env", f"PYTHONPATH={paths}", "OMP_NUM_THREADS=1", sys.executable, "-m", "personae.app.cli", "chat", str(finetuned_run), "--character", CHARACTER,
-               "--max-tokens", "200", "--temperature", "1.0", "--seed", "3"]
+               "--max-tokens", "300", "--temperature", "4.0", "--seed", "3"]  # hot: the end token stays unlikely
     subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "200", "-y", "50", *command], check=True)
     try:
         _wait_for(name, "User>")
         _send(name, "word " * 700)  # over the model's context
         _wait_for(name, "the chat goes on")
         _wait_for(name, "User>", count=2)
-        _send(name, "Tell me everything.")  # 200 tokens: Ctrl-C lands while they stream
+        _send(name, "Tell me everything.")  # 300 tokens: Ctrl-C lands while they stream
         _wait_for_reply(name)
         subprocess.run(["tmux", "send-keys", "-t", name, "C-c"], check=True)
         _wait_for(name, "(stopped)")
