@@ -43,7 +43,6 @@ class WordKinds:
         return kinds
 
 
-
 @dataclass(frozen=True)
 class ContentWeighting:
     """finetune.content_weight: reply tokens of the content kinds weigh `weight` in the reply loss, the rest 1."""

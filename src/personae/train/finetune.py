@@ -33,7 +33,7 @@ def run_config(run: Path) -> Config:
 
 
 def model_with_decoder(run: Path, cfg: Config | None = None) -> tuple[PersonaeModel, Config, Tokenizer]:
-    """Load a run and give it a decoder: a pretrained run's decoder is seeded from its text tower (finetune.decoder_from_text).
+    """Load a run and give it a decoder (seeded from the text tower when finetune.decoder_from_text says so).
 
     The settings are a copy of `cfg` (default: the run's own config), so the caller's is not changed.
     """
