@@ -96,17 +96,14 @@ def _health_latencies(url: str, until: threading.Event, out: list[float]) -> Non
             time.sleep(0.05)
 
 
-def test_health_answers_within_a_second_while_three_4mb_requests_are_in_flight(
-        make_app: Callable[..., FastAPI], serve_app: Callable[[FastAPI], str]) -> None:
-    url = serve_app(make_app())
-    body = json.dumps(chat_body("word " * (4 * MiB // 5)))
-    statuses: list[int] = []
-    done, latencies = threading.Event(), []
+def _three_chats_while_watching_health(url: str, body: str) -> tuple[list[httpx.Response], list[float]]:
+    """Three concurrent chat requests with BODY; their answers and /health's latencies meanwhile."""
+    done, latencies, answers = threading.Event(), [], []
     watcher = threading.Thread(target=_health_latencies, args=(url, done, latencies))
     watcher.start()
-    senders = [threading.Thread(target=lambda: statuses.append(httpx.post(
-        f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
-        timeout=60).status_code)) for _ in range(3)]
+    senders = [threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60)))
+        for _ in range(3)]
     for sender in senders:
         sender.start()
     for sender in senders:
@@ -114,7 +111,15 @@ def test_health_answers_within_a_second_while_three_4mb_requests_are_in_flight(
     time.sleep(0.2)
     done.set()
     watcher.join(10)
-    assert statuses == [413, 413, 413]
+    return answers, latencies
+
+
+def test_health_answers_within_a_second_while_three_4mb_requests_are_in_flight(
+        make_app: Callable[..., FastAPI], serve_app: Callable[[FastAPI], str]) -> None:
+    url = serve_app(make_app())
+    body = json.dumps(chat_body("word " * (4 * MiB // 5)))
+    answers, latencies = _three_chats_while_watching_health(url, body)
+    assert [answer.status_code for answer in answers] == [413, 413, 413]
     assert latencies and max(latencies) < 1.0, f"/health took up to {max(latencies):.2f} s"
 
 
@@ -319,19 +324,7 @@ def test_a_4mb_message_is_refused_before_tokenizing_and_health_stays_fast(
         make_app: Callable[..., FastAPI], serve_app: Callable[[FastAPI], str]) -> None:
     url = serve_app(make_app(max_text_bytes=8 * MiB))  # let the text through the byte limit
     body = json.dumps(chat_body("word " * (4 * MiB // 5)))
-    done, latencies, answers = threading.Event(), [], []
-    watcher = threading.Thread(target=_health_latencies, args=(url, done, latencies))
-    watcher.start()
-    senders = [threading.Thread(target=lambda: answers.append(httpx.post(
-        f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60)))
-        for _ in range(3)]
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join(60)
-    time.sleep(0.2)
-    done.set()
-    watcher.join(10)
+    answers, latencies = _three_chats_while_watching_health(url, body)
     assert [a.json()["error"]["code"] for a in answers] == ["context_length_exceeded"] * 3
     assert "the latest message is at least" in answers[0].json()["error"]["message"]
     assert max(latencies) < 1.0, f"/health took up to {max(latencies):.2f} s"

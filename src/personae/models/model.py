@@ -283,11 +283,18 @@ class PersonaeModel(nn.Module):
             return None
         return pool_regions(self.encode_image(pixel_values), self.cfg.decoder.image_pool)
 
+    def lm_states(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, D) states of the tokens and
+        (B, R, D) the projected image prefix it read (R = 0 without an image)."""
+        decoder = self.require_decoder()
+        embeddings = decoder.embed(input_ids, self.image_prefix(pixel_values))  # (B, R+T, D)
+        hidden = decoder(embeddings)  # right padding needs no mask
+        regions = embeddings.shape[1] - input_ids.shape[1]
+        return hidden[:, regions:], embeddings[:, :regions]
+
     def lm_hidden(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder pass over [image regions; tokens] -> (B, T, D) states of the tokens."""
-        decoder = self.require_decoder()
-        hidden = decoder(decoder.embed(input_ids, self.image_prefix(pixel_values)))  # (B, R+T, D); right padding needs no mask
-        return hidden[:, hidden.shape[1] - input_ids.shape[1]:]
+        return self.lm_states(pixel_values, input_ids)[0]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) decoder states -> (..., V) next-token logits."""

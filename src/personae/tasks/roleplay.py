@@ -25,13 +25,11 @@ class RolePlayTask(nn.Module):
         self.align = RegionWordAlignment()
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        input_ids, pixel_values = batch["input_ids"], batch.get("pixel_values")
-        embeddings = self.model.embed_prompt(input_ids, pixel_values)  # (B, R+T, D)
-        hidden = self.model.require_decoder()(embeddings)[:, -input_ids.shape[1]:]  # right padding needs no mask
+        pixel_values = batch.get("pixel_values")
+        hidden, prefix = self.model.lm_states(pixel_values, batch["input_ids"])  # (B, T, D), (B, R, D)
         metrics = self.lm(hidden, batch["labels"], self.model.lm_head, batch.get("label_weights"))
         loss = metrics["loss_lm"]
         if self.cfg.align_weight > 0 and pixel_values is not None and "align_ids" in batch:
-            prefix = embeddings[:, : embeddings.shape[1] - input_ids.shape[1]]  # (B, R, D)
             aligned = self.align(prefix, batch["align_ids"], self.model.lm_head)
             metrics.update(aligned)
             loss = loss + self.cfg.align_weight * aligned["loss_align"]
